@@ -1,0 +1,96 @@
+"""pocketfleet: the `pocketfleet` command and the error type shared by every package.
+
+Each package contributes its subcommands through a `cli.register(subparsers)` function that only
+builds argparse parsers; the handlers import their heavy dependencies (torch, onnxruntime, ...)
+when they run, so `pocketfleet agent ...` works on a device with only the `agent` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__version__ = "0.1.0"
+
+_CLI_MODULES = ("compress.cli", "export.cli", "devices.cli", "edge_agent.cli", "cloud_sync.cli")
+
+
+class PocketfleetError(Exception):
+    """An error the user can act on: printed as one line, never as a traceback."""
+
+    exit_code = 2
+
+
+def emit(result: Any, as_json: bool, render: Callable[[Any], str] | None = None) -> None:
+    """Print a command's result: one JSON document with --json, else the human rendering."""
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        print(render(result) if render else json.dumps(result, indent=2, default=str))
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Render dict rows as a plain aligned text table."""
+    if not rows:
+        return "(none)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pocketfleet",
+        description="Compress PyTorch models for edge devices, ship them as signed packages, "
+        "serve them offline and sync a fleet over MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"pocketfleet {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _CLI_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except PocketfleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ModuleNotFoundError as exc:
+        print(
+            f"error: this command needs the Python package '{exc.name}', which is not installed; "
+            "install the workstation extra with: pip install 'pocketfleet[all]'",
+            file=sys.stderr,
+        )
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
