@@ -1,1 +1,83 @@
-"""export."""
+"""export: ONNX/TFLite artifacts, parity checks against PyTorch, and signed model packages.
+
+`import export` stays torch-free: names are resolved lazily, and only the conversion / parity functions
+import torch, onnx or litert-torch when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    # conversion and parity (need torch when called)
+    "export_model": "export.pipeline",
+    "package_artifact": "export.pipeline",
+    "ExportResult": "export.pipeline",
+    "convert": "export.pipeline",
+    "export_onnx": "export.onnx",
+    "export_tflite": "export.tflite",
+    "check_parity": "export.parity",
+    "ParityBounds": "export.parity",
+    "ParityReport": "export.parity",
+    # packages (torch-free)
+    "build_package": "export.package",
+    "sign_package": "export.package",
+    "inspect_package": "export.package",
+    "open_package": "export.package",
+    "read_manifest": "export.package",
+    "Limits": "export.package",
+    "PackageReader": "export.package",
+    "verify_package": "export.verify",
+    "extract_package": "export.verify",
+    "Manifest": "export.manifest",
+    "FileEntry": "export.manifest",
+    "Samples": "export.samples",
+    "check_samples": "export.samples",
+    "SampleMismatchError": "export.samples",
+    "generate_keys": "export.signing",
+    "load_private_key": "export.signing",
+    "load_public_key": "export.signing",
+    "load_trust": "export.signing",
+    "key_id": "export.signing",
+    "canonical_json": "export.signing",
+    "TensorSpec": "export.specs",
+    "Quantization": "export.specs",
+    "MetricSpec": "export.specs",
+}
+_ERRORS = [
+    "ExportError",
+    "ParityError",
+    "PackageError",
+    "KeyFileError",
+    "VerificationError",
+    "NotAPackageError",
+    "MalformedManifestError",
+    "MalformedSignatureError",
+    "MalformedPackageError",
+    "UnsignedPackageError",
+    "UntrustedKeyError",
+    "BadSignatureError",
+    "ExpiredPackageError",
+    "MissingFileError",
+    "UnexpectedFileError",
+    "FileMismatchError",
+    "UnsafePathError",
+    "OversizeError",
+]
+_EXPORTS.update({name: "export.errors" for name in _ERRORS})
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
