@@ -1,9 +1,178 @@
-"""`pocketfleet` subcommands contributed by the export package."""
+"""`pocketfleet` subcommands contributed by the export package: export, keys, sign, verify, inspect."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from pocketfleet import add_json_flag, emit, table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's subcommands (parsers only; handlers import lazily)."""
+    p = subparsers.add_parser(
+        "export",
+        help="export a model directory to ONNX/TFLite, check parity, write a signed package",
+        description="Convert a model directory to ONNX or TFLite, check numeric parity of the exported file "
+        "in its real runtime against PyTorch on the workload's evaluation data, and write a .pfpkg package "
+        "(signed when --key is given). Fails without writing a package when parity is out of bounds.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="model directory (see compress.zoo.make_model_dir)")
+    p.add_argument("--format", required=True, choices=["onnx", "tflite"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--out", required=True, metavar="PKG", help="package path to write (.pfpkg)")
+    p.add_argument("--name", help="model name in the manifest (default: the workload name)")
+    p.add_argument("--version", type=int, default=1, help="integer model version (monotonic per name)")
+    p.add_argument("--key", metavar="PRIVATE", help="Ed25519 private key to sign with (unsigned without it)")
+    p.add_argument("--device", metavar="PROFILE", help="target device profile name recorded in the manifest")
+    p.add_argument("--valid-days", type=int, default=365, help="days until the package expires (default 365)")
+    add_json_flag(p)
+    p.set_defaults(func=_cmd_export)
+
+    keys = subparsers.add_parser("keys", help="manage package signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+    gen = keys_sub.add_parser("generate", help="write a new Ed25519 key pair (pocketfleet.key / .pub)")
+    gen.add_argument("--out", required=True, metavar="DIR", help="directory for the key files")
+    gen.add_argument("--force", action="store_true", help="overwrite existing key files")
+    add_json_flag(gen)
+    gen.set_defaults(func=_cmd_keys_generate)
+    keys.set_defaults(func=lambda args: keys.print_help() or 2)
+
+    sign = subparsers.add_parser("sign", help="sign (or re-sign) a package with a private key")
+    sign.add_argument("package", metavar="PKG")
+    sign.add_argument("--key", required=True, metavar="PRIVATE")
+    add_json_flag(sign)
+    sign.set_defaults(func=_cmd_sign)
+
+    verify = subparsers.add_parser(
+        "verify",
+        help="verify a package's signature, hashes, paths, sizes and expiry",
+        description="Exit 0 when the package is valid for the trusted keys; otherwise print the reason "
+        "and exit non-zero (4).",
+    )
+    verify.add_argument("package", metavar="PKG")
+    verify.add_argument(
+        "--trust", required=True, metavar="PUBLIC", help="public key file or directory of them"
+    )
+    add_json_flag(verify)
+    verify.set_defaults(func=_cmd_verify)
+
+    inspect = subparsers.add_parser("inspect", help="show a package's manifest and members")
+    inspect.add_argument("package", metavar="PKG")
+    inspect.add_argument("--trust", metavar="PUBLIC", help="also verify against these public keys")
+    add_json_flag(inspect)
+    inspect.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export.pipeline import export_model
+
+    result = export_model(
+        args.model_dir,
+        format=args.format,
+        dtype=args.dtype,
+        out=args.out,
+        name=args.name,
+        version=args.version,
+        key=args.key,
+        device=args.device,
+        valid_days=args.valid_days,
+    )
+    emit(result.to_dict(), args.json, _render_export)
+    return 0
+
+
+def _render_export(r: dict[str, Any]) -> str:
+    lines = [
+        f"package   {r['package']}  ({'signed ' + r['key_id'] if r['key_id'] else 'UNSIGNED'})",
+        f"model     {r['name']} v{r['version']}  {r['format']}/{r['dtype']}  {r['size_bytes']} bytes  "
+        f"export {r['export_seconds']:.1f}s",
+        f"metric    {r['metric']['metric']} = {r['metric']['value']:.4f}"
+        + (f"  (PyTorch {r['reference_metric']['value']:.4f})" if r.get("reference_metric") else ""),
+        "parity:",
+        table(r["parity"]["outputs"]),
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    from export.signing import generate_keys
+
+    result = generate_keys(args.out, overwrite=args.force)
+    emit(
+        result,
+        args.json,
+        lambda r: f"wrote {r['private_key']} (keep secret) and {r['public_key']}; key id {r['key_id']}",
+    )
+    return 0
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from export.package import sign_package
+    from export.signing import key_id, load_private_key
+
+    key = load_private_key(args.key)
+    manifest = sign_package(args.package, key)
+    result = {
+        "package": args.package,
+        "name": manifest.name,
+        "version": manifest.version,
+        "key_id": key_id(key.public_key()),
+    }
+    emit(
+        result,
+        args.json,
+        lambda r: f"signed {r['package']} ({r['name']} v{r['version']}) with key {r['key_id']}",
+    )
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from export.verify import verify_package
+
+    manifest = verify_package(args.package, args.trust)
+    result = {
+        "package": args.package,
+        "valid": True,
+        "name": manifest.name,
+        "version": manifest.version,
+        "format": manifest.format,
+        "dtype": manifest.dtype,
+        "expires": manifest.expires,
+        "files": {p: e.size for p, e in manifest.files.items()},
+    }
+    emit(
+        result,
+        args.json,
+        lambda r: (
+            f"OK {r['package']}: {r['name']} v{r['version']} ({r['format']}/{r['dtype']}), expires {r['expires']}"
+        ),
+    )
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from export.package import inspect_package
+
+    info = inspect_package(args.package, trust=args.trust)
+    emit(info, args.json, _render_inspect)
+    return 0 if info["verified"] is not False else 4
+
+
+def _render_inspect(info: dict[str, Any]) -> str:
+    m = info["manifest"]
+    status = {True: "verified", False: f"REJECTED: {info.get('error')}", None: "not verified (no --trust)"}
+    lines = [
+        f"{info['path']}  {info['size_bytes']} bytes  "
+        + (f"signed by {info['key_id']}" if info["signed"] else "UNSIGNED")
+        + f"  [{status[info['verified']]}]",
+        f"{m['name']} v{m['version']}  {m['format']}/{m['dtype']}  workload {m['workload']}  device {m['device']}",
+        f"created {m['created']}  expires {m['expires']}",
+        "inputs:  " + ", ".join(f"{s['name']} {s['shape']} {s['dtype']}" for s in m["inputs"]),
+        "outputs: " + ", ".join(f"{s['name']} {s['shape']} {s['dtype']}" for s in m["outputs"]),
+        table([{"file": p, **e} for p, e in m["files"].items()]),
+    ]
+    report = m.get("report") or {}
+    if report.get("metric"):
+        lines.insert(3, f"metric  {report['metric'].get('metric')} = {report['metric'].get('value')}")
+    return "\n".join(lines)
