@@ -1,0 +1,282 @@
+"""Device profiles: what a target can run and how fast, as typed data loaded from TOML (torch-free).
+
+A profile lives in `devices/profiles/<name>.toml`. Every figure carries a public source in the `sources`
+table (a URL, a datasheet name, or "estimate: ..." explaining how it was derived). Sizes may be given in
+bytes (`ram_bytes`) or mebibytes (`ram_mb`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pocketfleet import PocketfleetError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+FORMATS = ("onnx", "tflite")
+DTYPES = ("fp32", "fp16", "int8")
+_MB = 1 << 20
+
+
+class ProfileError(PocketfleetError):
+    """A device profile is missing, unknown or malformed."""
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One inference target. Throughput and bandwidth are sustained-realistic figures for the runtime
+    running with `threads` threads, not datasheet peaks."""
+
+    name: str
+    description: str
+    cpu: str
+    cores: int
+    clock_ghz: float
+    ram_bytes: int
+    storage_budget_bytes: int  # bytes a model package may take on the device
+    runtimes: tuple[str, ...]  # package formats it runs: "onnx", "tflite"
+    preferred_format: str
+    supported_dtypes: tuple[str, ...]  # "fp32", "fp16", "int8"
+    int8_accelerated: bool  # int8 dot-product instructions or an int8 accelerator on the modelled path
+    threads: int  # threads the throughput figures assume
+    throughput_gmacs: dict[str, float]  # dtype -> sustained GMAC/s
+    mem_bandwidth_gbs: float  # sustained GB/s
+    op_overhead_us: dict[str, float]  # format -> per-op dispatch cost, microseconds
+    invoke_overhead_us: dict[str, float]  # format -> fixed cost of one inference call, microseconds
+    runtime_ram_bytes: dict[str, int]  # format -> RAM the runtime itself needs
+    sources: dict[str, str]
+    weights_in_ram: bool = True  # False: weights execute in place from flash (microcontrollers)
+    accelerator: str = ""
+    notes: str = ""
+    measured: dict[str, Any] = field(default_factory=dict)  # probe details (host profile only)
+
+    def throughput(self, dtype: str) -> tuple[float, bool]:
+        """GMAC/s for `dtype`; falls back to fp32 (second value False) when the dtype has no figure."""
+        if dtype in self.throughput_gmacs:
+            return self.throughput_gmacs[dtype], True
+        return self.throughput_gmacs["fp32"], False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["runtimes"] = list(self.runtimes)
+        out["supported_dtypes"] = list(self.supported_dtypes)
+        if not self.measured:
+            out.pop("measured")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: str = "<dict>") -> DeviceProfile:
+        return _build(dict(data), origin)
+
+
+# Fields that are facts about the device or runtime and therefore need a source.
+FIGURE_FIELDS = (
+    "cpu",
+    "cores",
+    "clock_ghz",
+    "ram_bytes",
+    "storage_budget_bytes",
+    "runtimes",
+    "supported_dtypes",
+    "int8_accelerated",
+    "throughput_gmacs",
+    "mem_bandwidth_gbs",
+    "op_overhead_us",
+    "invoke_overhead_us",
+    "runtime_ram_bytes",
+)
+
+_FIELDS = {f.name: f for f in dataclasses.fields(DeviceProfile)}
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "description": (str,),
+    "cpu": (str,),
+    "cores": (int,),
+    "clock_ghz": (int, float),
+    "ram_bytes": (int,),
+    "storage_budget_bytes": (int,),
+    "preferred_format": (str,),
+    "int8_accelerated": (bool,),
+    "threads": (int,),
+    "mem_bandwidth_gbs": (int, float),
+    "weights_in_ram": (bool,),
+    "accelerator": (str,),
+    "notes": (str,),
+}
+_LIST_FIELDS = {"runtimes": FORMATS, "supported_dtypes": DTYPES}
+_TABLE_FIELDS: dict[str, tuple[tuple[str, ...] | None, tuple[type, ...]]] = {
+    "throughput_gmacs": (DTYPES, (int, float)),
+    "op_overhead_us": (FORMATS, (int, float)),
+    "invoke_overhead_us": (FORMATS, (int, float)),
+    "runtime_ram_bytes": (FORMATS, (int,)),
+    "sources": (None, (str,)),
+    "measured": (None, (object,)),
+}
+_MB_ALIASES = {"ram_mb": "ram_bytes", "storage_budget_mb": "storage_budget_bytes"}
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    if float in types:
+        return "a number"
+    return {int: "an integer", str: "a string", bool: "true or false"}.get(types[0], types[0].__name__)
+
+
+def _check_type(value: Any, types: tuple[type, ...], what: str, origin: str) -> None:
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        raise ProfileError(
+            f"{origin}: field '{what}' must be {_type_name(types)}, got {type(value).__name__} {value!r}"
+        )
+
+
+def _build(data: dict[str, Any], origin: str) -> DeviceProfile:
+    for alias, target in _MB_ALIASES.items():
+        if alias in data:
+            if target in data:
+                raise ProfileError(f"{origin}: give either '{alias}' or '{target}', not both")
+            _check_type(data[alias], (int, float), alias, origin)
+            data[target] = int(data.pop(alias) * _MB)
+    if isinstance(data.get("runtime_ram_mb"), dict):
+        if "runtime_ram_bytes" in data:
+            raise ProfileError(f"{origin}: give either 'runtime_ram_mb' or 'runtime_ram_bytes', not both")
+        data["runtime_ram_bytes"] = {k: int(v * _MB) for k, v in data.pop("runtime_ram_mb").items()}
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ProfileError(
+            f"{origin}: unknown field '{unknown[0]}' (known fields: {', '.join(sorted(_FIELDS))})"
+        )
+    required = [
+        n
+        for n, f in _FIELDS.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ProfileError(f"{origin}: missing field '{missing[0]}'")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SCALAR_TYPES:
+            _check_type(value, _SCALAR_TYPES[key], key, origin)
+            values[key] = float(value) if float in _SCALAR_TYPES[key] else value
+        elif key in _LIST_FIELDS:
+            if not isinstance(value, list):
+                raise ProfileError(
+                    f"{origin}: field '{key}' must be a list, got {type(value).__name__} {value!r}"
+                )
+            for item in value:
+                if item not in _LIST_FIELDS[key]:
+                    raise ProfileError(
+                        f"{origin}: field '{key}' has unknown entry {item!r} (allowed: {', '.join(_LIST_FIELDS[key])})"
+                    )
+            values[key] = tuple(value)
+        else:
+            keys, types = _TABLE_FIELDS[key]
+            if not isinstance(value, dict):
+                raise ProfileError(
+                    f"{origin}: field '{key}' must be a table, got {type(value).__name__} {value!r}"
+                )
+            for sub, item in value.items():
+                if keys is not None and sub not in keys:
+                    raise ProfileError(
+                        f"{origin}: field '{key}.{sub}' is unknown (allowed: {', '.join(keys)})"
+                    )
+                _check_type(item, types, f"{key}.{sub}", origin)
+            values[key] = {k: float(v) if float in types else v for k, v in value.items()}
+    profile = DeviceProfile(**values)
+    _validate(profile, origin)
+    return profile
+
+
+def _validate(p: DeviceProfile, origin: str) -> None:
+    positive = {
+        "cores": p.cores,
+        "clock_ghz": p.clock_ghz,
+        "ram_bytes": p.ram_bytes,
+        "storage_budget_bytes": p.storage_budget_bytes,
+        "threads": p.threads,
+        "mem_bandwidth_gbs": p.mem_bandwidth_gbs,
+        **{f"throughput_gmacs.{k}": v for k, v in p.throughput_gmacs.items()},
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ProfileError(f"{origin}: field '{key}' must be > 0, got {value}")
+    if p.preferred_format not in p.runtimes:
+        raise ProfileError(
+            f"{origin}: field 'preferred_format' is {p.preferred_format!r}, not one of runtimes {list(p.runtimes)}"
+        )
+    if "fp32" not in p.throughput_gmacs:
+        raise ProfileError(f"{origin}: field 'throughput_gmacs' needs an 'fp32' entry")
+    for key in ("op_overhead_us", "invoke_overhead_us", "runtime_ram_bytes"):
+        missing = [f for f in p.runtimes if f not in getattr(p, key)]
+        if missing:
+            raise ProfileError(f"{origin}: field '{key}' has no entry for runtime '{missing[0]}'")
+    for key in p.sources:
+        if key.split(".")[0] not in _FIELDS:
+            raise ProfileError(f"{origin}: field 'sources.{key}' names no profile field")
+    unsourced = missing_sources(p)
+    if unsourced:
+        raise ProfileError(f"{origin}: field '{unsourced[0]}' has no entry in [sources]")
+
+
+def missing_sources(p: DeviceProfile) -> list[str]:
+    """Figure fields (and table entries) with no source; a table may be sourced as a whole."""
+    out = []
+    for key in FIGURE_FIELDS:
+        value = getattr(p, key)
+        if key in p.sources and p.sources[key].strip():
+            continue
+        if isinstance(value, dict) and value and all(p.sources.get(f"{key}.{k}", "").strip() for k in value):
+            continue
+        out.append(key)
+    return out
+
+
+def load_profile_file(path: str | Path) -> DeviceProfile:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ProfileError(f"device profile not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{path}: invalid TOML: {exc}") from exc
+    profile = _build(data, str(path))
+    if profile.name != path.stem:
+        raise ProfileError(f"{path}: field 'name' is {profile.name!r} but the file is named {path.stem!r}")
+    return profile
+
+
+def profile_names() -> list[str]:
+    """Names of the bundled profiles plus the live `host` profile."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml")) + ["host"]
+
+
+def list_profiles(include_host: bool = False) -> list[DeviceProfile]:
+    """The bundled profiles (and the probed host when `include_host`, which may run the probe)."""
+    profiles = [load_profile_file(p) for p in sorted(PROFILES_DIR.glob("*.toml"))]
+    if include_host:
+        profiles.append(load_profile("host"))
+    return profiles
+
+
+def load_profile(name: str | DeviceProfile) -> DeviceProfile:
+    """A bundled profile by name, `host` (probed live, cached), or a path to a .toml profile file."""
+    if isinstance(name, DeviceProfile):
+        return name
+    if name == "host":
+        from devices.probe import probe_host
+
+        return probe_host()
+    path = PROFILES_DIR / f"{name}.toml"
+    if path.is_file():
+        return load_profile_file(path)
+    if name.endswith(".toml") and Path(name).is_file():
+        return load_profile_file(name)
+    raise ProfileError(f"unknown device {name!r}; known devices: {', '.join(profile_names())}")
