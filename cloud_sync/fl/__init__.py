@@ -1,0 +1,62 @@
+"""Federated learning: update codecs, strategies, central DP, secure aggregation and the round engine.
+
+Device-side parts (codecs, secagg client, the FL client) import with numpy, safetensors and
+cryptography only; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CodecConfig": "cloud_sync.fl.codecs",
+    "DecodeLimits": "cloud_sync.fl.codecs",
+    "DecodedUpdate": "cloud_sync.fl.codecs",
+    "ErrorFeedback": "cloud_sync.fl.codecs",
+    "encode_update": "cloud_sync.fl.codecs",
+    "decode_update": "cloud_sync.fl.codecs",
+    "quantize_int8": "cloud_sync.fl.codecs",
+    "stochastic_round": "cloud_sync.fl.codecs",
+    "ClientResult": "cloud_sync.fl.strategy",
+    "RoundPlan": "cloud_sync.fl.strategy",
+    "Strategy": "cloud_sync.fl.strategy",
+    "FedAvg": "cloud_sync.fl.strategy",
+    "FedProx": "cloud_sync.fl.strategy",
+    "FedAdam": "cloud_sync.fl.strategy",
+    "FedYogi": "cloud_sync.fl.strategy",
+    "FedAdagrad": "cloud_sync.fl.strategy",
+    "Median": "cloud_sync.fl.strategy",
+    "TrimmedMean": "cloud_sync.fl.strategy",
+    "MultiKrum": "cloud_sync.fl.strategy",
+    "STRATEGIES": "cloud_sync.fl.strategy",
+    "make_strategy": "cloud_sync.fl.strategy",
+    "DPConfig": "cloud_sync.fl.dp",
+    "DPStrategy": "cloud_sync.fl.dp",
+    "PrivacyAccountant": "cloud_sync.fl.dp",
+    "SecAggClient": "cloud_sync.fl.secagg",
+    "SecAggServer": "cloud_sync.fl.secagg",
+    "quantize_fixed": "cloud_sync.fl.secagg",
+    "dequantize_sum": "cloud_sync.fl.secagg",
+    "FLError": "cloud_sync.fl.errors",
+    "UpdatePayloadError": "cloud_sync.fl.errors",
+    "MalformedUpdateError": "cloud_sync.fl.errors",
+    "OversizeUpdateError": "cloud_sync.fl.errors",
+    "SecAggError": "cloud_sync.fl.errors",
+    "SecAggAbort": "cloud_sync.fl.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cloud_sync.fl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
