@@ -10,6 +10,7 @@ charged for the participation it really had, and an abandoned round (nothing rel
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -67,9 +68,9 @@ class PrivacyAccountant:
         from dp_accounting import rdp
 
         acc = rdp.RdpAccountant(orders=RDP_ORDERS)
-        for q in self.rates:
-            if q > 0:
-                acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(self.noise_multiplier)))
+        for q, count in sorted(Counter(q for q in self.rates if q > 0).items()):
+            event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(self.noise_multiplier))
+            acc.compose(dp_accounting.SelfComposedDpEvent(event, count))
         return float(acc.get_epsilon(self.delta))
 
     def to_dict(self) -> dict[str, Any]:
