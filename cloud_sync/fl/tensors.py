@@ -102,6 +102,25 @@ def from_bytes(
     return header, tensors
 
 
+def peek_header(payload: bytes, max_header_bytes: int = 1 << 20) -> dict[str, Any]:
+    """Only the JSON 'pf' header of a safetensors payload (tensors are not read)."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)) or len(payload) < 8:
+        raise MalformedUpdateError("payload is not bytes or too short for safetensors")
+    (hlen,) = struct.unpack("<Q", bytes(payload[:8]))
+    if hlen > max_header_bytes:
+        raise OversizeUpdateError(f"payload header declares {hlen} bytes, more than the limit of {max_header_bytes}")
+    if 8 + hlen > len(payload):
+        raise MalformedUpdateError(f"payload header declares {hlen} bytes but the payload has {len(payload) - 8}")
+    try:
+        raw = json.loads(bytes(payload[8 : 8 + hlen]).decode("utf-8"))
+        header = json.loads((raw.get("__metadata__") or {}).get(HEADER_KEY, "{}"))
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as exc:
+        raise MalformedUpdateError(f"payload header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise MalformedUpdateError("payload header must be a JSON object")
+    return header
+
+
 def weights_to_bytes(weights: Mapping[str, np.ndarray], header: Mapping[str, Any] | None = None) -> bytes:
     return to_bytes({k: np.asarray(v, np.float32) for k, v in weights.items()}, header)
 
