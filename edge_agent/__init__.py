@@ -1,1 +1,57 @@
-"""edge_agent."""
+"""edge_agent: the on-device daemon (torch-free).
+
+Runtimes (onnxruntime, LiteRT), a crash-safe versioned model store with health checks, hot swap and
+rollback, a local HTTP API, a durable SQLite outbox, and telemetry. Names are resolved lazily so that
+`import edge_agent.runtimes` stays light.
+
+    from edge_agent import Agent, AgentConfig, Client, ModelStore, Outbox
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Agent": "edge_agent.daemon",
+    "running_agent": "edge_agent.daemon",
+    "AgentConfig": "edge_agent.config",
+    "load_config": "edge_agent.config",
+    "ModelStore": "edge_agent.store",
+    "InstallResult": "edge_agent.store",
+    "LoadedModel": "edge_agent.health",
+    "health_check": "edge_agent.health",
+    "verify_installed": "edge_agent.verify",
+    "Client": "edge_agent.client",
+    "Prediction": "edge_agent.client",
+    "Outbox": "edge_agent.outbox",
+    "Priority": "edge_agent.outbox",
+    "Record": "edge_agent.outbox",
+    "Sink": "edge_agent.outbox",
+    "JsonlSink": "edge_agent.outbox",
+    "Drainer": "edge_agent.outbox",
+    "Telemetry": "edge_agent.telemetry",
+    "RunningStats": "edge_agent.telemetry",
+    "load_runtime": "edge_agent.runtimes",
+    "Runtime": "edge_agent.runtimes",
+    "InputError": "edge_agent.runtimes",
+    "RuntimeLoadError": "edge_agent.runtimes",
+    "FAULT_POINTS": "edge_agent.faults",
+}
+_ERRORS = ["AgentError", "ConfigError", "StoreError", "DowngradeError", "HealthCheckError", "OutboxFullError", "RequestError"]
+_EXPORTS.update({name: "edge_agent.errors" for name in _ERRORS})
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edge_agent' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), "POINTS" if name == "FAULT_POINTS" else name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,189 @@
+"""Tensors on the wire of the local API: JSON nested lists, `.npy` (one tensor) and `.npz` (several).
+
+Decoding never unpickles (allow_pickle=False, object dtypes refused) and checks every tensor against the
+model's input specs before the runtime sees it: a 400 RequestError names the input and the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import RequestError
+from edge_agent.runtimes import io_dtype
+from export.specs import TensorSpec
+
+NPY = "application/x-npy"
+NPZ = "application/x-npz"
+JSON = "application/json"
+NPY_MAGIC = b"\x93NUMPY"
+_DTYPES: dict[str, np.dtype] = {}
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (True|False), 'shape': \(([0-9, ]*)\), \}\s*")
+
+
+def bad(message: str, code: str = "bad_input", status: int = 400, **fields: Any) -> RequestError:
+    return RequestError(status, code, message, **fields)
+
+
+# ---------------------------------------------------------------------------------------------- .npy
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """The .npy (format 1.0) encoding of a numeric array."""
+    arr = np.asarray(arr)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    header = f"{{'descr': {arr.dtype.str!r}, 'fortran_order': False, 'shape': {tuple(arr.shape)!r}, }}"
+    pad = 63 - (10 + len(header)) % 64  # header + pad + "\n" ends on a 64-byte boundary
+    head = (header + " " * pad + "\n").encode("latin1")
+    return NPY_MAGIC + b"\x01\x00" + struct.pack("<H", len(head)) + head + arr.tobytes()
+
+
+def npy_array(data: bytes | memoryview, where: str = "body") -> np.ndarray:
+    """Parse .npy bytes without copying the data (the array is read-only); numeric dtypes only."""
+    buf = memoryview(data)
+    if bytes(buf[:6]) != NPY_MAGIC or len(buf) < 10:
+        raise bad(f"{where} is not a .npy array (bad magic)", "bad_npy")
+    major = buf[6]
+    if major == 1:
+        hlen, start = struct.unpack("<H", buf[8:10])[0], 10
+    elif major in (2, 3):
+        hlen, start = struct.unpack("<I", buf[8:12])[0], 12
+    else:
+        raise bad(f"{where}: .npy format version {major} is not supported", "bad_npy")
+    header = bytes(buf[start : start + hlen]).decode("latin1")
+    m = _NPY_HEADER.fullmatch(header)
+    if m is None:
+        return _npy_fallback(bytes(buf), where)
+    try:
+        dtype = _DTYPES.get(m.group(1)) or _DTYPES.setdefault(m.group(1), np.dtype(m.group(1)))
+        shape = tuple(int(d) for d in m.group(3).replace(" ", "").split(",") if d)
+    except (TypeError, ValueError) as exc:
+        raise bad(f"{where}: .npy header is invalid ({exc})", "bad_npy") from exc
+    _check_dtype(dtype, where)
+    body = buf[start + hlen :]
+    count = math.prod(shape)
+    if len(body) != count * dtype.itemsize:
+        raise bad(f"{where}: .npy holds {len(body)} data bytes, the header needs {count * dtype.itemsize}", "bad_npy")
+    arr = np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if m.group(2) == "True" else "C")
+    return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
+
+
+def _npy_fallback(data: bytes, where: str) -> np.ndarray:
+    try:
+        arr = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError/OSError/... on junk
+        raise bad(f"{where} is not a valid .npy array: {exc}", "bad_npy") from exc
+    _check_dtype(arr.dtype, where)
+    return arr
+
+
+def _check_dtype(dtype: np.dtype, where: str) -> None:
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise bad(f"{where}: dtype {dtype} is not a numeric tensor type", "bad_npy")
+
+
+def npz_arrays(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            out = {name: z[name] for name in z.files}
+    except Exception as exc:
+        raise bad(f"body is not a valid .npz archive: {exc}", "bad_npz") from exc
+    for name, arr in out.items():
+        _check_dtype(arr.dtype, f"input {name!r}")
+    return out
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **dict(arrays))
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"body is not valid JSON: {exc}", "malformed_json") from exc
+    if not isinstance(doc, dict):
+        raise bad('body must be a JSON object like {"inputs": {"<input name>": [[...]]}}', "malformed_json")
+    return doc
+
+
+def json_inputs(doc: Mapping[str, Any], specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """{"inputs": {name: nested list}} -> arrays in each input's exchange dtype (JSON has no dtypes)."""
+    raw = doc.get("inputs")
+    if not isinstance(raw, dict):
+        raise bad('body needs "inputs": an object of input name -> nested list', "malformed_json")
+    by_name = {s.name: s for s in specs}
+    out = {}
+    for name, value in raw.items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise bad(f"unknown input {name!r}; the model's inputs are {sorted(by_name)}", input=name)
+        out[name] = _from_list(value, spec)
+    return out
+
+
+def _from_list(value: Any, spec: TensorSpec) -> np.ndarray:
+    want = np.dtype(io_dtype(spec))
+    try:
+        arr = np.asarray(value)
+    except ValueError as exc:  # ragged nesting
+        raise bad(f"input {spec.name!r} is not a rectangular nested list: {exc}", input=spec.name) from exc
+    if arr.dtype.kind == "b" and want.kind != "b":
+        raise bad(f"input {spec.name!r}: expected {want} numbers, got booleans", input=spec.name)
+    if arr.dtype.kind not in "biuf":
+        raise bad(f"input {spec.name!r}: expected {want} numbers, got {arr.dtype.kind!r}-kind values", input=spec.name)
+    if want.kind in "iu" and arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+        raise bad(f"input {spec.name!r}: expected integers ({want}), got non-integer numbers", input=spec.name)
+    if want.kind in "iu":
+        info = np.iinfo(want)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise bad(f"input {spec.name!r}: values outside the {want} range", input=spec.name)
+    return arr.astype(want, copy=False)
+
+
+def binary_inputs(body: bytes, content_type: str, specs: list[TensorSpec], input_name: str | None) -> dict[str, np.ndarray]:
+    if content_type == NPZ:
+        return npz_arrays(body)
+    if input_name is None:
+        if len(specs) != 1:
+            raise bad(
+                f"the model has inputs {[s.name for s in specs]}: send an .npz body, or name the input (?input=NAME)"
+            )
+        input_name = specs[0].name
+    return {input_name: npy_array(body, f"input {input_name!r}")}
+
+
+def check_values(inputs: Mapping[str, np.ndarray], max_batch: int) -> None:
+    """Batch limit and finite values (NaN/inf in a float input is rejected, naming the input)."""
+    for name, arr in inputs.items():
+        if arr.ndim and arr.shape[0] > max_batch:
+            raise bad(
+                f"input {name!r} has a batch of {arr.shape[0]}, more than max_batch {max_batch}",
+                "batch_too_large", 413, input=name,
+            )
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise bad(f"input {name!r} holds NaN or infinity", input=name)
+
+
+# ---------------------------------------------------------------------------------------------- responses
+
+
+def json_outputs(outputs: Mapping[str, np.ndarray], model: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps({"outputs": {k: v.tolist() for k, v in outputs.items()}, "model": model}, allow_nan=False).encode()
+    except ValueError as exc:
+        bad_out = [k for k, v in outputs.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        raise RequestError(500, "non_finite_output", f"the model produced NaN or infinity in output {bad_out}") from exc

@@ -1,0 +1,41 @@
+"""Errors raised by the agent (torch-free). Each is a PocketfleetError with one actionable message."""
+
+from __future__ import annotations
+
+from pocketfleet import PocketfleetError
+
+
+class AgentError(PocketfleetError):
+    """Base class of the agent's errors."""
+
+
+class ConfigError(AgentError):
+    """The agent configuration (TOML file or flag) has an unknown key or a value of the wrong type."""
+
+
+class StoreError(AgentError):
+    """The model store cannot do what was asked (nothing installed, unknown version, locked, ...)."""
+
+
+class DowngradeError(StoreError):
+    """A package's version is not newer than the highest version installed (rollback protection)."""
+
+    exit_code = 4
+
+
+class HealthCheckError(StoreError):
+    """A version failed to load or its outputs on the packaged samples differ from the expected ones."""
+
+    exit_code = 4
+
+
+class OutboxFullError(AgentError):
+    """The outbox has no room for a record that must not be dropped (it is full of such records)."""
+
+
+class RequestError(AgentError):
+    """A local API request that is answered with a 4xx status; `code` is a short machine-readable tag."""
+
+    def __init__(self, status: int, code: str, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.status, self.code, self.fields = status, code, fields

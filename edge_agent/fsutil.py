@@ -1,0 +1,69 @@
+"""Crash-safe file operations: fsync of files and directories, atomic JSON writes, an advisory lock."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from edge_agent.faults import fault_point
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file under `root`, then every directory bottom-up, then `root` itself."""
+    root = Path(root)
+    dirs = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        dirs.append(dirpath)
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in reversed(dirs):
+        fsync_dir(d)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Write tmp + fsync, os.replace over `path`, fsync the directory: readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    payload = json.dumps(data, indent=2, sort_keys=True).encode()
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    fault_point("state.after_tmp")
+    os.replace(tmp, path)
+    fault_point("state.after_replace")
+    fsync_dir(path.parent)
+
+
+class FileLock:
+    """An exclusive flock on a file (released by the kernel if the holder dies, even by SIGKILL)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def __enter__(self) -> FileLock:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
