@@ -1,0 +1,5 @@
+import sys
+
+from cloud_sync.fl.cli import main
+
+sys.exit(main())
