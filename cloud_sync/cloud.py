@@ -1,0 +1,360 @@
+"""The cloud worker: fleet registry updates, artifact (chunk) service and the rollout controller.
+
+`pocketfleet cloud run --config cloud.toml` runs one worker. Several workers may run against the same
+state directory and broker: each subscribes to the device topics through an MQTT 5 shared subscription
+(`$share/<shared_group>/pf/v1/dev/+/<leaf>`), so the broker spreads device messages over them; the
+rollout controller runs in whichever worker holds the SQLite lease.
+
+cloud.toml:
+
+    [cloud]
+    state_dir = "cloud-state"          # registry.sqlite, artifacts/, mosquitto/
+    worker_id = "cloud-1"              # MQTT client id (with mosquitto: also the username)
+    trust = "keys/pocketfleet.pub"     # releases must verify against these keys
+    shared_group = "pfcloud"           # "" = plain subscriptions (single worker, MQTT 3.1.1 brokers)
+    auto_register = false              # accept devices that announce a group without being provisioned
+    [mqtt]                             # cloud_sync.config.MqttConfig
+    [rollout]                          # cloud_sync.rollout.RolloutConfig
+    [broker]                           # files `cloud provision` maintains, and the broker to reload
+    [devices]                          # what `cloud provision` writes into agent configs
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloud_sync.client import Message, MqttClient
+from cloud_sync.config import MqttConfig, from_table, load_toml
+from cloud_sync.errors import ConfigError, ProtocolError
+from cloud_sync.protocol import (
+    FRAME_CHUNK,
+    FRAME_INDEX,
+    MAX_REQUEST_IDX,
+    decode,
+    dev_filter,
+    dev_topic,
+    encode_frame,
+    parse_dev_topic,
+    valid_id,
+)
+from cloud_sync.registry import Registry, Release
+from cloud_sync.rollout import RolloutConfig, RolloutController
+
+log = logging.getLogger("pocketfleet.cloud")
+
+LEASE = "rollout-controller"
+
+
+@dataclass
+class CloudSettings:
+    state_dir: str = "cloud-state"
+    worker_id: str = "cloud-1"
+    trust: str = ""
+    shared_group: str = "pfcloud"
+    auto_register: bool = False
+    chunk_inflight: int = 256
+    chunk_ttl_s: int = 600
+    lease_s: float = 5.0
+
+    def check(self, where: str) -> None:
+        if not valid_id(self.worker_id):
+            raise ConfigError(f"{where}: worker_id {self.worker_id!r} must be a plain id ([A-Za-z0-9_.-])")
+        if self.shared_group and not valid_id(self.shared_group):
+            raise ConfigError(f"{where}: shared_group {self.shared_group!r} must be a plain id")
+
+
+@dataclass
+class BrokerSettings:
+    passwd_file: str = ""
+    acl_file: str = ""
+    pid_file: str = ""
+
+
+@dataclass
+class DeviceDefaults:
+    """The broker address and CA as devices see them (written into provisioned agent configs)."""
+
+    mqtt_host: str = ""
+    mqtt_port: int = 0
+    tls_ca: str = ""
+    trust: str = ""
+
+
+@dataclass
+class CloudConfig:
+    cloud: CloudSettings = field(default_factory=CloudSettings)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    devices: DeviceDefaults = field(default_factory=DeviceDefaults)
+    path: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: Path | None = None, where: str = "cloud.toml") -> CloudConfig:
+        known = ("cloud", "mqtt", "rollout", "broker", "devices")
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"{where}: unknown table [{key}] (known: {', '.join(known)})")
+        cfg = cls(
+            cloud=from_table(CloudSettings, data.get("cloud"), f"{where} [cloud]", base),
+            mqtt=from_table(MqttConfig, data.get("mqtt"), f"{where} [mqtt]", base),
+            rollout=from_table(RolloutConfig, data.get("rollout"), f"{where} [rollout]", base),
+            broker=from_table(BrokerSettings, data.get("broker"), f"{where} [broker]", base),
+            devices=from_table(DeviceDefaults, data.get("devices"), f"{where} [devices]", base),
+        )
+        if base is not None and not Path(cfg.cloud.state_dir).is_absolute():
+            cfg.cloud.state_dir = str(base / cfg.cloud.state_dir)
+        if not cfg.mqtt.client_id:
+            cfg.mqtt.client_id = cfg.cloud.worker_id
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> CloudConfig:
+        path = Path(path)
+        cfg = cls.from_dict(load_toml(path), base=path.resolve().parent, where=str(path))
+        cfg.path = str(path)
+        return cfg
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.cloud.state_dir)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "registry.sqlite"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.state_dir / "artifacts"
+
+    def open_registry(self) -> Registry:
+        return Registry(self.registry_path)
+
+
+class _Artifacts:
+    """Open packages and their indexes, kept for the chunk requests of one worker (LRU of file handles)."""
+
+    def __init__(self, registry: Registry, size: int = 16) -> None:
+        self.registry = registry
+        self.size = size
+        self._open: OrderedDict[str, tuple[Release, int, bytes, list[int], list[int]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, release_id: str) -> tuple[Release, int, bytes, list[int], list[int]] | None:
+        from cloud_sync.chunks import ChunkIndex
+
+        with self._lock:
+            hit = self._open.get(release_id)
+            if hit is not None:
+                self._open.move_to_end(release_id)
+                return hit
+        rel = self.registry.release(release_id)
+        if rel is None:
+            return None
+        index_raw = Path(rel.index_path).read_bytes()
+        index = ChunkIndex.from_bytes(index_raw)
+        fd = os.open(rel.package_path, os.O_RDONLY)
+        entry = (rel, fd, index_raw, list(index.offsets), list(index.sizes))
+        with self._lock:
+            self._open[release_id] = entry
+            while len(self._open) > self.size:
+                _, old = self._open.popitem(last=False)
+                os.close(old[1])
+        return entry
+
+    def close(self) -> None:
+        with self._lock:
+            for entry in self._open.values():
+                os.close(entry[1])
+            self._open.clear()
+
+
+class Cloud:
+    """One cloud worker. `start()` returns once its threads run; `stop()` ends them."""
+
+    def __init__(self, config: CloudConfig) -> None:
+        self.config = config
+        self.registry = config.open_registry()
+        self.config.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        self.controller = RolloutController(self.registry, self._send_cmd, config.rollout)
+        self.client = MqttClient(config.mqtt, client_id=config.cloud.worker_id, name=config.cloud.worker_id)
+        self.counters = self.client.counters
+        self._artifacts = _Artifacts(self.registry)
+        self._allowed: set[tuple[str, str]] = set()
+        self._requests: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.is_leader = False
+        # tests may wrap this to corrupt what is sent (fault injection); signature (release_id, idx, data)
+        self.chunk_filter: Callable[[str, int, bytes], bytes] | None = None
+        share = config.cloud.shared_group or None
+        for leaf, handler in (("status", self._on_status), ("ota", self._on_report), ("req", self._on_request),
+                              ("telemetry", self._on_telemetry)):
+            self.client.subscribe(dev_filter(leaf, share), handler, qos=1)
+
+    def subscribe_device_leaf(self, leaf: str, handler: Callable[[str, Message], None]) -> None:
+        """Route pf/v1/dev/+/<leaf> (shared) to handler(device, message); for plug-ins such as FL."""
+        def route(msg: Message) -> None:
+            device, _ = parse_dev_topic(msg.topic)
+            handler(device, msg)
+
+        self.client.subscribe(dev_filter(leaf, self.config.cloud.shared_group or None), route, qos=1)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self, wait_s: float | None = 10.0) -> Cloud:
+        """Connect and start the threads; with wait_s=None it does not wait for the broker (it keeps trying)."""
+        self.client.start()
+        if wait_s is not None:
+            self.client.wait_connected(wait_s)
+        for target, name in ((self._serve_chunks, "chunks"), (self._control_loop, "controller")):
+            t = threading.Thread(target=target, name=f"{self.config.cloud.worker_id}-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("cloud worker %s running (state %s)", self.config.cloud.worker_id, self.config.state_dir)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._requests.put(None)
+        for t in self._threads:
+            t.join(10)
+        if self.is_leader:
+            self.registry.release_lease(LEASE, self.config.cloud.worker_id)
+        self.client.stop()
+        self._artifacts.close()
+        self.registry.close()
+
+    def run_forever(self) -> None:
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # ----------------------------------------------------------------------------------------- handlers
+
+    def _device_msg(self, msg: Message, leaf_schema: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+        device, _ = parse_dev_topic(msg.topic)
+        body = decode(msg.payload, leaf_schema)
+        if "device" in body and body["device"] != device:
+            raise ProtocolError(f"message on {msg.topic} claims to be from {body['device']!r}")
+        return device, body
+
+    def _on_status(self, msg: Message) -> None:
+        device, body = self._device_msg(msg, ("pf.status/1",))
+        group = body.get("group") if self.config.cloud.auto_register else None
+        if not self.registry.record_status(device, body, group):
+            self.counters.add("unknown_device")
+            log.warning("status from unprovisioned device %s ignored", device)
+
+    def _on_report(self, msg: Message) -> None:
+        device, body = self._device_msg(msg, ("pf.ota.report/1",))
+        self.registry.record_report(device, body)
+
+    def _on_telemetry(self, msg: Message) -> None:
+        device, body = self._device_msg(msg, ("pf.outbox/1",))
+        if not self.registry.add_telemetry(device, body):
+            self.counters.add("telemetry_duplicates")
+
+    def _on_request(self, msg: Message) -> None:
+        device, body = self._device_msg(msg, ("pf.chunk.request/1",))
+        self._requests.put((device, body))
+
+    # ------------------------------------------------------------------------------------ chunk service
+
+    def _serve_chunks(self) -> None:
+        while not self._stop.is_set():
+            item = self._requests.get()
+            if item is None:
+                return
+            device, req = item
+            try:
+                self._answer(device, req)
+            except Exception:  # noqa: BLE001 - a bad request must not stop the service
+                self.counters.add("request_errors")
+                log.exception("chunk request from %s failed", device)
+
+    def _answer(self, device: str, req: dict[str, Any]) -> None:
+        rid = req["release_id"]
+        if (device, rid) not in self._allowed:
+            if not self.registry.device_release_allowed(device, rid):
+                self.counters.add("requests_refused")
+                log.warning("device %s asked for release %s, which is not assigned to it", device, rid)
+                return
+            self._allowed.add((device, rid))
+        entry = self._artifacts.get(rid)
+        if entry is None:
+            self.counters.add("requests_refused")
+            return
+        rel, fd, index_raw, offsets, sizes = entry
+        topic = dev_topic(device, "chunk")
+        ttl = self.config.cloud.chunk_ttl_s
+        if req.get("index"):
+            self.client.publish(topic, encode_frame(FRAME_INDEX, rid, 0, 0, index_raw), qos=1, expiry_s=ttl)
+        for i in req["idx"][:MAX_REQUEST_IDX]:
+            if i >= len(offsets):
+                self.counters.add("requests_refused")
+                continue
+            data = os.pread(fd, sizes[i], offsets[i])
+            if self.chunk_filter is not None:
+                data = self.chunk_filter(rid, i, data)
+            self.client.wait_capacity(self.config.cloud.chunk_inflight, timeout=30)
+            self.client.publish(topic, encode_frame(FRAME_CHUNK, rid, i, offsets[i], data), qos=1, expiry_s=ttl)
+            self.counters.add("chunks_sent")
+            self.counters.add("chunk_bytes_sent", len(data))
+
+    # ---------------------------------------------------------------------------------------- controller
+
+    def _send_cmd(self, device: str, payload: bytes, expiry_s: int) -> None:
+        self.client.publish(dev_topic(device, "cmd"), payload, qos=1, expiry_s=expiry_s)
+
+    def _control_loop(self) -> None:
+        cfg = self.config
+        while not self._stop.is_set():
+            try:
+                self.is_leader = self.registry.try_lease(LEASE, cfg.cloud.worker_id, cfg.cloud.lease_s)
+                if self.is_leader and self.client.connected:
+                    self.controller.tick()
+            except Exception:  # noqa: BLE001
+                log.exception("controller tick failed")
+            self._stop.wait(cfg.rollout.tick_s)
+
+
+def run_cloud(config: CloudConfig) -> None:
+    """Run one worker until SIGINT/SIGTERM."""
+    import signal
+
+    cloud = Cloud(config)
+    stop = threading.Event()
+
+    def _stop(*_: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    cloud.start(wait_s=None)
+    while not stop.wait(0.5):
+        pass
+    cloud.stop()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+    """Poll until predicate() is truthy; returns its value or raises TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout:g}s")
+        time.sleep(interval)
