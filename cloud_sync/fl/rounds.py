@@ -220,11 +220,10 @@ class Aggregator:
         """Validate, dedupe and store an update; returns the outcome (the counter it went to)."""
         with self.lock:
             outcome, task = self._accept(device, payload)
-            self.store.count(task, outcome)
             if outcome == "accepted":
-                self.store.count(task, "bytes_up", len(payload))
                 self.wake.set()
             else:
+                self.store.count(task, outcome)
                 log.info("fl: update from %s: %s", device, outcome)
             return outcome
 
@@ -261,12 +260,16 @@ class Aggregator:
             return "duplicate", task
         if self.store.update_count(task, r_no) >= rnd["target"]:
             return "surplus", task  # over-selection: the target was already reached
-        with self.store.lock:
-            cur = self.store.db.execute(
+        with self.store.transaction() as db:  # the update and its counters commit together
+            cur = db.execute(
                 "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (task, r_no, device, attempt, payload, upd.num_samples, len(payload), self.clock()),
             )
-        return ("accepted" if cur.rowcount == 1 else "duplicate"), task
+            if cur.rowcount != 1:
+                return "duplicate", task
+            self.store.count(task, "accepted", conn=db)
+            self.store.count(task, "bytes_up", len(payload), conn=db)
+        return "accepted", task
 
     # ------------------------------------------------------------------------------------ progress
 
