@@ -313,12 +313,15 @@ class ModelStore:
         self.record(event, model=name, version=version, previous=previous, **fields)
 
     def rollback(self, name: str | None = None, to: int | None = None) -> dict[str, Any]:
-        """Switch back to the previous known-good version (or to version `to`), after checking it loads."""
+        """Switch back to the previous known-good version, which then serves; the version left stops being
+        known-good. With `to`, switch to that installed version (nothing stops being known-good).
+        Either way the target is verified and health-checked first."""
         with self.lock():
             models = self._state_or_rebuild()
             name = self._pick_name(models, name)
             state = models[name]
             current = state.active
+            explicit = to is not None
             if to is None:
                 earlier = [v for v in state.good if v != current and self.version_dir(name, v).is_dir()]
                 if not earlier:
@@ -327,9 +330,9 @@ class ModelStore:
             elif to == current:
                 raise StoreError(f"{name} v{to} is already the active version")
             self.load(name, to)  # verify + health before switching
-            state.good = [v for v in state.good if v != current]
+            if not explicit:  # a plain rollback says the current version is bad: it stops being known-good
+                state.good = [v for v in state.good if v != current]
             state.promote(to)
-            state.good = [v for v in state.good if v != current]
             self.write_state(models)
         self.record("rollback", model=name, version=to, previous=current)
         return {"model": name, "version": to, "previous": current}
