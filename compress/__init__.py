@@ -1,1 +1,34 @@
-"""compress."""
+"""compress: quantization, pruning, distillation and recipes, plus the reference workloads (`compress.zoo`).
+
+This package imports without torch: public names are resolved lazily on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> submodule that defines it (extend this table; keep heavy imports out of this file)
+_EXPORTS = {
+    "Workload": "zoo",
+    "LoadedModel": "zoo",
+    "list_workloads": "zoo",
+    "get_workload": "zoo",
+    "make_model_dir": "zoo",
+    "save_model_dir": "zoo",
+    "load_model_dir": "zoo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

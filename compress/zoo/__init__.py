@@ -1,0 +1,44 @@
+"""The reference workloads: digits-cnn, digits-mbnet and minilm-l6 (data, models, metrics, model dirs).
+
+Attributes are imported lazily, so `compress.zoo.digits_data` or `compress.zoo.sentences` can be used
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Workload": "base",
+    "torch_predict": "base",
+    "list_workloads": "registry",
+    "get_workload": "registry",
+    "make_model_dir": "registry",
+    "UnknownWorkloadError": "registry",
+    "save_model_dir": "modeldir",
+    "load_model_dir": "modeldir",
+    "read_meta": "modeldir",
+    "LoadedModel": "modeldir",
+    "ModelDirError": "modeldir",
+    "MODEL_FORMAT": "modeldir",
+    "run_batched": "evaluate",
+    "top1_accuracy": "evaluate",
+    "embedding_fidelity": "evaluate",
+    "digits_split": "digits_data",
+    "stdlib_sentences": "sentences",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
