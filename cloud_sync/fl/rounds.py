@@ -99,6 +99,7 @@ class _Live:
     shapes: dict[str, tuple[int, ...]]
     task_payload: bytes | None = None
     payload_key: tuple[int, int] | None = None
+    bytes_received: int = 0  # every update payload that arrived since the last aggregation
 
 
 class Aggregator:
@@ -220,6 +221,8 @@ class Aggregator:
         """Validate, dedupe and store an update; returns the outcome (the counter it went to)."""
         with self.lock:
             outcome, task = self._accept(device, payload)
+            if task in self.live:
+                self.live[task].bytes_received += len(payload)
             if outcome == "accepted":
                 self.wake.set()
             else:
@@ -348,7 +351,9 @@ class Aggregator:
         metrics = dict(self.evaluate(task, new)) if self.evaluate else {}
         result = {
             "participants": len(results), "devices": [r.device for r in results],
-            "bytes_up": int(sum(r[3] for r in rows)), "aggregate_s": agg_s, "round_s": now - rnd["started"],
+            "bytes_up": int(sum(r[3] for r in rows)), "bytes_up_all": live.bytes_received,
+            "bytes_down": len(self._task_payload(task, rnd)) * len(rnd["selected"]),
+            "aggregate_s": agg_s, "round_s": now - rnd["started"],
             "metrics": metrics, "train_metrics": _mean_metrics(results),
         }
         accountant = None
@@ -366,7 +371,7 @@ class Aggregator:
                 db.execute("UPDATE tasks SET state = 'finished' WHERE task = ?", (task,))
             else:
                 self._insert_round(db, live.config, rnd["round"] + 1, 0, version, now)
-        live.weights, live.version, live.payload_key = new, version, None
+        live.weights, live.version, live.payload_key, live.bytes_received = new, version, None, 0
         log.info("fl: %s round %d aggregated %d updates -> version %d %s", task, rnd["round"], len(results), version, metrics)
         if self.on_model:
             self.on_model(task, version, new)
