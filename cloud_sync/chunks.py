@@ -48,7 +48,7 @@ class Chunking:
         return cls(int(d["min"]), int(d["avg"]), int(d["max"]), str(d.get("algo", "fastcdc")))  # type: ignore[arg-type]
 
 
-def choose_chunking(size: int, target_chunks: int = 256) -> Chunking:
+def choose_chunking(size: int, target_chunks: int = 64) -> Chunking:
     """Average chunk ~ size/target_chunks rounded to a power of two, within [2 KiB, 256 KiB].
 
     Small chunks keep a small change small (a new classifier head moves a few KiB); the cap keeps the

@@ -191,6 +191,8 @@ class Cloud:
         self._artifacts = _Artifacts(self.registry)
         self._allowed: set[tuple[str, str]] = set()
         self._requests: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._queued: set[tuple[str, str, int]] = set()  # chunks waiting to be sent: repeats are dropped
+        self._queued_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.is_leader = False
@@ -268,7 +270,14 @@ class Cloud:
 
     def _on_request(self, msg: Message) -> None:
         device, body = self._device_msg(msg, ("pf.chunk.request/1",))
-        self._requests.put((device, body))
+        rid = body["release_id"]
+        with self._queued_lock:
+            fresh = [i for i in body["idx"][:MAX_REQUEST_IDX] if (device, rid, i) not in self._queued]
+            self._queued.update((device, rid, i) for i in fresh)
+        if len(fresh) < len(body["idx"]):
+            self.counters.add("duplicate_requests", len(body["idx"]) - len(fresh))
+        if fresh or body.get("index"):
+            self._requests.put((device, {**body, "idx": fresh}))
 
     # ------------------------------------------------------------------------------------ chunk service
 
@@ -283,6 +292,9 @@ class Cloud:
             except Exception:  # noqa: BLE001 - a bad request must not stop the service
                 self.counters.add("request_errors")
                 log.exception("chunk request from %s failed", device)
+            finally:
+                with self._queued_lock:
+                    self._queued.difference_update((device, req["release_id"], i) for i in req["idx"])
 
     def _answer(self, device: str, req: dict[str, Any]) -> None:
         rid = req["release_id"]

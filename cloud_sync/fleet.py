@@ -149,7 +149,7 @@ class Fleet:
         self.shared_group = shared_group
         self.rollout_config = rollout or RolloutConfig(tick_s=0.2, resend_s=10.0, canary_timeout_s=120.0,
                                                        rollback_timeout_s=60.0, probe_runs=5)
-        self.ota_settings = ota or OtaSettings(window=16, chunk_timeout_s=3.0)
+        self.ota_settings = ota or OtaSettings(window=16, chunk_timeout_s=10.0)
         self.workers: list[Cloud] = []
         self.devices: dict[str, DeviceLink] = {}
         self.cloud_config: CloudConfig | None = None

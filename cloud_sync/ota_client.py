@@ -24,9 +24,9 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +53,11 @@ class OtaSettings:
     """Device-side OTA tuning ([mqtt.ota] in the agent config)."""
 
     window: int = 16  # chunks requested ahead of what arrived
-    chunk_timeout_s: float = 5.0  # no chunk for this long: ask again for what is outstanding
+    chunk_timeout_s: float = 10.0  # no chunk for this long: ask again for what is outstanding
     max_chunk_retries: int = 8  # a chunk failing verification this often fails the job
     bandwidth_bps: int = 0  # average cap on requested chunk bytes per second (0 = none)
     max_package_bytes: int = 1 << 30
-    progress_every_s: float = 1.0
+    progress_every_s: float = 5.0
 
     def check(self, where: str) -> None:
         from cloud_sync.errors import ConfigError
@@ -93,6 +93,7 @@ class _Job:
         self.bytes_requested = 0
         self.refetched = 0
         self.index_requested = 0.0
+        self.rtt = 0.0  # EWMA of request -> chunk time (s): timeouts adapt to a loaded cloud
         self.last_progress = time.monotonic()
         self.started = time.monotonic()
         self.dirty = False
@@ -173,9 +174,10 @@ class OtaClient:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.counters = Counters()
         self._state = self._load_state()
-        self._cmds: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._cmds: deque[dict[str, Any]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._kick = False  # the worker has something to do (set under _wake)
         self._job: _Job | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -220,7 +222,6 @@ class OtaClient:
 
     def stop(self) -> None:
         self._stop.set()
-        self._cmds.put(None)
         with self._wake:
             self._wake.notify_all()
         if self._thread is not None:
@@ -237,6 +238,7 @@ class OtaClient:
             if job is not None and not session_present:
                 job.last_progress = 0.0
                 job.index_requested = 0.0
+            self._kick = True
             self._wake.notify_all()
 
     def _resume_job(self) -> None:
@@ -264,8 +266,8 @@ class OtaClient:
     def _on_cmd(self, msg: Message) -> None:
         cmd = decode(msg.payload, ("pf.cmd.update/1", "pf.cmd.rollback/1"))
         self.counters.add("commands")
-        self._cmds.put(cmd)
         with self._wake:
+            self._cmds.append(cmd)
             self._wake.notify_all()
 
     def _on_chunk(self, msg: Message) -> None:
@@ -278,6 +280,7 @@ class OtaClient:
             if frame.kind == FRAME_INDEX:
                 if job.index is None:
                     job.index_raw = bytes(frame.data)
+                    self._kick = True
                     self._wake.notify_all()
                 return
             index = job.index
@@ -285,13 +288,16 @@ class OtaClient:
             if index is None or i >= len(index):
                 self.counters.add("stale_chunks")
                 return
-            job.outstanding.pop(i, None)
-            job.last_progress = time.monotonic()
+            asked = job.outstanding.pop(i, None)
+            now = time.monotonic()
+            if asked is not None:
+                job.rtt = (now - asked) if not job.rtt else 0.8 * job.rtt + 0.2 * (now - asked)
+            job.last_progress = now
             size = len(frame.data)
             job.bytes_rx += size
             if job.has(i):
                 self.counters.add("duplicate_chunks")
-                self._wake.notify_all()
+                self.counters.add("duplicate_bytes", size)
                 return
             if size != index.sizes[i] or frame.offset != index.offsets[i] \
                     or hashlib.sha256(frame.data).hexdigest() != index.hashes[i]:
@@ -299,12 +305,15 @@ class OtaClient:
                 job.retries[i] = job.retries.get(i, 0) + 1
                 log.warning("%s: chunk %d of release %s failed verification (attempt %d); fetching it again",
                             self.device, i, job.release_id, job.retries[i])
+                self._kick = True
                 self._wake.notify_all()
                 return
             os.pwrite(job.fd, frame.data, index.offsets[i])  # type: ignore[arg-type]
             job.mark(i)
             self.counters.add("chunks")
-            self._wake.notify_all()
+            if len(job.outstanding) <= self.settings.window // 2 or not job.missing:
+                self._kick = True
+                self._wake.notify_all()
 
     # ----------------------------------------------------------------------------------- reporting
 
@@ -341,10 +350,11 @@ class OtaClient:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                cmd = self._cmds.get(timeout=0.05 if self._job is not None else 0.5)
-            except queue.Empty:
-                cmd = None
+            with self._wake:
+                if not self._cmds and not self._kick:
+                    self._wake.wait(0.5)
+                self._kick = False
+                cmd = self._cmds.popleft() if self._cmds else None
             if self._stop.is_set():
                 return
             try:
@@ -388,6 +398,7 @@ class OtaClient:
         _atomic_json(self.dir / "job.json", cmd)
         with self._lock:
             self._job = _Job(self.dir, cmd)
+            self._kick = True
         self._report("accepted", cmd)
 
     def _admit(self, cmd: dict[str, Any]) -> bool | None:
@@ -498,7 +509,7 @@ class OtaClient:
             if too_often:
                 raise OtaError(f"chunk {too_often[0]} failed verification {s.max_chunk_retries} times")
             retry = [i for i in job.retries if i in job.missing and i not in job.outstanding]
-            if job.outstanding and now - job.last_progress > s.chunk_timeout_s:
+            if job.outstanding and now - job.last_progress > max(s.chunk_timeout_s, 4 * job.rtt):
                 retry += list(job.outstanding)  # lost or expired: ask again
                 self.counters.add("timeouts")
                 job.outstanding.clear()
@@ -529,9 +540,8 @@ class OtaClient:
         if now - getattr(job, "_reported", 0.0) > s.progress_every_s:
             job._reported = now  # type: ignore[attr-defined]
             self._report("downloading", job.cmd, progress=job.progress())
-        with self._wake:
-            if job.missing and self._cmds.empty():
-                self._wake.wait(0.2)
+        if not job.missing:
+            self._kick = True
 
     def _throttle(self, job: _Job, want: list[int]) -> list[int]:
         rate = self.settings.bandwidth_bps
@@ -570,15 +580,13 @@ class OtaClient:
             os.replace(tmp, self.dir / "job.index")
             with self._wake:
                 job.open(index, raw)
+                self._kick = True
             self._reuse_local(job)
             return
         now = time.monotonic()
         if now - job.index_requested > self.settings.chunk_timeout_s:
             job.index_requested = now
             self._request(job, [], index=True)
-        with self._wake:
-            if job.index_raw is None and self._cmds.empty():
-                self._wake.wait(0.2)
 
     def _local_sources(self) -> list[Path]:
         """Files of installed versions (as the store extracted them)."""
