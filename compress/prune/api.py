@@ -47,8 +47,9 @@ class PrunePlan:
     def macs_after(self) -> float:
         return self.graph.macs({r: len(k) for r, k in self.keep.items()})
 
-    def apply(self) -> nn.Module:
-        """The pruned model (the plan works on its own copy; the caller's model is untouched)."""
+    def apply(self, data: Iterable[Any] | None = None) -> nn.Module:
+        """The pruned model (the plan works on its own copy; the caller's model is untouched). With
+        `data` and config.recalibrate_bn its BatchNorm statistics are re-estimated on the batches."""
         model = apply_keep(self.graph, self.keep)
         try:
             with torch.no_grad():
@@ -61,6 +62,8 @@ class PrunePlan:
                 f"the pruned model fails on the example inputs ({type(exc).__name__}: {exc}); add the layer "
                 "named in the error to PruneConfig.ignore"
             ) from None
+        if data is not None and self.config.recalibrate_bn:
+            recalibrate_bn(model, data)
         return model
 
     def summary(self) -> dict[str, Any]:
@@ -87,7 +90,8 @@ def plan_pruning(
 ) -> PrunePlan:
     """Trace a copy of `model`, score its channel groups and decide what every group keeps.
 
-    data / loss_fn: (inputs, targets) batches and an optional loss for importance="taylor".
+    data: (inputs, targets) batches (inputs a tensor or tuple of tensors; targets may be None unless
+    importance="taylor"); loss_fn: the loss for "taylor" (default cross-entropy / MSE).
     """
     cfg = PruneConfig.from_dict(config) if isinstance(config, dict) else config.validate()
     inputs = as_inputs(example_inputs)
@@ -111,8 +115,38 @@ def prune(
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Structured pruning: a copy of `model` with whole channels / heads removed, an ordinary nn.Module
-    of the same classes (smaller layers), ready for fine-tuning and export."""
-    return plan_pruning(model, config, example_inputs, data, loss_fn).apply()
+    of the same classes (smaller layers), ready for fine-tuning and export.
+
+    data: (inputs, targets) batches, used by importance="taylor" and to recalibrate BatchNorm statistics
+    of the pruned model (config.recalibrate_bn)."""
+    batches = list(data) if data is not None else None
+    return plan_pruning(model, config, example_inputs, batches, loss_fn).apply(batches)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Iterable[Any]) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean / variance as the plain average over `data`
+    ((inputs, targets) batches; inputs a tensor or tuple of tensors); weights are unchanged. Returns the
+    model in eval mode."""
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not norms:
+        return model.eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    try:
+        for batch in data:
+            inputs = batch[0]
+            model(*(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return model
 
 
 def count_macs(model: nn.Module, example_inputs: ExampleInputs, ignore: Sequence[str] = ()) -> float:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from fnmatch import fnmatchcase
 
 import numpy as np
 
 from .config import PruneConfig
 from .errors import PruneError
 from .graph import DependencyGraph, Group
-from .trace import matches
 
 
 def kept_count(group: Group, ratio: float, round_to: int, strict: bool = True) -> int:
@@ -34,7 +34,7 @@ def resolve_ratios(graph: DependencyGraph, ratios: dict[str, float]) -> dict[int
     groups = graph.groups()
     out: dict[int, float] = {}
     for pattern, ratio in ratios.items():
-        hit = [g for g in groups if any(matches(o, [pattern]) for o in g.owners)]
+        hit = [g for g in groups if any(fnmatchcase(o, pattern) for o in g.owners)]
         if not hit:
             names = ", ".join(g.name for g in graph.prunable()) or "(none)"
             raise PruneError(

@@ -35,9 +35,10 @@ def _linear(m: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) 
     m.out_features, m.in_features = m.weight.shape
 
 
-def apply_keep(graph: DependencyGraph, keep: dict[int, Any]) -> nn.Module:
-    """Prune `graph.model` in place: group root r keeps units keep[r]. Returns the model."""
-    model = graph.model
+def apply_keep(graph: DependencyGraph, keep: dict[int, Any], model: nn.Module | None = None) -> nn.Module:
+    """Prune `model` (default `graph.model`, else a copy of it) in place: group root r keeps units
+    keep[r]. Returns the model."""
+    model = graph.model if model is None else model
 
     def out_idx(space: int | None) -> torch.Tensor | None:
         return None if space is None else graph.unit_index(space, keep.get(graph.find(space)))

@@ -1,0 +1,7 @@
+"""Knowledge distillation: logit KD (temperature, alpha), feature KD through learned projections, and
+plain fine-tuning (teacher=None) with the same schedule. See docs/pruning.md."""
+
+from .config import DistillConfig, DistillError
+from .trainer import Distiller, as_tensors, distill
+
+__all__ = ["DistillConfig", "DistillError", "Distiller", "as_tensors", "distill"]

@@ -1,0 +1,299 @@
+"""`distill(student, teacher, DistillConfig(...), data)`: train a student on a teacher's outputs (and
+hidden states), or fine-tune it on labels alone when teacher is None."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compress.zoo.digits_train import random_shift, torch_threads
+
+from .config import DistillConfig, DistillError
+
+Data = tuple[Any, Any]
+
+
+def as_tensors(data: Data) -> tuple[list[str] | None, list[torch.Tensor], torch.Tensor | None]:
+    """(input names or None, input tensors, labels or None) from (inputs, labels): inputs a dict of
+    arrays by input name (a workload's `data(split)`), an array / tensor, or a sequence of them."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise DistillError("data must be (inputs, labels): e.g. workload.data('train'); labels may be None")
+    inputs, labels = data
+    names = list(inputs) if isinstance(inputs, dict) else None
+    items = list(inputs.values()) if isinstance(inputs, dict) else inputs
+    items = list(items) if isinstance(items, (tuple, list)) else [items]
+    tensors = [x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x)) for x in items]
+    sizes = {len(t) for t in tensors}
+    y = (
+        None
+        if labels is None
+        else (labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels)))
+    )
+    if y is not None:
+        sizes.add(len(y))
+    if len(sizes) != 1:
+        raise DistillError(f"inputs and labels disagree on the number of rows: {sorted(sizes)}")
+    return names, tensors, y
+
+
+class _Capture:
+    """Forward hooks keeping the latest output of named modules."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], what: str) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise DistillError(f"DistillConfig.features: the {what} has no module {missing[0]!r}")
+        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            self.values[name] = out[0] if isinstance(out, (tuple, list)) else out
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _projection(student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:
+    """A learned map from a student hidden state to the teacher's width (identity when widths match)."""
+    if student.dim() == 4:
+        cs, ct = student.shape[1], teacher.shape[1]
+        proj: nn.Module = nn.Conv2d(cs, ct, 1, bias=False)
+    else:
+        cs, ct = student.shape[-1], teacher.shape[-1]
+        proj = nn.Linear(cs, ct, bias=False)
+    if cs == ct:
+        with torch.no_grad():
+            proj.weight.copy_(torch.eye(ct).reshape(proj.weight.shape))
+    return proj
+
+
+class Distiller:
+    """Holds the student, teacher, projections and schedule; `fit` trains and returns a report."""
+
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module | None, config: DistillConfig | dict[str, Any]
+    ) -> None:
+        self.cfg = DistillConfig.from_dict(config) if isinstance(config, dict) else config.validate()
+        if teacher is None and self.cfg.features:
+            raise DistillError("DistillConfig.features needs a teacher")
+        self.student, self.teacher = student, teacher
+        self.projections = nn.ModuleDict()
+
+    def _batch(
+        self,
+        tensors: list[torch.Tensor],
+        idx: torch.Tensor,
+        mask_pos: int | None,
+        gen: torch.Generator | None,
+    ) -> list[torch.Tensor]:
+        xs = [t[idx] for t in tensors]
+        if mask_pos is not None:  # drop columns that are padding in every row
+            length = max(1, int(xs[mask_pos].sum(1).max()))
+            xs = [
+                x[:, :length] if x.dim() == 2 and x.shape[1] == tensors[mask_pos].shape[1] else x for x in xs
+            ]
+        if self.cfg.shift and gen is not None:
+            xs = [
+                random_shift(x, self.cfg.shift, gen) if x.dim() == 4 and x.is_floating_point() else x
+                for x in xs
+            ]
+        return xs
+
+    def _output_loss(self, s: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
+        if kind == "kl":
+            temp = self.cfg.temperature
+            return (
+                F.kl_div(F.log_softmax(s / temp, 1), F.softmax(t / temp, 1), reduction="batchmean") * temp**2
+            )
+        if kind == "cosine":
+            return (1.0 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)).mean()
+        return F.mse_loss(s, t)
+
+    def _feature_loss(
+        self, s_feats: dict[str, torch.Tensor], t_feats: dict[str, torch.Tensor], mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        total = torch.zeros(())
+        for i, (sname, tname) in enumerate(self.cfg.features.items()):
+            s, t = self.projections[str(i)](s_feats[sname]), t_feats[tname].detach()
+            if s.dim() == 4 and s.shape[-2:] != t.shape[-2:]:
+                s = F.adaptive_avg_pool2d(s, t.shape[-2:])
+            if s.dim() == 3 and mask is not None and mask.shape == s.shape[:2]:
+                m = mask.to(s.dtype)[:, :, None]
+                total = total + ((s - t) ** 2 * m).sum() / (m.sum() * s.shape[-1]).clamp(min=1.0)
+            else:
+                total = total + F.mse_loss(s, t)
+        return total
+
+    def fit(
+        self,
+        data: Data,
+        evaluate: Callable[[nn.Module], float] | None = None,
+        step_hooks: Sequence[Callable[[], None]] = (),
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Train for cfg.epochs; `evaluate(student) -> float` (higher is better) after every epoch picks
+        the kept weights when keep_best; `step_hooks` run after every optimizer step (e.g. Sparsifier.step)."""
+        from tqdm.auto import tqdm
+
+        cfg, student, teacher = self.cfg, self.student, self.teacher
+        names, tensors, labels = as_tensors(data)
+        mask_pos = names.index(cfg.mask_input) if names and cfg.mask_input in names else None
+        kind = cfg.output_loss
+        if kind == "auto":
+            kind = "kl" if labels is not None and not labels.is_floating_point() else "cosine"
+        alpha = cfg.alpha if labels is not None else 1.0
+        if teacher is None and labels is None:
+            raise DistillError("without a teacher, distill needs labels to train on")
+        started = time.perf_counter()
+        with torch_threads(cfg.threads):
+            torch.manual_seed(cfg.seed)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            s_cap = _Capture(student, list(cfg.features), "student")
+            t_cap = _Capture(teacher, list(cfg.features.values()), "teacher") if teacher is not None else None
+            try:
+                if teacher is not None:
+                    teacher.eval()  # its forward runs under no_grad; its parameters are left as they are
+                if cfg.features:
+                    self._build_projections(tensors, mask_pos, s_cap, t_cap)
+                report = self._loop(
+                    tensors,
+                    labels,
+                    mask_pos,
+                    kind,
+                    alpha,
+                    gen,
+                    evaluate,
+                    step_hooks,
+                    s_cap,
+                    t_cap,
+                    progress,
+                    tqdm,
+                )
+            finally:
+                s_cap.close()
+                if t_cap is not None:
+                    t_cap.close()
+        student.eval()
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        report["config"] = cfg.to_dict()
+        report["output_loss"] = kind if teacher is not None else "ce"
+        return report
+
+    def _build_projections(
+        self, tensors: list[torch.Tensor], mask_pos: int | None, s_cap: _Capture, t_cap: _Capture | None
+    ) -> None:
+        assert self.teacher is not None and t_cap is not None
+        xs = self._batch(tensors, torch.arange(min(2, len(tensors[0]))), mask_pos, None)
+        was = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            self.student(*xs)
+            self.teacher(*xs)
+        self.student.train(was)
+        for i, (sname, tname) in enumerate(self.cfg.features.items()):
+            self.projections[str(i)] = _projection(s_cap.values[sname], t_cap.values[tname])
+
+    def _loop(
+        self, tensors, labels, mask_pos, kind, alpha, gen, evaluate, step_hooks, s_cap, t_cap, progress, tqdm
+    ) -> dict[str, Any]:  # noqa: ANN001
+        cfg, student, teacher = self.cfg, self.student, self.teacher
+        n = len(tensors[0])
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+        params = list(student.parameters()) + list(self.projections.parameters())
+        opt = torch.optim.AdamW(
+            [p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda s: (
+                (s + 1) / warmup
+                if s < warmup
+                else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+            ),
+        )
+        history: list[dict[str, Any]] = []
+        best = (-math.inf, -1)
+        best_state = copy.deepcopy(student.state_dict())
+        bar = tqdm(
+            range(cfg.epochs),
+            desc="distill" if teacher is not None else "finetune",
+            unit="epoch",
+            disable=not progress,
+            leave=False,
+        )
+        for epoch in bar:
+            student.train()
+            order = torch.randperm(n, generator=gen)
+            running, count = 0.0, 0
+            for i in range(0, n, cfg.batch_size):
+                idx = order[i : i + cfg.batch_size]
+                xs = self._batch(tensors, idx, mask_pos, gen)
+                out = student(*xs)
+                loss = torch.zeros(())
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(*xs)
+                    loss = loss + alpha * self._output_loss(out, t_out, kind)
+                    if cfg.features and t_cap is not None:
+                        mask = xs[mask_pos] if mask_pos is not None else None
+                        loss = loss + cfg.feature_weight * self._feature_loss(
+                            s_cap.values, t_cap.values, mask
+                        )
+                if labels is not None and (teacher is None or alpha < 1.0):
+                    ce = F.cross_entropy(out, labels[idx], label_smoothing=cfg.label_smoothing)
+                    loss = loss + (1.0 - alpha if teacher is not None else 1.0) * ce
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                for hook in step_hooks:
+                    hook()
+                running, count = running + float(loss.detach()) * len(idx), count + len(idx)
+            row: dict[str, Any] = {"epoch": epoch, "loss": round(running / count, 6)}
+            if evaluate is not None:
+                student.eval()
+                with torch.no_grad():
+                    row["metric"] = float(evaluate(student))
+                if row["metric"] >= best[0]:  # ties: the later, lower learning-rate epoch
+                    best = (row["metric"], epoch)
+                    best_state = copy.deepcopy(student.state_dict())
+                bar.set_postfix(metric=f"{row['metric']:.4f}")
+            history.append(row)
+        if evaluate is not None and cfg.keep_best:
+            student.load_state_dict(best_state)
+        return {
+            "epochs": cfg.epochs,
+            "steps": total,
+            "history": history,
+            "best_epoch": best[1] if evaluate is not None else None,
+            "best_metric": best[0] if evaluate is not None else None,
+        }
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    config: DistillConfig | dict[str, Any],
+    data: Data,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    step_hooks: Sequence[Callable[[], None]] = (),
+    progress: bool = True,
+) -> nn.Module:
+    """Train `student` (in place) from `teacher` on `data` = (inputs, labels or None); returns it in eval
+    mode. Use `Distiller(...).fit(...)` for the training report."""
+    Distiller(student, teacher, config).fit(data, evaluate, step_hooks, progress)
+    return student
