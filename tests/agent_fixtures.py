@@ -26,7 +26,7 @@ X = np.random.default_rng(7).random((3, 1, 8, 8), dtype=np.float32)
 
 NO_TORCH = """
 import sys
-BLOCKED = ("torch", "onnx", "onnxscript", "litert_torch", "ai_edge_quantizer", "sklearn", "compress")
+BLOCKED = ("torch", "onnx", "onnxscript", "litert_torch", "ai_edge_quantizer", "sklearn", "compress.zoo")
 class _Block:
     def find_spec(self, name, path=None, target=None):
         if any(name == b or name.startswith(b + ".") for b in BLOCKED):
