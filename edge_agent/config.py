@@ -101,6 +101,7 @@ class AgentConfig:
         return dataclasses.asdict(self)
 
 
+_WORDS = {int: "an integer", float: "a number", str: "a string", dict: "a table"}
 _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
 _HINTS = typing.get_type_hints(AgentConfig)
 
@@ -116,8 +117,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     kind = _kind(name)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {name} must be a {kind.__name__}, got {type(value).__name__} {value!r}")
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {name} must be {_WORDS[kind]}, got {type(value).__name__} {value!r}")
     return value
 
 
