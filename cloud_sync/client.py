@@ -84,13 +84,14 @@ class _Watchdog:
 
 @dataclass(frozen=True)
 class Message:
-    """An incoming message, decoupled from paho's object."""
+    """An incoming message, decoupled from paho's object. `mid` is needed to acknowledge it manually."""
 
     topic: str
     payload: bytes
     qos: int
     retain: bool
     dup: bool
+    mid: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class MqttClient:
         on_connect: Callable[[bool], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
         name: str = "",
+        manual_ack: bool = False,
     ) -> None:
         self.config = config
         self.client_id = client_id or config.client_id or config.username
@@ -129,7 +131,9 @@ class MqttClient:
         self.counters = Counters()
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
-        self._subs: list[tuple[str, str, int, Handler]] = []  # (filter, match filter, qos, handler)
+        self.manual_ack = manual_ack
+        # (filter, match filter, qos, handler, handler acks itself)
+        self._subs: list[tuple[str, str, int, Handler, bool]] = []
         self._lock = threading.RLock()
         self._pending: dict[int, AckCallback | None] = {}
         self._early: dict[int, tuple[bool, str]] = {}
@@ -215,6 +219,7 @@ class MqttClient:
             protocol=self.protocol,
             clean_session=None if v5 else False,
             reconnect_on_failure=True,
+            manual_ack=self.manual_ack,
         )
         paho_log = logging.getLogger("pocketfleet.paho")
         if paho_log.isEnabledFor(logging.DEBUG):  # paho logs routine disconnects as errors otherwise
@@ -299,7 +304,7 @@ class MqttClient:
         with self._lock:
             subs = list(self._subs)
         if subs:
-            client.subscribe([(self._wire_filter(f), q) for f, _, q, _ in subs])
+            client.subscribe([(self._wire_filter(f), q) for f, _, q, _, _ in subs])
         self._connected.set()
         log.info("%s: connected (MQTT %s, session present %s)", self.name, "5" if self.mqtt5 else "3.1.1",
                  self.session_present)
@@ -350,14 +355,18 @@ class MqttClient:
 
     # --------------------------------------------------------------------------------------- subscribing
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, acks_itself: bool = False) -> None:
         """Route messages matching `topic_filter` to `handler` (renewed on every reconnect).
 
-        A `$share/<group>/...` filter becomes a plain subscription on an MQTT 3.1.1 connection.
+        A `$share/<group>/...` filter becomes a plain subscription on an MQTT 3.1.1 connection. With
+        `manual_ack` clients, the PUBACK goes out when the handler returns, unless `acks_itself`: then the
+        handler (or whoever it hands the message to) calls `ack(message)` once the message is safe.
         """
+        if acks_itself and not self.manual_ack:
+            raise ConnectError(f"{self.name}: acks_itself needs MqttClient(manual_ack=True)")
         match = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
         with self._lock:
-            self._subs.append((topic_filter, match, qos, handler))
+            self._subs.append((topic_filter, match, qos, handler, acks_itself))
         client = self._client
         if client is not None and self._connected.is_set():
             client.subscribe(self._wire_filter(topic_filter), qos)
@@ -376,20 +385,32 @@ class MqttClient:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.counters.add("received")
         self.counters.add("bytes_in", packet_bytes(msg.topic, len(msg.payload), msg.qos))
-        message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup))
+        message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup), msg.mid)
         with self._lock:
-            handler = next((h for _, m, _, h in self._subs if mqtt.topic_matches_sub(m, msg.topic)), None)
-        if handler is None:
+            route = next(((h, a) for _, m, _, h, a in self._subs if mqtt.topic_matches_sub(m, msg.topic)), None)
+        if route is None:
             self.counters.add("unrouted")
+            self.ack(message)
             return
+        handler, acks_itself = route
         try:
             handler(message)
         except ProtocolError as exc:
             self.counters.add("malformed")
             log.warning("%s: dropped malformed message on %s: %s", self.name, msg.topic, exc)
+            acks_itself = False
         except Exception:  # noqa: BLE001 - never let one message stop the loop
             self.counters.add("handler_errors")
             log.exception("%s: handler for %s failed; message dropped", self.name, msg.topic)
+            acks_itself = False
+        if not acks_itself:
+            self.ack(message)
+
+    def ack(self, message: Message) -> None:
+        """Send the PUBACK of a message (manual_ack clients only; a no-op otherwise and for QoS 0)."""
+        client = self._client
+        if self.manual_ack and client is not None and message.qos > 0:
+            client.ack(message.mid, message.qos)
 
     # ---------------------------------------------------------------------------------------- publishing
 

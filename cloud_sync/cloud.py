@@ -186,22 +186,25 @@ class Cloud:
         self.registry = config.open_registry()
         self.config.artifacts_dir.mkdir(parents=True, exist_ok=True)
         self.controller = RolloutController(self.registry, self._send_cmd, config.rollout)
-        self.client = MqttClient(config.mqtt, client_id=config.cloud.worker_id, name=config.cloud.worker_id)
+        self.client = MqttClient(config.mqtt, client_id=config.cloud.worker_id, name=config.cloud.worker_id,
+                                 manual_ack=True)
         self.counters = self.client.counters
         self._artifacts = _Artifacts(self.registry)
         self._allowed: set[tuple[str, str]] = set()
         self._requests: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._queued: set[tuple[str, str, int]] = set()  # chunks waiting to be sent: repeats are dropped
         self._queued_lock = threading.Lock()
+        self._telemetry: queue.Queue[tuple[str, dict[str, Any], Message]] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.is_leader = False
         # tests may wrap this to corrupt what is sent (fault injection); signature (release_id, idx, data)
         self.chunk_filter: Callable[[str, int, bytes], bytes] | None = None
         share = config.cloud.shared_group or None
-        for leaf, handler in (("status", self._on_status), ("ota", self._on_report), ("req", self._on_request),
-                              ("telemetry", self._on_telemetry)):
+        for leaf, handler in (("status", self._on_status), ("ota", self._on_report), ("req", self._on_request)):
             self.client.subscribe(dev_filter(leaf, share), handler, qos=1)
+        # telemetry is committed in batches (one fsync for many records) and acknowledged after the commit
+        self.client.subscribe(dev_filter("telemetry", share), self._on_telemetry, qos=1, acks_itself=True)
 
     def subscribe_device_leaf(self, leaf: str, handler: Callable[[str, Message], None]) -> None:
         """Route pf/v1/dev/+/<leaf> (shared) to handler(device, message); for plug-ins such as FL."""
@@ -218,7 +221,8 @@ class Cloud:
         self.client.start()
         if wait_s is not None:
             self.client.wait_connected(wait_s)
-        for target, name in ((self._serve_chunks, "chunks"), (self._control_loop, "controller")):
+        for target, name in ((self._serve_chunks, "chunks"), (self._control_loop, "controller"),
+                             (self._write_telemetry, "telemetry")):
             t = threading.Thread(target=target, name=f"{self.config.cloud.worker_id}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -265,8 +269,34 @@ class Cloud:
 
     def _on_telemetry(self, msg: Message) -> None:
         device, body = self._device_msg(msg, ("pf.outbox/1",))
-        if not self.registry.add_telemetry(device, body):
-            self.counters.add("telemetry_duplicates")
+        self._telemetry.put((device, body, msg))
+
+    def _write_telemetry(self) -> None:
+        """Group commit: up to 500 records or 20 ms per transaction, then the PUBACKs."""
+        while not self._stop.is_set():
+            try:
+                batch = [self._telemetry.get(timeout=0.5)]
+            except queue.Empty:
+                continue
+            deadline = time.monotonic() + 0.02
+            while len(batch) < 500:
+                try:
+                    batch.append(self._telemetry.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            while not self._stop.is_set():
+                try:
+                    new = self.registry.add_telemetry_batch([(d, b) for d, b, _ in batch])
+                    break
+                except Exception:  # noqa: BLE001 - not acknowledged: retried here, redelivered if we die
+                    log.exception("telemetry commit failed; retrying")
+                    self._stop.wait(1.0)
+            else:
+                return
+            self.counters.add("telemetry_stored", new)
+            self.counters.add("telemetry_duplicates", len(batch) - new)
+            for _, _, msg in batch:
+                self.client.ack(msg)
 
     def _on_request(self, msg: Message) -> None:
         device, body = self._device_msg(msg, ("pf.chunk.request/1",))

@@ -200,14 +200,21 @@ class Registry:
 
     def add_telemetry(self, device: str, msg: dict[str, Any]) -> bool:
         """Store one outbox record; False if it was already stored (redelivery)."""
+        return self.add_telemetry_batch([(device, msg)]) == 1
+
+    def add_telemetry_batch(self, items: list[tuple[str, dict[str, Any]]]) -> int:
+        """Store many outbox records in one transaction (one fsync); returns how many were new."""
+        now = time.time()
         with self.tx() as db:
-            cur = db.execute(
-                "INSERT INTO telemetry(device, record_id, kind, created, received, body) VALUES(?,?,?,?,?,?) "
-                "ON CONFLICT(device, record_id) DO NOTHING",
-                (device, str(msg["id"]), msg["kind"], msg["created"], time.time(), json.dumps(msg["body"])),
-            )
-            db.execute("UPDATE devices SET last_seen=? WHERE id=?", (time.time(), device))
-            return cur.rowcount == 1
+            new = 0
+            for device, msg in items:
+                new += db.execute(
+                    "INSERT INTO telemetry(device, record_id, kind, created, received, body) VALUES(?,?,?,?,?,?) "
+                    "ON CONFLICT(device, record_id) DO NOTHING",
+                    (device, str(msg["id"]), msg["kind"], msg["created"], now, json.dumps(msg["body"])),
+                ).rowcount
+            db.executemany("UPDATE devices SET last_seen=? WHERE id=?", [(now, d) for d in {d for d, _ in items}])
+            return new
 
     def telemetry(self, device: str | None = None, kind: str | None = None) -> list[sqlite3.Row]:
         sql, args = "SELECT * FROM telemetry WHERE 1=1", []
