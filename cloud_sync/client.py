@@ -328,6 +328,10 @@ class MqttClient:
         if was:
             self.counters.add("disconnects")
             log.info("%s: disconnected (%s); reconnecting", self.name, reason)
+        elif self._socket_opened is not None:  # no CONNACK at all (e.g. plain MQTT to a TLS listener)
+            self._socket_opened = None
+            self.counters.add("closed_before_connack")
+            self.last_error = f"the broker closed the connection before CONNACK ({reason})"
         self._backoff()
         if self._on_disconnect_cb is not None and was:
             try:

@@ -109,15 +109,18 @@ class Mosquitto:
         max_inflight_messages: int = 64,
         max_packet_size: int = 4 * 1024 * 1024,
         port: int | None = None,
+        files: tuple[Path, Path] | None = None,
     ) -> None:
+        """`files`: (passwd, acl) maintained by someone else (e.g. `pocketfleet cloud provision`)."""
         self.binary = require_mosquitto()
         self.dir = Path(workdir) / f"mosquitto-{id(self):x}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.accounts = dict(accounts or {})
         self.tls = make_tls(self.dir / "tls") if tls else None
-        self.passwd = self.dir / "passwd" if accounts is not None else None
-        self.acl = self.dir / "acl" if accounts is not None else None
+        self.external = files is not None
+        self.passwd = files[0] if files else self.dir / "passwd" if accounts is not None else None
+        self.acl = files[1] if files else self.dir / "acl" if accounts is not None else None
         self.log = self.dir / "mosquitto.log"
         self.conf = self.dir / "mosquitto.conf"
         self.persistence = self.dir / "data" if persistence else None
@@ -139,7 +142,7 @@ class Mosquitto:
         return f"pw-{username}"
 
     def _write_accounts(self) -> None:
-        if self.passwd is None or self.acl is None:
+        if self.passwd is None or self.acl is None or self.external:
             return
         accounts = [
             Account(name, role, hash_password(self.password(name)), group)
@@ -204,6 +207,10 @@ class Mosquitto:
         self.stop()
         time.sleep(down_s)
         self.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
