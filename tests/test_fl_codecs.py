@@ -26,7 +26,7 @@ HDR = {"task": "t", "round": 3, "device": "d1", "num_samples": 7, "metrics": {"l
 
 
 @pytest.mark.parametrize(
-    "cfg", [CodecConfig(), CodecConfig(int8=True), CodecConfig(topk=0.05), CodecConfig(topk=0.05, int8=True)]
+    "cfg", [CodecConfig(), CodecConfig(int8=True), CodecConfig(topk=0.05, min_sparse=1), CodecConfig(topk=0.05, int8=True, min_sparse=1)]
 )
 def test_round_trip_with_error_feedback_is_lossless_in_sum(cfg):
     ef = ErrorFeedback()

@@ -65,7 +65,7 @@ def _drive(agg: Aggregator, hub: InProcessHub, task: str = "digits", steps: int 
 
 def test_rounds_train_a_head_and_aggregate_exactly_the_target(tmp_path):
     agg, hub, _ = _fleet(tmp_path)
-    agg.create_task(_config(codec={"topk": 0.1, "int8": True}), HEAD.init([64, 10], seed=0))
+    agg.create_task(_config(codec={"topk": 0.1, "int8": True, "min_sparse": 1}), HEAD.init([64, 10], seed=0))
     st = _drive(agg, hub)
     assert st["state"] == "finished" and st["model_version"] == 3
     done = [r for r in st["rounds"] if r["state"] == "done"]

@@ -31,11 +31,14 @@ INT8_MAX = 127
 @dataclass(frozen=True)
 class CodecConfig:
     """topk: fraction of each tensor's entries sent (0 or 1 = dense); int8: quantize the sent values;
-    error_feedback: keep what was not sent (and the rounding error) and add it to the next update."""
+    error_feedback: keep what was not sent (and the rounding error) and add it to the next update;
+    min_sparse: tensors with fewer elements go dense (biases, BatchNorm statistics: a partial update of
+    those breaks the model, and they are a tiny share of the bytes)."""
 
     topk: float = 0.0
     int8: bool = False
     error_feedback: bool = True
+    min_sparse: int = 1024
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.topk <= 1.0:
@@ -48,10 +51,11 @@ class CodecConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> CodecConfig:
         data = dict(data or {})
-        unknown = set(data) - {"topk", "int8", "error_feedback"}
+        unknown = set(data) - {"topk", "int8", "error_feedback", "min_sparse"}
         if unknown:
             raise FLError(f"codec: unknown field(s) {sorted(unknown)}")
-        return cls(float(data.get("topk", 0.0)), bool(data.get("int8", False)), bool(data.get("error_feedback", True)))
+        return cls(float(data.get("topk", 0.0)), bool(data.get("int8", False)), bool(data.get("error_feedback", True)),
+                   int(data.get("min_sparse", 1024)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,7 +153,7 @@ def encode_update(
         if use_ef:
             v = state.apply(name, v)
         flat = v.ravel()
-        sparse = 0.0 < config.topk < 1.0
+        sparse = 0.0 < config.topk < 1.0 and flat.size >= config.min_sparse
         if sparse:
             k = max(1, int(round(config.topk * flat.size)))
             idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]).astype(np.int32)

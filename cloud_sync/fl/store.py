@@ -40,7 +40,7 @@ class RoundStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a committed transaction survives kill -9
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
 

@@ -86,7 +86,7 @@ def finetune_torch(
                 idx = order[i : i + config.batch_size]
                 out = module(*[x[idx] for x in xs])
                 loss = loss_fn(out, y[idx])
-                losses.append(float(loss))
+                losses.append(loss.item())
                 if config.mu:
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                     loss = loss + 0.5 * config.mu * prox
