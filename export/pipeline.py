@@ -1,0 +1,262 @@
+"""Model directory -> exported file -> parity in the real runtime -> signed package.
+
+    result = export_model("models/digits-cnn", format="onnx", dtype="fp16", out="cnn.pfpkg",
+                          version=3, key="keys/pocketfleet.key")
+
+`package_artifact` is the lower-level entry for callers that produced the .onnx/.tflite file themselves
+(quantization, pruning): it checks parity against the PyTorch model in the file's own runtime, scores the
+workload metric, records samples and writes the package — or raises ParityError and writes nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from export.errors import ExportError
+from export.manifest import Manifest
+from export.parity import ParityBounds, ParityReport, Predict, check_parity
+from export.samples import Samples
+
+if TYPE_CHECKING:
+    from compress.zoo import LoadedModel
+
+FORMATS = ("onnx", "tflite")
+DTYPES = ("fp32", "fp16")
+SUFFIX = {"onnx": ".onnx", "tflite": ".tflite"}
+ONNX_EXAMPLE_BATCH = 2  # > 1 so that the exporter keeps the batch dimension symbolic
+TFLITE_BATCH = 1
+
+
+@dataclass
+class ExportResult:
+    package: Path | None
+    model_file: Path | None
+    manifest: Manifest | None
+    parity: ParityReport
+    metric: dict[str, Any]
+    reference_metric: dict[str, Any] | None
+    size_bytes: int
+    export_seconds: float
+    key_id: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "package": str(self.package) if self.package else None,
+            "model_file": str(self.model_file) if self.model_file else None,
+            "name": m.name if m else None,
+            "version": m.version if m else None,
+            "format": m.format if m else self.extra.get("format"),
+            "dtype": m.dtype if m else self.extra.get("dtype"),
+            "size_bytes": self.size_bytes,
+            "package_bytes": self.package.stat().st_size if self.package and self.package.exists() else None,
+            "export_seconds": round(self.export_seconds, 2),
+            "metric": self.metric,
+            "reference_metric": self.reference_metric,
+            "parity": self.parity.to_dict(),
+            "key_id": self.key_id,
+            "inputs": [s.to_dict() for s in m.inputs] if m else None,
+            "outputs": [s.to_dict() for s in m.outputs] if m else None,
+        }
+
+
+def _loaded(model: Any) -> LoadedModel:
+    if isinstance(model, (str, Path)):
+        from compress.zoo import load_model_dir
+
+        return load_model_dir(model)
+    return model
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise ExportError(f"{what} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def convert(model: Any, format: str, dtype: str, path: str | Path) -> Path:
+    """Write `model` (model dir or LoadedModel) as an ONNX or TFLite file traced on real test inputs."""
+    import torch
+
+    lm = _loaded(model)
+    _check_choice(format, FORMATS, "format")
+    _check_choice(dtype, DTYPES, "dtype")
+    wl = lm.workload
+    batch = ONNX_EXAMPLE_BATCH if format == "onnx" else TFLITE_BATCH
+    sample = wl.sample_inputs(batch)
+    example = {s.name: torch.from_numpy(np.ascontiguousarray(sample[s.name])) for s in wl.inputs}
+    if format == "onnx":
+        from export.onnx import export_onnx
+
+        return export_onnx(lm.module, wl.inputs, wl.outputs, tuple(example.values()), path, dtype=dtype)
+    from export.tflite import export_tflite
+
+    return export_tflite(lm.module, [s.name for s in wl.outputs], example, path, dtype=dtype)
+
+
+def package_artifact(
+    model_file: str | Path,
+    loaded_model: Any,
+    format: str,
+    dtype: str,
+    out: str | Path,
+    name: str | None = None,
+    version: int = 1,
+    key: Any = None,
+    bounds: ParityBounds | None = None,
+    extra_report: dict[str, Any] | None = None,
+    device: str | None = None,
+    extra: dict[str, Any] | None = None,
+    trainable_head: dict[str, Any] | None = None,
+    reference: Predict | None = None,
+    valid_days: int | None = None,
+    samples: int = 4,
+    threads: int = 1,
+) -> ExportResult:
+    """Verify an already-made model file against its source model and package it.
+
+    Parity: `reference` (default: the PyTorch module of `loaded_model`) vs the file run by
+    edge_agent.runtimes on the workload's evaluation inputs, within `bounds` (default per dtype);
+    raises ParityError (no package written) otherwise. `dtype` is recorded as given (fp32, fp16, int8...).
+    """
+    from edge_agent.runtimes import load_runtime
+    from export.package import build_package
+    from export.signing import key_id, load_private_key
+
+    lm = _loaded(loaded_model)
+    wl = lm.workload
+    model_file = Path(model_file)
+    _check_choice(format, FORMATS, "format")
+    private = load_private_key(key) if key is not None else None  # fail on a bad key before the slow part
+    runtime = load_runtime(model_file, format=format, threads=threads)
+    bounds = bounds or ParityBounds.for_dtype(dtype)
+    metric_name = wl.metric.name
+    parity = check_parity(
+        reference or lm.predict,
+        runtime.run,
+        wl.eval_inputs(),
+        bounds,
+        metric=metric_name,
+        what=f"{model_file.name} ({format}/{dtype})",
+    )
+    metric = _clean(lm.evaluate(predict=runtime.run))
+    reference_metric = _clean(lm.evaluate(predict=reference)) if reference else _clean(lm.evaluate())
+    sample_inputs = wl.sample_inputs(samples)
+    sample_outputs = runtime.run(sample_inputs)
+    size = model_file.stat().st_size
+    report = {
+        "metric": metric,
+        "reference_metric": reference_metric,
+        "size_bytes": size,
+        "parity": parity.to_dict(),
+        **(extra_report or {}),
+    }
+    fields = {
+        "name": name or wl.name,
+        "version": version,
+        "format": format,
+        "dtype": dtype,
+        "device": device,
+        "workload": wl.name,
+        "inputs": runtime.inputs,
+        "outputs": runtime.outputs,
+        "preprocessing": wl.preprocessing,
+        "report": report,
+        "trainable_head": trainable_head,
+        "extra": extra or {},
+    }
+    manifest = build_package(
+        {f"model{SUFFIX[format]}": model_file},
+        fields,
+        Samples(dict(sample_inputs), sample_outputs),
+        out,
+        key=private,
+        valid_days=valid_days,
+    )
+    return ExportResult(
+        package=Path(out),
+        model_file=model_file,
+        manifest=manifest,
+        parity=parity,
+        metric=metric,
+        reference_metric=reference_metric,
+        size_bytes=size,
+        export_seconds=0.0,
+        key_id=key_id(private.public_key()) if private else None,
+    )
+
+
+def export_model(
+    model: Any,
+    format: str,
+    dtype: str = "fp32",
+    out: str | Path | None = None,
+    name: str | None = None,
+    version: int = 1,
+    key: Any = None,
+    device: str | None = None,
+    bounds: ParityBounds | None = None,
+    valid_days: int | None = None,
+    model_out: str | Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> ExportResult:
+    """Convert, check parity in the real runtime, and write the package `out` (signed when `key`).
+
+    `model_out` also keeps the bare model file. With `out=None` only parity and the metric are computed.
+    """
+    lm = _loaded(model)
+    _check_choice(format, FORMATS, "format")
+    _check_choice(dtype, DTYPES, "dtype")
+    work = Path(tempfile.mkdtemp(prefix="pf-export-"))
+    try:
+        started = time.perf_counter()
+        path = convert(lm, format, dtype, work / f"model{SUFFIX[format]}")
+        seconds = time.perf_counter() - started
+        if out is None:
+            result = _parity_only(path, lm, format, dtype, bounds)
+        else:
+            result = package_artifact(
+                path, lm, format, dtype, out, name=name, version=version, key=key, bounds=bounds,
+                extra_report={"export_seconds": round(seconds, 2)}, device=device, extra=extra,
+                valid_days=valid_days,
+            )  # fmt: skip
+        result.export_seconds = seconds
+        if model_out is not None:
+            Path(model_out).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, model_out)
+            result.model_file = Path(model_out)
+        else:
+            result.model_file = None
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _parity_only(
+    path: Path, lm: LoadedModel, format: str, dtype: str, bounds: ParityBounds | None
+) -> ExportResult:
+    from edge_agent.runtimes import load_runtime
+
+    runtime = load_runtime(path, format=format)
+    parity = check_parity(
+        lm.predict, runtime.run, lm.workload.eval_inputs(), bounds or ParityBounds.for_dtype(dtype),
+        metric=lm.workload.metric.name, what=f"{path.name} ({format}/{dtype})",
+    )  # fmt: skip
+    return ExportResult(
+        package=None, model_file=path, manifest=None, parity=parity,
+        metric=_clean(lm.evaluate(predict=runtime.run)), reference_metric=_clean(lm.evaluate()),
+        size_bytes=path.stat().st_size, export_seconds=0.0, key_id=None, extra={"format": format, "dtype": dtype},
+    )  # fmt: skip
+
+
+def _clean(metric: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe copy of a metric dict (numpy scalars -> Python)."""
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in metric.items()}
