@@ -52,3 +52,32 @@ def onnx_backbone(path: Path, head_w: np.ndarray, head_b: np.ndarray, seed: int 
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path
+
+
+def head_package(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A real signed .pfpkg with a features+logits ONNX model and a trainable head: (pkg, extracted, keys)."""
+    from safetensors.numpy import save_file
+
+    from edge_agent.training import DenseLayer, Head
+    from export.package import build_package
+    from export.signing import generate_keys
+    from export.verify import extract_package
+
+    head = Head([DenseLayer("head.weight", "head.bias")], features="features", weights_file="head.safetensors")
+    w = head.init([32, 10], seed=5)
+    model = onnx_backbone(tmp_path / "model.onnx", w["head.weight"], w["head.bias"])
+    save_file(w, str(tmp_path / "head.safetensors"))
+    keys = generate_keys(tmp_path / "keys")
+    build_package(
+        {"model.onnx": model, "head.safetensors": tmp_path / "head.safetensors"},
+        {
+            "name": "digits-head", "version": 1, "format": "onnx", "dtype": "float32", "model": "model.onnx",
+            "inputs": [{"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32"}],
+            "outputs": [{"name": "features", "shape": ["batch", 32], "dtype": "float32"},
+                        {"name": "logits", "shape": ["batch", 10], "dtype": "float32"}],
+            "trainable_head": head.to_manifest(),
+        },
+        None, tmp_path / "m.pfpkg", key=keys["private_key"],
+    )
+    extract_package(tmp_path / "m.pfpkg", tmp_path / "pkg", trust=keys["public_key"])
+    return tmp_path / "m.pfpkg", tmp_path / "pkg", keys

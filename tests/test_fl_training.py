@@ -24,7 +24,7 @@ from edge_agent.training import (
     save_dataset_file,
     train_head,
 )
-from tests.fl_helpers import digits_flat, onnx_backbone
+from tests.fl_helpers import digits_flat, head_package
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = Head([DenseLayer("h.0.weight", "h.0.bias", "relu"), DenseLayer("h.1.weight", "h.1.bias")])
@@ -119,36 +119,8 @@ def test_sample_store_roundtrip_and_validation(tmp_path):
     assert len(reopened.dataset(limit=5)) == 5 and np.array_equal(reopened.dataset(limit=5).labels, y[7:12])
 
 
-def _head_package(tmp_path: Path) -> Path:
-    """A real signed .pfpkg with a features+logits ONNX model and a trainable head, extracted."""
-    from safetensors.numpy import save_file
-
-    from export.package import build_package
-    from export.signing import generate_keys
-    from export.verify import extract_package
-
-    head = Head([DenseLayer("head.weight", "head.bias")], features="features", weights_file="head.safetensors")
-    w = head.init([32, 10], seed=5)
-    model = onnx_backbone(tmp_path / "model.onnx", w["head.weight"], w["head.bias"])
-    save_file(w, str(tmp_path / "head.safetensors"))
-    keys = generate_keys(tmp_path / "keys")
-    build_package(
-        {"model.onnx": model, "head.safetensors": tmp_path / "head.safetensors"},
-        {
-            "name": "digits-head", "version": 1, "format": "onnx", "dtype": "float32", "model": "model.onnx",
-            "inputs": [{"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32"}],
-            "outputs": [{"name": "features", "shape": ["batch", 32], "dtype": "float32"},
-                        {"name": "logits", "shape": ["batch", 10], "dtype": "float32"}],
-            "trainable_head": head.to_manifest(),
-        },
-        None, tmp_path / "m.pfpkg", key=keys["private_key"],
-    )
-    extract_package(tmp_path / "m.pfpkg", tmp_path / "pkg", trust=keys["public_key"])
-    return tmp_path / "pkg"
-
-
 def test_head_trainer_on_a_real_package_and_onnxruntime(tmp_path):
-    trainer = HeadTrainer.from_package_dir(_head_package(tmp_path))
+    trainer = HeadTrainer.from_package_dir(head_package(tmp_path)[1])
     xi, y = digits_split_images("train")
     xt, yt = digits_split_images("test")
     train, test = LocalDataset({"image": xi}, y), LocalDataset({"image": xt}, yt)
@@ -205,3 +177,27 @@ def test_training_imports_and_runs_without_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ok full-model fine-tuning needs torch" in out.stdout
+
+
+def test_head_release_changes_only_the_head_and_is_signed(tmp_path):
+    from cloud_sync.fl.errors import FLError
+    from cloud_sync.fl.release import head_release
+    from export.package import open_package
+    from export.verify import extract_package
+
+    pkg, extracted, keys = head_package(tmp_path)
+    trainer = HeadTrainer.from_package_dir(extracted)
+    new = {k: v + 1.0 for k, v in trainer.initial.items()}
+    manifest = head_release(pkg, new, 2, keys["private_key"], tmp_path / "v2.pfpkg", trust=keys["public_key"],
+                            note={"task": "digits", "round": 7})
+    assert manifest.version == 2 and manifest.extra["fl"] == {"task": "digits", "round": 7}
+    extract_package(tmp_path / "v2.pfpkg", tmp_path / "v2", trust=keys["public_key"])
+    again = HeadTrainer.from_package_dir(tmp_path / "v2")
+    assert all(np.array_equal(again.initial[k], new[k]) for k in new)
+    with open_package(pkg) as a, open_package(tmp_path / "v2.pfpkg") as b:
+        assert a.read("model.onnx", 1 << 20) == b.read("model.onnx", 1 << 20)  # model bytes untouched
+        assert a.read("head.safetensors", 1 << 20) != b.read("head.safetensors", 1 << 20)
+    with pytest.raises(FLError, match="newer"):
+        head_release(pkg, new, 1, keys["private_key"], tmp_path / "old.pfpkg")
+    with pytest.raises(FLError, match="do not match"):
+        head_release(pkg, {"head.weight": new["head.weight"]}, 3, keys["private_key"], tmp_path / "bad.pfpkg")
