@@ -104,3 +104,64 @@ def test_rounds_over_mosquitto_survive_aggregator_kill_and_broker_restart(tmp_pa
     final = T.weights_from_bytes(blob)[1]
     assert float((HEAD.predict(final, x) == y).mean()) > acc_start + 0.2
     assert sum(c.counters["updates"] for c in clients) >= 16
+
+
+@pytest.mark.mosquitto
+def test_demo_rounds_print_accuracy_per_round(tmp_path):
+    from cloud_sync.fl.agent import demo_rounds
+
+    lines: list[str] = []
+    with Mosquitto(tmp_path, accounts=None) as broker:
+        out = demo_rounds(lambda user: broker.mqtt_config(user), [f"demo{i}" for i in range(4)], rounds=2,
+                          print_fn=lines.append, workdir=tmp_path / "demo")
+    assert out["state"] == "finished" and len(out["accuracy"]) == 2 and out["accuracy"][-1] > 0.3
+    assert len(lines) == 2 and lines[0].startswith("federated round 1/2") and "test accuracy" in lines[1]
+
+
+@pytest.mark.mosquitto
+def test_agent_glue_trains_the_active_package_head_on_posted_samples(tmp_path):
+    from cloud_sync.fl.agent import device_fl
+    from cloud_sync.fl.mqtt import MqttCloudTransport
+    from cloud_sync.fl.rounds import Aggregator, TaskConfig
+    from compress.zoo.digits_data import digits_split
+    from edge_agent.training import SampleStore
+    from tests.fl_helpers import head_package
+
+    _, pkg_dir, _ = head_package(tmp_path)
+    trainer = HeadTrainer.from_package_dir(pkg_dir)
+    x, y = digits_split("train")
+    xt, yt = digits_split("test")
+    test_feats = trainer.features(LocalDataset({"image": xt}, yt))
+    devices = ["edge-a", "edge-b", "edge-c"]
+    stores = {}
+    for i, dev in enumerate(devices):  # samples arrive as the local API would store them
+        stores[dev] = SampleStore(tmp_path / dev / "samples.db")
+        for j in range(i, len(y), 3):
+            stores[dev].add({"image": x[j]}, int(y[j]))
+    with Mosquitto(tmp_path, accounts=None) as broker:
+        links = []
+        for dev in devices:
+            mc = MqttClient(broker.mqtt_config(dev), name=dev)
+            links.append(device_fl(mc, dev, "lab", tmp_path / dev, lambda: pkg_dir, stores[dev].dataset))
+            mc.start()
+        cloud = MqttClient(broker.mqtt_config("cloud-x"), name="cloud-x")
+        transport = MqttCloudTransport(cloud)
+        agg = Aggregator(tmp_path / "fl.sqlite", transport, evaluate=lambda t, w: {
+            "accuracy": float((trainer.head.predict(w, test_feats) == yt).mean())})
+        transport.bind(agg)
+        try:
+            for link in links:
+                link.client.wait_connected(10)
+            cloud.start().wait_connected(10)
+            agg.create_task(TaskConfig(task="pkg-head", rounds=2, clients_per_round=3, over_selection=1.0,
+                                       checkin_target=3, checkin_s=5, round_s=60, group="lab",
+                                       train={"epochs": 3, "lr": 0.1}), trainer.initial)
+            status = agg.run("pkg-head", timeout=120)
+        finally:
+            for link in links:
+                link.stop()
+                link.client.stop()
+            cloud.stop()
+    before = float((trainer.head.predict(trainer.initial, test_feats) == yt).mean())
+    accs = [r["result"]["metrics"]["accuracy"] for r in status["rounds"] if r["state"] == "done"]
+    assert status["state"] == "finished" and len(accs) == 2 and accs[-1] > before + 0.3
