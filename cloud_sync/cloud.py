@@ -63,6 +63,7 @@ class CloudSettings:
     auto_register: bool = False
     chunk_inflight: int = 256
     chunk_ttl_s: int = 600
+    recent_s: float = 30.0  # a plain repeat of a request for a chunk sent this recently is a redelivery
     lease_s: float = 5.0
 
     def check(self, where: str) -> None:
@@ -193,6 +194,7 @@ class Cloud:
         self._allowed: set[tuple[str, str]] = set()
         self._requests: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._queued: set[tuple[str, str, int]] = set()  # chunks waiting to be sent: repeats are dropped
+        self._recent: dict[tuple[str, str, int], float] = {}  # chunks sent lately (request redeliveries)
         self._queued_lock = threading.Lock()
         self._telemetry: queue.Queue[tuple[str, dict[str, Any], Message]] = queue.Queue()
         self._stop = threading.Event()
@@ -201,7 +203,10 @@ class Cloud:
         # tests may wrap this to corrupt what is sent (fault injection); signature (release_id, idx, data)
         self.chunk_filter: Callable[[str, int, bytes], bytes] | None = None
         share = config.cloud.shared_group or None
-        for leaf, handler in (("status", self._on_status), ("ota", self._on_report), ("req", self._on_request)):
+        # presence is not shared: every worker keeps it (idempotent writes) and, unlike a shared
+        # subscription, a plain one receives the retained statuses, so a restarted cloud knows who is online
+        self.client.subscribe(dev_filter("status"), self._on_status, qos=1)
+        for leaf, handler in (("ota", self._on_report), ("req", self._on_request)):
             self.client.subscribe(dev_filter(leaf, share), handler, qos=1)
         # telemetry is committed in batches (one fsync for many records) and acknowledged after the commit
         self.client.subscribe(dev_filter("telemetry", share), self._on_telemetry, qos=1, acks_itself=True)
@@ -301,9 +306,14 @@ class Cloud:
     def _on_request(self, msg: Message) -> None:
         device, body = self._device_msg(msg, ("pf.chunk.request/1",))
         rid = body["release_id"]
+        now = time.monotonic()
+        window = self.config.cloud.recent_s
         with self._queued_lock:
-            fresh = [i for i in body["idx"][:MAX_REQUEST_IDX] if (device, rid, i) not in self._queued]
+            fresh = [i for i in body["idx"][:MAX_REQUEST_IDX] if (device, rid, i) not in self._queued and (
+                body.get("again") or now - self._recent.get((device, rid, i), -window) >= window)]
             self._queued.update((device, rid, i) for i in fresh)
+            if len(self._recent) > 100_000:
+                self._recent = {k: t for k, t in self._recent.items() if now - t < window}
         if len(fresh) < len(body["idx"]):
             self.counters.add("duplicate_requests", len(body["idx"]) - len(fresh))
         if fresh or body.get("index"):
@@ -323,8 +333,12 @@ class Cloud:
                 self.counters.add("request_errors")
                 log.exception("chunk request from %s failed", device)
             finally:
+                now = time.monotonic()
                 with self._queued_lock:
-                    self._queued.difference_update((device, req["release_id"], i) for i in req["idx"])
+                    for i in req["idx"]:
+                        key = (device, req["release_id"], i)
+                        self._queued.discard(key)
+                        self._recent[key] = now
 
     def _answer(self, device: str, req: dict[str, Any]) -> None:
         rid = req["release_id"]

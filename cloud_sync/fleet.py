@@ -194,10 +194,15 @@ class Fleet:
         for i in range(self.n_workers):
             self.start_worker(i)
         if start_devices:
-            for d in self.device_ids:
-                self.start_device(d)
-            self.wait_online()
+            self.start_devices()
         return self
+
+    def start_devices(self) -> None:
+        for d in self.device_ids:
+            if d not in self.devices:
+                self.start_device(d)
+        if self.n_workers:
+            self.wait_online()
 
     def worker_config(self, i: int) -> CloudConfig:
         assert self.cloud_config is not None

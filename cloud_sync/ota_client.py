@@ -94,6 +94,7 @@ class _Job:
         self.refetched = 0
         self.index_requested = 0.0
         self.rtt = 0.0  # EWMA of request -> chunk time (s): timeouts adapt to a loaded cloud
+        self.again = False  # the session was lost: ask even for chunks the cloud sent recently
         self.last_progress = time.monotonic()
         self.started = time.monotonic()
         self.dirty = False
@@ -238,6 +239,7 @@ class OtaClient:
             if job is not None and not session_present:
                 job.last_progress = 0.0
                 job.index_requested = 0.0
+                job.again = True
             self._kick = True
             self._wake.notify_all()
 
@@ -293,6 +295,7 @@ class OtaClient:
             if asked is not None:
                 job.rtt = (now - asked) if not job.rtt else 0.8 * job.rtt + 0.2 * (now - asked)
             job.last_progress = now
+            job.again = False
             size = len(frame.data)
             job.bytes_rx += size
             if job.has(i):
@@ -522,6 +525,7 @@ class OtaClient:
                 if i not in want:
                     want.append(i)
                     job.refetched += 1
+            retried = len(want)
             if len(want) < budget and budget >= max(1, s.window // 2):
                 for i in sorted(job.missing):
                     if len(want) >= budget:
@@ -532,8 +536,13 @@ class OtaClient:
             for i in want:
                 job.outstanding[i] = now
                 job.bytes_requested += job.index.sizes[i]
-        for k in range(0, len(want), MAX_REQUEST_IDX):
-            self._request(job, want[k : k + MAX_REQUEST_IDX])
+            again = job.again
+        # re-requests say so: the cloud drops repeats of recently sent chunks (MQTT-level redeliveries of a
+        # request after a reconnect) unless the device asks again on purpose
+        parts = [(want[:retried], True), (want[retried:], again)]
+        for idx, flag in parts:
+            for k in range(0, len(idx), MAX_REQUEST_IDX):
+                self._request(job, idx[k : k + MAX_REQUEST_IDX], again=flag)
         if now - getattr(job, "_saved", 0.0) > 0.5:
             job.save()
             job._saved = now  # type: ignore[attr-defined]
@@ -556,8 +565,8 @@ class OtaClient:
             planned += job.index.sizes[i]
         return out
 
-    def _request(self, job: _Job, idx: list[int], index: bool = False) -> None:
-        payload = encode("pf.chunk.request/1", release_id=job.release_id, idx=idx, index=index)
+    def _request(self, job: _Job, idx: list[int], index: bool = False, again: bool = False) -> None:
+        payload = encode("pf.chunk.request/1", release_id=job.release_id, idx=idx, index=index, again=again)
         self.client.publish(dev_topic(self.device, "req"), payload, qos=1)
         self.counters.add("requests")
 

@@ -213,6 +213,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         **_COMMON,
         "release_id": _f("str", check=_hex16, what="16 lowercase hex digits"),
         "index": _f("bool", required=False),
+        "again": _f("bool", required=False),
         "idx": _f("list", check=lambda v: len(v) <= MAX_REQUEST_IDX
                   and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 for i in v),
                   what=f"a list of at most {MAX_REQUEST_IDX} chunk indexes"),

@@ -270,3 +270,35 @@ def test_bandwidth_cap_bounds_the_download_rate(make_fleet, keys, tmp_path) -> N
     assert final["state"] == "complete" and received >= big.stat().st_size
     burst = 4 * 64 * 1024  # at most one max-size chunk ahead of the cap (chunk max is <= 4 x avg)
     assert elapsed >= (received - burst) / rate, (elapsed, received)
+
+
+def test_release_and_rollout_status_from_the_command_line(make_fleet, pkgs, tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    fleet = make_fleet(2)
+    fleet.install_everywhere(pkgs["v1"])
+    cfg = tmp_path / "cloud.toml"
+    cfg.write_text(f'[cloud]\nstate_dir = "{fleet.workdir / "cloud"}"\ntrust = "{fleet.trust}"\n')
+
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(Path(sys.executable).parent / "pocketfleet"), *argv, "--config", str(cfg)],
+                              capture_output=True, text=True, timeout=120)
+
+    out = cli("release", str(pkgs["v2"]), "--group", "lab", "--canary", "50%", "--gate", "golden>=0.8", "--json")
+    assert out.returncode == 0, out.stderr
+    started = json.loads(out.stdout)
+    assert started["version"] == 2 and len(started["canary"]) == 1 and started["gates"] == ["golden>=0.8"]
+    done = cli("rollout", "status", started["rollout_id"], "--wait", "60", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    status = json.loads(done.stdout)
+    assert status["state"] == "complete" and status["counts"] == {"installed": 2}
+    listing = json.loads(cli("rollout", "status", "--json").stdout)
+    assert [r["rollout_id"] for r in listing] == [started["rollout_id"]]
+    human = cli("rollout", "status", started["rollout_id"])
+    assert "complete" in human.stdout and "dev-000" in human.stdout
+    unsigned = cli("release", str(pkgs["v3_unsigned"]), "--group", "lab")
+    assert unsigned.returncode == 4 and unsigned.stderr.startswith("error:") and "not signed" in unsigned.stderr
+    bad_gate = cli("release", str(pkgs["v3"]), "--group", "lab", "--gate", "latency<5")
+    assert bad_gate.returncode == 2 and "gate 'latency<5'" in bad_gate.stderr

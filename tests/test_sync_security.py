@@ -141,7 +141,7 @@ def test_provision_creates_credentials_acl_and_agent_config_the_broker_accepts(t
     cfg = tmp_path / "cloud.toml"
 
     def run(*argv: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "pocketfleet", *argv, "--config", str(cfg), "--json"],
+        out = subprocess.run([str(Path(sys.executable).parent / "pocketfleet"), *argv, "--config", str(cfg), "--json"],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
