@@ -134,3 +134,10 @@ def test_oversized_payload_and_header_are_rejected_before_parsing():
         decode_update(struct.pack("<Q", 1 << 40) + b"{}", SHAPES)
     with pytest.raises(OversizeUpdateError, match="header"):
         decode_update(b"\xff" * 100, SHAPES)
+
+
+def test_small_tensors_stay_dense_under_topk():
+    cfg = CodecConfig(topk=0.05, int8=True)  # min_sparse 1024: fc.bias (10) dense, conv.weight (1152) sparse
+    header, tensors = T.from_bytes(encode_update(DELTA, cfg, HDR, ErrorFeedback(), seed=0), 1 << 30)
+    assert header["tensors"]["fc.bias"]["enc"] == "dense" and header["tensors"]["conv.weight"]["enc"] == "topk"
+    assert "fc.bias:i" not in tensors and tensors["conv.weight:i"].shape == (round(0.05 * 1152),)

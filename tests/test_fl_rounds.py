@@ -173,3 +173,25 @@ def test_a_new_aggregator_on_the_same_database_resumes_the_round(tmp_path, crash
     st = _drive(agg2, hub)
     assert st["state"] == "finished" and st["model_version"] == 2
     assert all(r["result"]["participants"] == 4 for r in st["rounds"] if r["state"] == "done")
+
+
+def test_dp_task_reports_epsilon_per_round_and_keeps_it_across_restart(tmp_path):
+    agg, hub, clock = _fleet(tmp_path)
+    dp = {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5, "population": 12}
+    agg.create_task(_config(rounds=3, dp=dp), HEAD.init([64, 10]))
+    for _ in range(50):
+        hub.pump()
+        agg.tick()
+        if agg.store.current_round("digits")["round"] == 2:
+            break
+    agg.store.close()
+    hub.queue.clear()
+    agg2, hub, _ = _fleet(tmp_path, clock=clock, hub=hub)
+    agg2.resume_all()
+    clock.t += 11
+    st = _drive(agg2, hub)
+    eps = [r["result"]["epsilon"] for r in st["rounds"] if r["state"] == "done"]
+    assert st["state"] == "finished" and len(eps) == 3 and 0 < eps[0] < eps[1] < eps[2]
+    from cloud_sync.fl.dp import PrivacyAccountant
+
+    assert eps[2] == pytest.approx(PrivacyAccountant(12, 1.0, 1e-5, [4 / 12] * 3).epsilon())

@@ -201,3 +201,17 @@ def test_head_release_changes_only_the_head_and_is_signed(tmp_path):
         head_release(pkg, new, 1, keys["private_key"], tmp_path / "old.pfpkg")
     with pytest.raises(FLError, match="do not match"):
         head_release(pkg, {"head.weight": new["head.weight"]}, 3, keys["private_key"], tmp_path / "bad.pfpkg")
+
+
+def test_release_hook_writes_one_signed_package_per_global_model(tmp_path):
+    from cloud_sync.fl.release import release_hook
+    from export.verify import verify_package
+
+    pkg, extracted, keys = head_package(tmp_path)
+    published = []
+    hook = release_hook(pkg, keys["private_key"], tmp_path / "rel", publish=published.append)
+    w = HeadTrainer.from_package_dir(extracted).initial
+    hook("digits", 1, w)
+    hook("digits", 2, {k: v * 0.5 for k, v in w.items()})
+    assert [p.name for p in published] == ["digits-head-v2.pfpkg", "digits-head-v3.pfpkg"]
+    assert verify_package(published[1], keys["public_key"]).version == 3

@@ -40,6 +40,9 @@ def register_fl(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--codec", default="", help="update codec, e.g. 'topk=0.05,int8=1'")
     start.add_argument("--dp", default="", help="central DP, e.g. 'clip_norm=1,noise_multiplier=1,population=50'")
     start.add_argument("--db", default=None, help="FL state database (default: <state_dir>/fl.sqlite)")
+    start.add_argument("--release-key", default=None,
+                       help="with --package: sign a head-only package of every new global model with this key")
+    start.add_argument("--release-dir", default=None, help="where those packages go (default: <state_dir>/fl-releases)")
     add_json_flag(start)
     start.set_defaults(func=cmd_fl_start)
     status = sub.add_parser("status", help="rounds and counters of a task")
@@ -122,7 +125,15 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
     init = initial_weights(args.package, args.weights)
     client = MqttClient(cfg.mqtt, client_id=f"{cfg.cloud.worker_id}-fl", name=f"{cfg.cloud.worker_id}-fl")
     transport = MqttCloudTransport(client, cfg.cloud.shared_group or None)
-    agg = Aggregator(db, transport)
+    on_model = None
+    if args.release_key:
+        from .errors import FLError
+        from .release import release_hook
+
+        if not args.package:
+            raise FLError("--release-key needs --package (the base of the head-only releases)")
+        on_model = release_hook(args.package, args.release_key, args.release_dir or cfg.state_dir / "fl-releases")
+    agg = Aggregator(db, transport, on_model=on_model)
     transport.bind(agg)
     client.start().wait_connected(30)
 

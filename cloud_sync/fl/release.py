@@ -59,3 +59,24 @@ def head_release(
     fields["version"] = version
     fields["extra"] = {**(manifest.extra or {}), "fl": dict(note or {})}
     return build_package(files, fields, samples, out_path, key=key)
+
+
+def release_hook(
+    base: str | Path, key: Any, out_dir: str | Path, publish: Any = None, trust: Any = None,
+) -> Any:
+    """An `Aggregator(on_model=...)` callback: each new global head becomes `<name>-v<N>.pfpkg` in
+    `out_dir` (N = base version + FL model version), signed with `key`; `publish(path)` (e.g. the
+    rollout path of cloud_sync) is then called with it."""
+    from export.package import read_manifest
+
+    manifest = read_manifest(base)
+    out_dir = Path(out_dir)
+
+    def on_model(task: str, version: int, weights: Mapping[str, np.ndarray]) -> None:
+        out = out_dir / f"{manifest.name}-v{manifest.version + version}.pfpkg"
+        head_release(base, weights, manifest.version + version, key, out, trust=trust,
+                     note={"task": task, "fl_model_version": version})
+        if publish is not None:
+            publish(out)
+
+    return on_model
