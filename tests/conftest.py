@@ -1,0 +1,34 @@
+"""Shared pytest fixtures. Keep each group small and documented; heavy fixtures are session-scoped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# --- reference model directories (compress.zoo), made once per test session -------------------------
+
+
+def _make(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    from compress.zoo import make_model_dir
+
+    return make_model_dir(name, tmp_path_factory.mktemp("zoo") / name, seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def digits_cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained digits-cnn model directory (model.json + weights.safetensors)."""
+    return _make(tmp_path_factory, "digits-cnn")
+
+
+@pytest.fixture(scope="session")
+def digits_mbnet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained digits-mbnet (MobileNetV2-style) model directory."""
+    return _make(tmp_path_factory, "digits-mbnet")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pretrained minilm-l6 model directory, with tokenizer.json, sentences.json and the fp32
+    reference embeddings of the eval sentences (reference.safetensors)."""
+    return _make(tmp_path_factory, "minilm-l6")
