@@ -59,7 +59,7 @@ def test_rounds_over_mosquitto_survive_aggregator_kill_and_broker_restart(tmp_pa
             mc = MqttClient(broker.mqtt_config(dev), name=dev)
             link = MqttDeviceTransport(mc, dev, group="lab")
             fl = FLClient(dev, head_trainer_fn(HeadTrainer(HEAD), LocalDataset({"features": x[p]}, y[p])), len(p),
-                          tmp_path / dev, link.send_checkin, link.send_update)
+                          tmp_path / dev, link.send_checkin, link.send_update, send_secagg=link.send_secagg)
             link.bind(fl)
             mc.start()
             links.append(link)
@@ -165,3 +165,13 @@ def test_agent_glue_trains_the_active_package_head_on_posted_samples(tmp_path):
     before = float((trainer.head.predict(trainer.initial, test_feats) == yt).mean())
     accs = [r["result"]["metrics"]["accuracy"] for r in status["rounds"] if r["state"] == "done"]
     assert status["state"] == "finished" and len(accs) == 2 and accs[-1] > before + 0.3
+
+
+@pytest.mark.mosquitto
+def test_secure_aggregation_rounds_over_mosquitto(tmp_path):
+    from cloud_sync.fl.agent import demo_rounds
+
+    with Mosquitto(tmp_path, accounts=None) as broker:
+        out = demo_rounds(lambda user: broker.mqtt_config(user), [f"sec{i}" for i in range(6)], rounds=2,
+                          print_fn=lambda _: None, workdir=tmp_path / "sec", secagg={"threshold": 0.6, "clip": 0.5})
+    assert out["state"] == "finished" and len(out["accuracy"]) == 2 and out["accuracy"][-1] > 0.3

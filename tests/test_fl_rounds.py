@@ -43,7 +43,7 @@ def _fleet(tmp: Path, n: int = 12, clock: Clock | None = None, hub: InProcessHub
             ds = LocalDataset({"features": X[p]}, Y[p])
             checkin, update = hub.device_links(dev)
             hub.attach(dev, FLClient(dev, head_trainer_fn(HeadTrainer(HEAD), ds), len(p), tmp / dev, checkin, update,
-                                     clock=clock))
+                                     clock=clock, send_secagg=hub.secagg_link(dev)))
     return agg, hub, clock
 
 
@@ -195,3 +195,60 @@ def test_dp_task_reports_epsilon_per_round_and_keeps_it_across_restart(tmp_path)
     from cloud_sync.fl.dp import PrivacyAccountant
 
     assert eps[2] == pytest.approx(PrivacyAccountant(12, 1.0, 1e-5, [4 / 12] * 3).epsilon())
+
+
+def _secagg_round(tmp_path, drop: int, at: str = "masked"):
+    """Run one secure round; `drop` selected devices go offline when phase `at` begins ("masked": after
+    sharing keys, before sending their masked input; "unmask": after masking, before unmasking)."""
+    agg, hub, clock = _fleet(tmp_path)
+    init = HEAD.init([64, 10], seed=0)
+    agg.create_task(_config(rounds=1, clients_per_round=6, over_selection=1.0,
+                            secagg={"threshold": 0.6, "clip": 0.5, "phase_s": 10}), init)
+    for _ in range(40):
+        hub.pump()
+        agg.tick()
+        phase = agg.secagg.phase("digits", 0, 0)
+        if phase and phase[0] == at:
+            break
+    rnd = agg.store.current_round("digits")
+    gone = rnd["selected"][:drop]
+    hub.offline |= set(gone)
+    for _ in range(5):
+        hub.pump()
+        agg.tick()
+    clock.t += 11  # the unmask phase deadline
+    st = _drive(agg, hub)
+    xs = {d: hub.clients[d].secagg.sessions[("digits", 0, 0)]["x"] for d in rnd["selected"]}
+    masked = dict(agg.store.all("SELECT device, body FROM secagg_msgs WHERE kind = 'masked'"))
+    return agg, st, init, xs, gone, masked
+
+
+@pytest.mark.parametrize("dropped, at", [(0, "masked"), (1, "masked"), (2, "masked"), (2, "unmask")])
+def test_secure_aggregation_round_equals_the_plain_int8_mean(tmp_path, dropped, at):
+    from cloud_sync.fl.secagg import dequantize_sum
+    from cloud_sync.fl.secagg_round import vec_from_b64
+
+    agg, st, init, xs, gone, masked = _secagg_round(tmp_path, dropped, at)
+    survivors = [d for d in xs if d not in gone] if at == "masked" else list(xs)
+    assert st["state"] == "finished" and st["rounds"][0]["result"]["participants"] == len(survivors)
+    total = np.zeros(650, np.uint32)
+    for d in survivors:
+        total = total + xs[d]
+        # the aggregator only ever held masked vectors: nothing like the device's small int8 values
+        assert not np.array_equal(vec_from_b64(json_loads(masked[d])["y"], 650), xs[d])
+    expected = T.add(init, T.unflatten(dequantize_sum(total, 0.5, len(survivors)), init, sorted(init)))
+    got = agg.weights("digits")
+    assert all(np.array_equal(got[k], expected[k]) for k in init)
+    assert st["rounds"][0]["result"]["metrics"]["accuracy"] > (HEAD.predict(init, XT) == YT).mean() + 0.1
+
+
+def test_secure_aggregation_one_dropout_past_the_threshold_abandons_the_round(tmp_path):
+    agg, st, *_ = _secagg_round(tmp_path, 3)  # t = ceil(0.6 x 6) = 4: three gone leaves 3 (2 is the most)
+    rounds = agg.status("digits")["rounds"]
+    assert rounds[0]["state"] == "abandoned" and "threshold" in rounds[0]["result"]["reason"]
+
+
+def json_loads(text: str):
+    import json
+
+    return json.loads(text)

@@ -41,13 +41,15 @@ def device_fl(
             return 0
 
     link = MqttDeviceTransport(client, device, group)
-    link.bind(FLClient(device, trainer, count, Path(state_dir) / "fl", link.send_checkin, link.send_update))
+    link.bind(FLClient(device, trainer, count, Path(state_dir) / "fl", link.send_checkin, link.send_update,
+                       send_secagg=link.send_secagg))
     return link
 
 
 def demo_rounds(
     mqtt_config: Callable[[str], Any], devices: list[str], rounds: int = 3, group: str = "demo",
     cloud_user: str = "cloud-fl", print_fn: Callable[[str], None] = print, workdir: str | Path | None = None,
+    secagg: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A few federated rounds of a NumPy head on digits across `devices` over the broker that
     `mqtt_config(username)` points at; prints and returns test accuracy per round.
@@ -76,7 +78,7 @@ def demo_rounds(
         mc = MqttClient(mqtt_config(dev), name=dev)
         link = MqttDeviceTransport(mc, dev, group)
         link.bind(FLClient(dev, head_trainer_fn(HeadTrainer(head), LocalDataset({"features": x[p]}, y[p])),
-                           len(p), work / dev, link.send_checkin, link.send_update))
+                           len(p), work / dev, link.send_checkin, link.send_update, send_secagg=link.send_secagg))
         mc.start()
         links.append(link)
     cloud = MqttClient(mqtt_config(cloud_user), name=cloud_user)
@@ -91,7 +93,8 @@ def demo_rounds(
         per_round = max(2, len(devices) // 2)
         task = TaskConfig(task="demo-digits", rounds=rounds, clients_per_round=per_round, min_clients=1,
                           checkin_target=len(devices), checkin_s=3.0, round_s=60.0, group=group,
-                          train={"epochs": 3, "lr": 0.1}, codec={"topk": 0.1, "int8": True, "min_sparse": 1})
+                          train={"epochs": 3, "lr": 0.1}, secagg=secagg,
+                          codec={} if secagg else {"topk": 0.1, "int8": True, "min_sparse": 1})
         agg.create_task(task, head.init([64, 10], seed=0))
         status = agg.run(task.task, timeout=300, progress=lambda r: print_fn(
             f"federated round {r['round'] + 1}/{rounds}: {r['result']['participants']} devices, "

@@ -39,6 +39,7 @@ def register_fl(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--train", default="", help="local training, e.g. 'epochs=2,lr=0.05,mu=0.01'")
     start.add_argument("--codec", default="", help="update codec, e.g. 'topk=0.05,int8=1'")
     start.add_argument("--dp", default="", help="central DP, e.g. 'clip_norm=1,noise_multiplier=1,population=50'")
+    start.add_argument("--secagg", default="", help="secure aggregation, e.g. 'threshold=0.6,clip=0.05,phase_s=30'")
     start.add_argument("--db", default=None, help="FL state database (default: <state_dir>/fl.sqlite)")
     start.add_argument("--release-key", default=None,
                        help="with --package: sign a head-only package of every new global model with this key")
@@ -120,7 +121,7 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
         task=args.task, rounds=args.rounds, strategy=args.strategy, clients_per_round=args.clients_per_round,
         min_clients=args.min_clients, over_selection=args.over_selection, checkin_s=args.checkin_s,
         round_s=args.round_s, train=_kv(args.train, "train"), codec=_kv(args.codec, "codec"),
-        dp=_kv(args.dp, "dp") or None, group=args.group,
+        dp=_kv(args.dp, "dp") or None, secagg=_kv(args.secagg, "secagg") or None, group=args.group,
     )
     init = initial_weights(args.package, args.weights)
     client = MqttClient(cfg.mqtt, client_id=f"{cfg.cloud.worker_id}-fl", name=f"{cfg.cloud.worker_id}-fl")

@@ -25,7 +25,9 @@ import numpy as np
 from . import messages as M
 from . import tensors as T
 from .codecs import CodecConfig, ErrorFeedback, encode_update
-from .errors import FLError, UpdatePayloadError
+from .errors import FLError, SecAggError, UpdatePayloadError
+from .secagg import quantize_fixed
+from .secagg_round import SecAggParticipant
 
 log = logging.getLogger("pocketfleet.fl.client")
 
@@ -70,6 +72,7 @@ class FLClient:
         send_update: Send,
         tamper: Callable[[T.Weights], T.Weights] | None = None,
         clock: Callable[[], float] = time.time,
+        send_secagg: Send | None = None,
     ) -> None:
         self.device, self.trainer, self._num_samples = device, trainer, num_samples
         self.state_dir = Path(state_dir)
@@ -77,6 +80,7 @@ class FLClient:
         self.tamper, self.clock = tamper, clock
         self.counters: Counter[str] = Counter()
         self.last_metrics: dict[str, float] = {}
+        self.secagg = SecAggParticipant(device, send_secagg) if send_secagg is not None else None
 
     @property
     def num_samples(self) -> int:
@@ -141,6 +145,11 @@ class FLClient:
             raise FLError(f"{self.device}: the trainer returned tensors {sorted(delta)[:3]}..., the task sent {sorted(weights)[:3]}...")
         if self.tamper is not None:
             delta = self.tamper(delta)
+        if config.get("secagg"):
+            self._secure_upload(task, rnd, attempt, delta, config["secagg"])
+            state["uploaded"] = [rnd, attempt]
+            self._save_state(task, state)
+            return
         codec = CodecConfig.from_dict(config.get("codec"))
         ef = ErrorFeedback.load(ef_path) if codec.lossy and codec.error_feedback else None
         self.last_metrics = {k: float(v) for k, v in (out.metrics or {}).items() if np.isscalar(v)}
@@ -159,6 +168,27 @@ class FLClient:
         self.counters["bytes_up"] += len(data)
         self.counters["bytes_down"] += len(payload)
         self.send_update(data)
+
+
+    def _secure_upload(self, task: str, rnd: int, attempt: int, delta: T.Weights, cfg: Mapping[str, Any]) -> None:
+        """Secure aggregation: the update leaves the device only as int8 values under pairwise masks."""
+        if self.secagg is None:
+            raise FLError(f"{self.device}: the round asks for secure aggregation but no secagg link is set")
+        flat = T.flatten(delta, sorted(delta))
+        if flat.size != int(cfg["length"]):
+            raise FLError(f"{self.device}: update has {flat.size} values, the round expects {cfg['length']}")
+        rng = np.random.default_rng(zlib.crc32(f"{self.device}/{task}/{rnd}/{attempt}".encode()))
+        self.secagg.start((task, rnd, attempt), quantize_fixed(flat, float(cfg["clip"]), rng))
+        self.counters["updates"] += 1
+
+    def on_secagg(self, payload: bytes) -> None:
+        if self.secagg is None:
+            return
+        try:
+            self.secagg.on_message(payload)
+        except (UpdatePayloadError, SecAggError) as exc:
+            self.counters["secagg_errors"] += 1
+            log.warning("%s: secure aggregation message refused: %s", self.device, exc)
 
 
 def head_trainer_fn(trainer: Any, dataset: Any) -> Trainer:

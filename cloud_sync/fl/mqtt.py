@@ -24,6 +24,7 @@ from cloud_sync.protocol import dev_filter, dev_topic, group_topic, parse_dev_to
 log = logging.getLogger("pocketfleet.fl.mqtt")
 
 UP_CHECKIN, UP_UPDATE, DOWN_TASK = "fl/up/checkin", "fl/up/update", "fl/down/task"
+UP_SECAGG, DOWN_SECAGG = "fl/up/secagg", "fl/down/secagg"
 
 
 def announce_topic(group: str, task: str) -> str:
@@ -48,6 +49,8 @@ class MqttCloudTransport:
             self.aggregator.on_checkin(device, msg.payload)
         elif leaf == UP_UPDATE:
             self.aggregator.on_update(device, msg.payload)
+        elif leaf == UP_SECAGG:
+            self.aggregator.on_secagg(device, msg.payload)
         else:
             self.client.counters.add("fl_unknown_leaf")
 
@@ -56,6 +59,9 @@ class MqttCloudTransport:
 
     def send_task(self, device: str, task: str, payload: bytes) -> None:
         self.client.publish(dev_topic(device, DOWN_TASK), payload, qos=1, expiry_s=self.task_expiry_s)
+
+    def send_secagg(self, device: str, task: str, payload: bytes) -> None:
+        self.client.publish(dev_topic(device, DOWN_SECAGG), payload, qos=1, expiry_s=self.task_expiry_s)
 
 
 class MqttDeviceTransport:
@@ -76,10 +82,14 @@ class MqttDeviceTransport:
     def send_update(self, data: bytes) -> None:
         self.client.publish(dev_topic(self.device, UP_UPDATE), data, qos=1)
 
+    def send_secagg(self, data: bytes) -> None:
+        self.client.publish(dev_topic(self.device, UP_SECAGG), data, qos=1)
+
     def bind(self, fl_client: Any) -> MqttDeviceTransport:
         self.fl = fl_client
         self.client.subscribe(group_topic(self.group, "fl/+/announce"), lambda m: self._work.put(("a", m.payload)), qos=1)
         self.client.subscribe(dev_topic(self.device, DOWN_TASK), lambda m: self._work.put(("t", m.payload)), qos=1)
+        self.client.subscribe(dev_topic(self.device, DOWN_SECAGG), lambda m: self._work.put(("s", m.payload)), qos=1)
         self._thread = threading.Thread(target=self._loop, name=f"{self.device}-fl", daemon=True)
         self._thread.start()
         return self
@@ -88,10 +98,10 @@ class MqttDeviceTransport:
         while (item := self._work.get()) is not None:
             kind, payload = item
             try:
-                (self.fl.on_announce if kind == "a" else self.fl.on_task)(payload)
+                {"a": self.fl.on_announce, "t": self.fl.on_task, "s": self.fl.on_secagg}[kind](payload)
             except Exception:  # noqa: BLE001 - a failed round must not stop the device
                 self.fl.counters["errors"] += 1
-                log.exception("%s: FL %s failed", self.device, "announce" if kind == "a" else "task")
+                log.exception("%s: FL message (%s) failed", self.device, kind)
 
     def idle(self) -> bool:
         return self._work.empty()

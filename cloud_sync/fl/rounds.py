@@ -39,6 +39,8 @@ class CloudTransport(Protocol):
 
     def send_task(self, device: str, task: str, payload: bytes) -> None: ...
 
+    def send_secagg(self, device: str, task: str, payload: bytes) -> None: ...
+
 
 @dataclass
 class TaskConfig:
@@ -58,6 +60,7 @@ class TaskConfig:
     train: dict[str, Any] = field(default_factory=dict)
     codec: dict[str, Any] = field(default_factory=dict)
     dp: dict[str, Any] | None = None  # DPConfig fields + "population"
+    secagg: dict[str, Any] | None = None  # {"threshold": fraction or count, "clip": float, "phase_s": s}
     group: str = "default"
     max_update_bytes: int = 64 << 20
     seed: int = 0
@@ -67,6 +70,13 @@ class TaskConfig:
             raise FLError(f"task name {self.task!r} must be 1-64 chars of [A-Za-z0-9._-]")
         if self.rounds < 1 or self.checkin_s <= 0 or self.round_s <= 0 or self.max_attempts < 1:
             raise FLError("task: rounds, checkin_s, round_s and max_attempts must be positive")
+        if self.secagg is not None:
+            unknown = set(self.secagg) - {"threshold", "clip", "phase_s"}
+            if unknown or float(self.secagg.get("clip", 0)) <= 0:
+                raise FLError(f"task: secagg needs clip > 0 and takes threshold, clip, phase_s (got {self.secagg})")
+            if self.dp or self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
+                raise FLError("task: secure aggregation gives the server only the sum: use a mean-based strategy "
+                              "(fedavg, fedprox, fedadam, fedyogi, fedadagrad) and no central DP")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskConfig:
@@ -119,6 +129,9 @@ class Aggregator:
         self.lock = threading.RLock()
         self.live: dict[str, _Live] = {}
         self.wake = threading.Event()
+        from .secagg_round import SecAggCoordinator
+
+        self.secagg = SecAggCoordinator(self.store, lambda dev, task, data: self.transport.send_secagg(dev, task, data))
 
     # ------------------------------------------------------------------------------------ tasks
 
@@ -148,6 +161,9 @@ class Aggregator:
                 rnd = self.store.current_round(name)
                 if rnd and rnd["state"] == "training":
                     have = {d for d, *_ in self.store.updates(name, rnd["round"])}
+                    if self.live[name].config.secagg:
+                        have = set(self.secagg._msgs(name, rnd["round"], rnd["attempt"], "keys"))
+                        self.secagg.resend(name, rnd)
                     for dev in rnd["selected"]:
                         if dev not in have:
                             self.transport.send_task(dev, name, self._task_payload(name, rnd))
@@ -216,6 +232,34 @@ class Aggregator:
                 self.store.db.execute("INSERT OR IGNORE INTO checkins VALUES (?, ?, ?, ?, ?, ?)",
                                       (task, rnd_no, attempt, device, int(msg["num_samples"]), self.clock()))
             self.wake.set()
+
+    def on_secagg(self, device: str, payload: bytes) -> str:
+        """A secure-aggregation phase message from a device (counted like updates)."""
+        from .secagg_round import UP_KINDS, decode
+
+        with self.lock:
+            try:
+                msg = decode(payload, UP_KINDS)
+            except UpdatePayloadError:
+                self.store.count("_all", "secagg_malformed")
+                return "secagg_malformed"
+            task = msg["task"]
+            if task not in self.live or not self.live[task].config.secagg:
+                self.store.count("_all", "unknown_task")
+                return "unknown_task"
+            self.live[task].bytes_received += len(payload)
+            if msg.get("device") != device:
+                outcome = "spoofed"
+            else:
+                rnd = self.store.current_round(task)
+                try:
+                    outcome = self.secagg.on_message(task, rnd, device, msg) if rnd["state"] == "training" else "late"
+                except UpdatePayloadError:
+                    outcome = "secagg_malformed"
+            if outcome != "accepted":
+                self.store.count(task, outcome)
+            self.wake.set()
+            return outcome
 
     def on_update(self, device: str, payload: bytes) -> str:
         """Validate, dedupe and store an update; returns the outcome (the counter it went to)."""
@@ -291,6 +335,14 @@ class Aggregator:
             want = live.config.checkin_target or 2 * math.ceil(live.config.over_selection * live.config.clients_per_round)
             if len(ins) >= want or now >= rnd["checkin_deadline"]:
                 self._select(task, rnd, ins, now)
+        elif rnd["state"] == "training" and live.config.secagg:
+            sa = live.config.secagg
+            out = self.secagg.advance(task, rnd, now, float(sa.get("phase_s", live.config.round_s / 4)),
+                                      float(sa.get("threshold", 0.6)))
+            if isinstance(out, str):
+                self._abandon(task, rnd, now, f"secure aggregation {out}")
+            elif out is not None:
+                self._aggregate(task, rnd, now, secure_sum=out)
         elif rnd["state"] == "training":
             got = self.store.update_count(task, rnd["round"])
             if got >= rnd["target"] or (now >= rnd["deadline"] and got >= rnd["min_count"]):
@@ -305,7 +357,13 @@ class Aggregator:
             self._abandon(task, rnd, now, f"{len(ins)} check-ins, minimum {live.strategy.min_clients}")
             return
         deadline = now + live.config.round_s
+        if live.config.secagg:
+            plan.config["secagg"] = {"clip": float(live.config.secagg["clip"]),
+                                     "length": int(sum(v.size for v in live.weights.values()))}
+            plan.config["codec"] = {}
         with self.store.transaction() as db:
+            if live.config.secagg:
+                self.secagg.begin(db, task, rnd["round"], rnd["attempt"], deadline)
             db.execute(
                 "UPDATE rounds SET state = 'training', selected = ?, config = ?, target = ?, min_count = ?, "
                 "deadline = ? WHERE task = ? AND round = ? AND attempt = ?",
@@ -327,6 +385,7 @@ class Aggregator:
             db.execute("UPDATE rounds SET state = 'abandoned', closed = ?, result = ? WHERE task = ? AND round = ? "
                        "AND attempt = ?", (now, json.dumps({"reason": why}), task, rnd["round"], rnd["attempt"]))
             db.execute("DELETE FROM updates WHERE task = ? AND round = ?", (task, rnd["round"]))
+            self.secagg.clear(db, task, rnd["round"])
             self.store.count(task, "abandoned", conn=db)
             if rnd["attempt"] + 1 >= live.config.max_attempts:
                 db.execute("UPDATE tasks SET state = 'failed' WHERE task = ?", (task,))
@@ -334,7 +393,7 @@ class Aggregator:
                 self._insert_round(db, live.config, rnd["round"], rnd["attempt"] + 1, rnd["model_version"], now)
         self._announce(task)
 
-    def _aggregate(self, task: str, rnd: dict[str, Any], now: float) -> None:
+    def _aggregate(self, task: str, rnd: dict[str, Any], now: float, secure_sum: Any = None) -> None:
         live = self.live[task]
         rows = self.store.updates(task, rnd["round"])
         results = []
@@ -342,7 +401,16 @@ class Aggregator:
             upd = decode_update(payload, live.shapes, DecodeLimits(max_bytes=live.config.max_update_bytes))
             results.append(ClientResult(device, upd.num_samples, upd.delta, upd.metrics))
         t0 = time.perf_counter()
-        new = live.strategy.aggregate(rnd["round"], results, live.weights)
+        if secure_sum is not None:  # only the sum of the survivors' int8 updates is known here
+            from .secagg import dequantize_sum
+
+            total, survivors = secure_sum
+            names = sorted(live.weights)
+            mean = T.unflatten(dequantize_sum(total, rnd["config"]["secagg"]["clip"], len(survivors)), live.weights, names)
+            new = live.strategy.server_update(live.weights, mean)
+            results = [ClientResult(d, 1, {}) for d in survivors]
+        else:
+            new = live.strategy.aggregate(rnd["round"], results, live.weights)
         agg_s = time.perf_counter() - t0
         if not all(np.isfinite(v).all() for v in new.values()):
             self._abandon(task, rnd, now, "aggregation produced NaN/inf")
@@ -351,7 +419,8 @@ class Aggregator:
         metrics = dict(self.evaluate(task, new)) if self.evaluate else {}
         result = {
             "participants": len(results), "devices": [r.device for r in results],
-            "bytes_up": int(sum(r[3] for r in rows)), "bytes_up_all": live.bytes_received,
+            "bytes_up": int(sum(r[3] for r in rows)) if secure_sum is None else live.bytes_received,
+            "bytes_up_all": live.bytes_received,
             "bytes_down": len(self._task_payload(task, rnd)) * len(rnd["selected"]),
             "aggregate_s": agg_s, "round_s": now - rnd["started"],
             "metrics": metrics, "train_metrics": _mean_metrics(results),

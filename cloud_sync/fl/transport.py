@@ -27,6 +27,16 @@ class InProcessHub:
             if g == group:
                 self.queue.append((client.on_announce, (msg,)))
 
+    def secagg_link(self, device: str) -> Callable[[bytes], None]:
+        """send_secagg for an FLClient of `device`."""
+
+        def send(data: bytes) -> None:
+            if device not in self.offline:
+                self.bytes["up"] += len(data)
+                self.queue.append((self.aggregator.on_secagg, (device, data)))
+
+        return send
+
     def device_links(self, device: str) -> tuple[Callable[[bytes], None], Callable[[bytes], None]]:
         """(send_checkin, send_update) for an FLClient of `device`."""
 
@@ -55,6 +65,12 @@ class InProcessHub:
             return
         self.bytes["down"] += len(payload)
         self.queue.append((self.clients[device].on_task, (payload,)))
+
+    def send_secagg(self, device: str, task: str, payload: bytes) -> None:
+        if device in self.offline or device not in self.clients:
+            return
+        self.bytes["down"] += len(payload)
+        self.queue.append((self.clients[device].on_secagg, (payload,)))
 
     # ---- delivery
     def pump(self, limit: int | None = None) -> int:
