@@ -58,7 +58,7 @@ class Setup:
     over_selection: float = 1.3
     alpha: float = 0.5
     local: dict[str, Any] = field(default_factory=lambda: {"epochs": 2, "batch_size": 10, "lr": 0.05, "momentum": 0.9})
-    codec: dict[str, Any] = field(default_factory=lambda: {"topk": 0.05, "int8": True})
+    codec: dict[str, Any] = field(default_factory=lambda: {"topk": 0.1, "int8": True})
     byzantine: float = 0.2
     head_rounds: int = 20
     head_local: dict[str, Any] = field(default_factory=lambda: {"epochs": 5, "batch_size": 16, "lr": 0.05, "momentum": 0.9})

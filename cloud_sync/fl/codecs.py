@@ -5,8 +5,9 @@ Wire format (one safetensors payload per update, docs/federated.md):
 - metadata "pf": JSON header {"schema": "pf.fl.update/1", "task", "round", "device", "num_samples",
   "codec": {"topk": f, "int8": b}, "tensors": {name: {"shape": [...], "enc": "dense"|"topk",
   "q": "f32"|"int8"}}, "metrics": {...}}
-- per tensor NAME: "NAME:v" values (float32, or int8 when q == "int8"), "NAME:i" int32 flat indices
-  (strictly increasing) when enc == "topk", "NAME:s" float32 [1] scale when q == "int8".
+- per tensor NAME: "NAME:v" values (float32, or int8 when q == "int8"), "NAME:i" flat indices
+  (strictly increasing; uint16 for tensors of <= 65536 entries, else int32) when enc == "topk",
+  "NAME:s" float32 [1] scale when q == "int8".
 `decode_update` checks all of it (names, shapes, dtypes, sizes, index ranges, finiteness) before use.
 """
 
@@ -74,6 +75,11 @@ class DecodedUpdate:
     num_samples: int
     nbytes: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def index_dtype(size: int) -> str:
+    """Flat indices of a tensor with `size` entries: uint16 when they fit, else int32."""
+    return "uint16" if size <= 1 << 16 else "int32"
 
 
 def stochastic_round(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -156,7 +162,7 @@ def encode_update(
         sparse = 0.0 < config.topk < 1.0 and flat.size >= config.min_sparse
         if sparse:
             k = max(1, int(round(config.topk * flat.size)))
-            idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]).astype(np.int32)
+            idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]).astype(index_dtype(flat.size))
             vals = flat[idx]
             out[f"{name}:i"] = idx
         else:
@@ -238,7 +244,7 @@ def decode_update(
         shape = tuple(expected[name])
         size = int(np.prod(shape)) if shape else 1
         if m["enc"] == "topk":
-            idx = _tensor(tensors, f"{name}:i", "int32")
+            idx = _tensor(tensors, f"{name}:i", index_dtype(size)).astype(np.int64)
             if not 1 <= idx.shape[0] <= size:
                 raise _fail(f"tensor {name!r} sends {idx.shape[0]} entries of {size}")
             if idx[0] < 0 or idx[-1] >= size or (idx.shape[0] > 1 and not (np.diff(idx) > 0).all()):

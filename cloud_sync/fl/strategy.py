@@ -76,7 +76,9 @@ class Strategy:
         pool = sorted(set(available))
         want = min(len(pool), math.ceil(self.over_selection * self.clients_per_round))
         rng = np.random.default_rng([self.seed, round])
-        chosen = sorted(rng.choice(len(pool), size=want, replace=False).tolist()) if want else []
+        # random order, not sorted: tasks go out (and, on a fair link, updates come back) in this order,
+        # so the first `target` arrivals are a uniform sample, not the lowest device ids
+        chosen = rng.choice(len(pool), size=want, replace=False).tolist() if want else []
         train = dict(self.train)
         train["seed"] = int(train.get("seed", 0)) * 1_000_003 + round
         return RoundPlan(
