@@ -175,3 +175,22 @@ def test_unknown_feature_layer_and_bad_data_are_named():
         )
     with pytest.raises(DistillError, match="disagree on the number of rows"):
         distill(student, teacher, DistillConfig(epochs=1), (images, labels[:10]), progress=False)
+
+
+def test_cache_teacher_runs_the_teacher_once_per_batch_and_buckets_by_length():
+    torch.manual_seed(0)
+    teacher, student = tiny_bert(2).eval(), tiny_bert(1)
+    calls, lengths = [], []
+    teacher.register_forward_hook(lambda m, args, out: calls.append(1))
+    student.register_forward_hook(
+        lambda m, args, out: lengths.append(args[0].shape[1]) if m.training else None
+    )
+    rng = np.random.default_rng(0)
+    mask = (np.arange(20)[None, :] < rng.integers(2, 21, (64, 1))).astype(np.int64)
+    data = ({"input_ids": rng.integers(1, 60, (64, 20)) * mask, "attention_mask": mask}, None)
+    cfg = DistillConfig(epochs=3, batch_size=16, cache_teacher=True, features={"layers.0": "layers.1"})
+    Distiller(student, teacher, cfg).fit(data, progress=False)
+    assert len(calls) == 1 + 4  # building the projections, then once per fixed batch
+    assert sum(lengths) < 0.75 * 20 * len(lengths)  # batches of similar length: little padding left
+    with pytest.raises(DistillError, match="cache_teacher needs shift=0"):
+        Distiller(student, teacher, DistillConfig(cache_teacher=True, shift=1)).fit(data, progress=False)

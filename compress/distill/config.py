@@ -29,7 +29,11 @@ class DistillConfig:
       training. Padding positions are left out when the inputs carry an `attention_mask`.
     teacher=None: plain supervised fine-tuning with the same schedule (the no-KD baseline).
     shift: random translation of 4-D image inputs by up to this many pixels (the digits augmentation).
-    keep_best: with validation data and an evaluate function, keep the weights of the best epoch.
+    keep_best: with an evaluate function, keep the weights of the epoch it scores best.
+    mask_input: the input holding the attention mask; each batch is cut to its longest row, and with
+      bucket=True rows of similar length are batched together (much less padding for sentences).
+    cache_teacher: compute the teacher's outputs once per (then fixed) batch instead of every epoch;
+      needs shift=0. Costs memory: all teacher outputs and feature maps of one epoch.
     """
 
     epochs: int = 10
@@ -48,6 +52,8 @@ class DistillConfig:
     threads: int = 1
     keep_best: bool = True
     mask_input: str = "attention_mask"
+    bucket: bool = True
+    cache_teacher: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> DistillConfig:

@@ -7,6 +7,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -146,57 +147,53 @@ class Distiller:
     ) -> dict[str, Any]:
         """Train for cfg.epochs; `evaluate(student) -> float` (higher is better) after every epoch picks
         the kept weights when keep_best; `step_hooks` run after every optimizer step (e.g. Sparsifier.step)."""
-        from tqdm.auto import tqdm
-
         cfg, student, teacher = self.cfg, self.student, self.teacher
         names, tensors, labels = as_tensors(data)
         mask_pos = names.index(cfg.mask_input) if names and cfg.mask_input in names else None
         kind = cfg.output_loss
         if kind == "auto":
             kind = "kl" if labels is not None and not labels.is_floating_point() else "cosine"
-        alpha = cfg.alpha if labels is not None else 1.0
         if teacher is None and labels is None:
             raise DistillError("without a teacher, distill needs labels to train on")
+        if cfg.cache_teacher and cfg.shift:
+            raise DistillError(
+                "DistillConfig.cache_teacher needs shift=0 (augmented inputs change the teacher's outputs)"
+            )
+        run = _Run(
+            tensors=tensors,
+            labels=labels,
+            mask_pos=mask_pos,
+            kind=kind,
+            alpha=cfg.alpha if labels is not None else 1.0,
+            gen=torch.Generator().manual_seed(cfg.seed),
+            lengths=tensors[mask_pos].sum(1) if mask_pos is not None else None,
+        )
         started = time.perf_counter()
         with torch_threads(cfg.threads):
             torch.manual_seed(cfg.seed)
-            gen = torch.Generator().manual_seed(cfg.seed)
-            s_cap = _Capture(student, list(cfg.features), "student")
-            t_cap = _Capture(teacher, list(cfg.features.values()), "teacher") if teacher is not None else None
+            run.s_cap = _Capture(student, list(cfg.features), "student")
+            run.t_cap = (
+                _Capture(teacher, list(cfg.features.values()), "teacher") if teacher is not None else None
+            )
             try:
                 if teacher is not None:
                     teacher.eval()  # its forward runs under no_grad; its parameters are left as they are
                 if cfg.features:
-                    self._build_projections(tensors, mask_pos, s_cap, t_cap)
-                report = self._loop(
-                    tensors,
-                    labels,
-                    mask_pos,
-                    kind,
-                    alpha,
-                    gen,
-                    evaluate,
-                    step_hooks,
-                    s_cap,
-                    t_cap,
-                    progress,
-                    tqdm,
-                )
+                    self._build_projections(run)
+                report = self._loop(run, evaluate, step_hooks, progress)
             finally:
-                s_cap.close()
-                if t_cap is not None:
-                    t_cap.close()
+                run.s_cap.close()
+                if run.t_cap is not None:
+                    run.t_cap.close()
         student.eval()
         report["seconds"] = round(time.perf_counter() - started, 2)
         report["config"] = cfg.to_dict()
         report["output_loss"] = kind if teacher is not None else "ce"
         return report
 
-    def _build_projections(
-        self, tensors: list[torch.Tensor], mask_pos: int | None, s_cap: _Capture, t_cap: _Capture | None
-    ) -> None:
-        assert self.teacher is not None and t_cap is not None
-        xs = self._batch(tensors, torch.arange(min(2, len(tensors[0]))), mask_pos, None)
+    def _build_projections(self, run: _Run) -> None:
+        assert self.teacher is not None and run.t_cap is not None and run.s_cap is not None
+        xs = self._batch(run.tensors, torch.arange(min(2, len(run.tensors[0]))), run.mask_pos, None)
         was = self.student.training
         self.student.eval()
         with torch.no_grad():
@@ -204,19 +201,55 @@ class Distiller:
             self.teacher(*xs)
         self.student.train(was)
         for i, (sname, tname) in enumerate(self.cfg.features.items()):
-            self.projections[str(i)] = _projection(s_cap.values[sname], t_cap.values[tname])
+            self.projections[str(i)] = _projection(run.s_cap.values[sname], run.t_cap.values[tname])
+
+    def _epoch_batches(self, run: _Run) -> list[torch.Tensor]:
+        """Row indices of every batch of one epoch. With a mask input, rows of similar length share a
+        batch (sorted within windows of 16 batches) so that trimming the padding saves most of it. With
+        cache_teacher the batches are fixed (the teacher's outputs are cached per batch); only their order
+        changes between epochs."""
+        cfg, n = self.cfg, len(run.tensors[0])
+        if cfg.cache_teacher and run.fixed is not None:
+            return [run.fixed[i] for i in torch.randperm(len(run.fixed), generator=run.gen)]
+        order = torch.randperm(n, generator=run.gen)
+        if run.lengths is not None and cfg.bucket:
+            window = cfg.batch_size * (n if cfg.cache_teacher else 16)
+            chunks = [order[i : i + window] for i in range(0, n, window)]
+            order = torch.cat([c[run.lengths[c].argsort(stable=True)] for c in chunks])
+        batches = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        if cfg.cache_teacher:
+            run.fixed = batches
+        return [batches[i] for i in torch.randperm(len(batches), generator=run.gen)]
+
+    def _teacher(
+        self, run: _Run, key: int, xs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher output and captured hidden states for a batch (cached per fixed batch when asked)."""
+        assert self.teacher is not None
+        if self.cfg.cache_teacher and key in run.cache:
+            return run.cache[key]
+        with torch.no_grad():
+            out = self.teacher(*xs)
+        feats = dict(run.t_cap.values) if run.t_cap is not None else {}
+        if self.cfg.cache_teacher:
+            run.cache[key] = (out, feats)
+        return out, feats
 
     def _loop(
-        self, tensors, labels, mask_pos, kind, alpha, gen, evaluate, step_hooks, s_cap, t_cap, progress, tqdm
-    ) -> dict[str, Any]:  # noqa: ANN001
+        self,
+        run: _Run,
+        evaluate: Callable[[nn.Module], float] | None,
+        step_hooks: Sequence[Callable[[], None]],
+        progress: bool,
+    ) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
         cfg, student, teacher = self.cfg, self.student, self.teacher
-        n = len(tensors[0])
+        n = len(run.tensors[0])
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-        params = list(student.parameters()) + list(self.projections.parameters())
-        opt = torch.optim.AdamW(
-            [p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+        params = [p for p in [*student.parameters(), *self.projections.parameters()] if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
             lambda s: (
@@ -228,34 +261,24 @@ class Distiller:
         history: list[dict[str, Any]] = []
         best = (-math.inf, -1)
         best_state = copy.deepcopy(student.state_dict())
-        bar = tqdm(
-            range(cfg.epochs),
-            desc="distill" if teacher is not None else "finetune",
-            unit="epoch",
-            disable=not progress,
-            leave=False,
-        )
+        desc = "distill" if teacher is not None else "finetune"
+        bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
         for epoch in bar:
             student.train()
-            order = torch.randperm(n, generator=gen)
             running, count = 0.0, 0
-            for i in range(0, n, cfg.batch_size):
-                idx = order[i : i + cfg.batch_size]
-                xs = self._batch(tensors, idx, mask_pos, gen)
+            for idx in self._epoch_batches(run):
+                xs = self._batch(run.tensors, idx, run.mask_pos, run.gen)
                 out = student(*xs)
                 loss = torch.zeros(())
                 if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(*xs)
-                    loss = loss + alpha * self._output_loss(out, t_out, kind)
-                    if cfg.features and t_cap is not None:
-                        mask = xs[mask_pos] if mask_pos is not None else None
-                        loss = loss + cfg.feature_weight * self._feature_loss(
-                            s_cap.values, t_cap.values, mask
-                        )
-                if labels is not None and (teacher is None or alpha < 1.0):
-                    ce = F.cross_entropy(out, labels[idx], label_smoothing=cfg.label_smoothing)
-                    loss = loss + (1.0 - alpha if teacher is not None else 1.0) * ce
+                    t_out, t_feats = self._teacher(run, int(idx[0]) * n + len(idx), xs)
+                    loss = loss + run.alpha * self._output_loss(out, t_out, run.kind)
+                    if cfg.features and run.s_cap is not None:
+                        mask = xs[run.mask_pos] if run.mask_pos is not None else None
+                        loss = loss + cfg.feature_weight * self._feature_loss(run.s_cap.values, t_feats, mask)
+                if run.labels is not None and (teacher is None or run.alpha < 1.0):
+                    ce = F.cross_entropy(out, run.labels[idx], label_smoothing=cfg.label_smoothing)
+                    loss = loss + (1.0 - run.alpha if teacher is not None else 1.0) * ce
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -282,6 +305,23 @@ class Distiller:
             "best_epoch": best[1] if evaluate is not None else None,
             "best_metric": best[0] if evaluate is not None else None,
         }
+
+
+@dataclass
+class _Run:
+    """The state of one `fit` call."""
+
+    tensors: list[torch.Tensor]
+    labels: torch.Tensor | None
+    mask_pos: int | None
+    kind: str
+    alpha: float
+    gen: torch.Generator
+    lengths: torch.Tensor | None
+    s_cap: _Capture | None = None
+    t_cap: _Capture | None = None
+    fixed: list[torch.Tensor] | None = None
+    cache: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=dict)
 
 
 def distill(
