@@ -91,6 +91,31 @@ class ParityReport:
             )
 
 
+class Recorded:
+    """Wrap a predict function and remember its output rows by input-row content, so evaluating the
+    same inputs again (the workload metric after the parity run) costs no second inference."""
+
+    def __init__(self, predict: Predict) -> None:
+        self.predict = predict
+        self.rows: dict[bytes, dict[str, np.ndarray]] = {}
+
+    @staticmethod
+    def _keys(inputs: Mapping[str, np.ndarray]) -> list[bytes]:
+        names = sorted(inputs)
+        n = len(inputs[names[0]]) if names else 0
+        return [b"".join(np.ascontiguousarray(inputs[k][i]).tobytes() for k in names) for i in range(n)]
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = self._keys(inputs)
+        if keys and all(k in self.rows for k in keys):
+            names = self.rows[keys[0]].keys()
+            return {name: np.stack([self.rows[k][name] for k in keys]) for name in names}
+        out = self.predict(inputs)
+        for i, key in enumerate(keys):
+            self.rows[key] = {name: np.asarray(v)[i] for name, v in out.items()}
+        return out
+
+
 def output_kind(name: str, shape: tuple[int, ...], metric: str | None = None) -> str:
     """classifier for [batch, classes] logits/probabilities, embedding for [batch, dim] vectors."""
     if len(shape) != 2:

@@ -21,7 +21,7 @@ import numpy as np
 
 from export.errors import ExportError
 from export.manifest import Manifest
-from export.parity import ParityBounds, ParityReport, Predict, check_parity
+from export.parity import ParityBounds, ParityReport, Predict, Recorded, check_parity
 from export.samples import Samples
 
 if TYPE_CHECKING:
@@ -137,18 +137,9 @@ def package_artifact(
     _check_choice(format, FORMATS, "format")
     private = load_private_key(key) if key is not None else None  # fail on a bad key before the slow part
     runtime = load_runtime(model_file, format=format, threads=threads)
-    bounds = bounds or ParityBounds.for_dtype(dtype)
-    metric_name = wl.metric.name
-    parity = check_parity(
-        reference or lm.predict,
-        runtime.run,
-        wl.eval_inputs(),
-        bounds,
-        metric=metric_name,
-        what=f"{model_file.name} ({format}/{dtype})",
+    parity, metric, reference_metric = _parity_and_metrics(
+        lm, runtime.run, reference, bounds, dtype, model_file, format
     )
-    metric = _clean(lm.evaluate(predict=runtime.run))
-    reference_metric = _clean(lm.evaluate(predict=reference)) if reference else _clean(lm.evaluate())
     sample_inputs = wl.sample_inputs(samples)
     sample_outputs = runtime.run(sample_inputs)
     size = model_file.stat().st_size
@@ -240,20 +231,35 @@ def export_model(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _parity_and_metrics(
+    lm: LoadedModel,
+    candidate: Predict,
+    reference: Predict | None,
+    bounds: ParityBounds | None,
+    dtype: str,
+    model_file: Path,
+    format: str,
+) -> tuple[ParityReport, dict[str, Any], dict[str, Any]]:
+    """Parity on the eval split, then the workload metric of both sides from the recorded outputs."""
+    ref, cand = Recorded(reference or lm.predict), Recorded(candidate)
+    parity = check_parity(
+        ref, cand, lm.workload.eval_inputs(), bounds or ParityBounds.for_dtype(dtype),
+        metric=lm.workload.metric.name, what=f"{model_file.name} ({format}/{dtype})",
+    )  # fmt: skip
+    return parity, _clean(lm.evaluate(predict=cand)), _clean(lm.evaluate(predict=ref))
+
+
 def _parity_only(
     path: Path, lm: LoadedModel, format: str, dtype: str, bounds: ParityBounds | None
 ) -> ExportResult:
     from edge_agent.runtimes import load_runtime
 
     runtime = load_runtime(path, format=format)
-    parity = check_parity(
-        lm.predict, runtime.run, lm.workload.eval_inputs(), bounds or ParityBounds.for_dtype(dtype),
-        metric=lm.workload.metric.name, what=f"{path.name} ({format}/{dtype})",
-    )  # fmt: skip
+    parity, metric, reference_metric = _parity_and_metrics(lm, runtime.run, None, bounds, dtype, path, format)
     return ExportResult(
-        package=None, model_file=path, manifest=None, parity=parity,
-        metric=_clean(lm.evaluate(predict=runtime.run)), reference_metric=_clean(lm.evaluate()),
-        size_bytes=path.stat().st_size, export_seconds=0.0, key_id=None, extra={"format": format, "dtype": dtype},
+        package=None, model_file=path, manifest=None, parity=parity, metric=metric,
+        reference_metric=reference_metric, size_bytes=path.stat().st_size, export_seconds=0.0, key_id=None,
+        extra={"format": format, "dtype": dtype},
     )  # fmt: skip
 
 
