@@ -77,6 +77,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         key=args.key,
         device=args.device,
         valid_days=args.valid_days,
+        progress=True,
     )
     emit(result.to_dict(), args.json, _render_export)
     return 0

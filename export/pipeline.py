@@ -11,6 +11,7 @@ workload metric, records samples and writes the package — or raises ParityErro
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -198,19 +199,28 @@ def export_model(
     valid_days: int | None = None,
     model_out: str | Path | None = None,
     extra: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> ExportResult:
     """Convert, check parity in the real runtime, and write the package `out` (signed when `key`).
 
     `model_out` also keeps the bare model file. With `out=None` only parity and the metric are computed.
+    `progress` shows the stages as a tqdm bar on stderr.
     """
-    lm = _loaded(model)
     _check_choice(format, FORMATS, "format")
     _check_choice(dtype, DTYPES, "dtype")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=3, desc="load model", unit="stage", disable=not progress, file=sys.stderr, leave=False)
+    lm = _loaded(model)
+    bar.update()
     work = Path(tempfile.mkdtemp(prefix="pf-export-"))
     try:
+        bar.set_description(f"convert to {format}/{dtype}")
         started = time.perf_counter()
         path = convert(lm, format, dtype, work / f"model{SUFFIX[format]}")
         seconds = time.perf_counter() - started
+        bar.update()
+        bar.set_description("parity + metric in the runtime" + (", package" if out is not None else ""))
         if out is None:
             result = _parity_only(path, lm, format, dtype, bounds)
         else:
@@ -226,8 +236,10 @@ def export_model(
             result.model_file = Path(model_out)
         else:
             result.model_file = None
+        bar.update()
         return result
     finally:
+        bar.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
