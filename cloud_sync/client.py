@@ -389,6 +389,8 @@ class MqttClient:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.counters.add("received")
         self.counters.add("bytes_in", packet_bytes(msg.topic, len(msg.payload), msg.qos))
+        if msg.qos:
+            self.counters.add("bytes_out", 4)  # our PUBACK
         message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup), msg.mid)
         with self._lock:
             route = next(((h, a) for _, m, _, h, a in self._subs if mqtt.topic_matches_sub(m, msg.topic)), None)
@@ -470,6 +472,7 @@ class MqttClient:
             cb = self._pending.pop(mid)
             self._capacity.notify_all()
         self.counters.add("acked" if ok else "nacked")
+        self.counters.add("bytes_in", 4)  # the broker's PUBACK (QoS 0 sends have none; close enough)
         if cb is not None:
             try:
                 cb(ok, why)

@@ -47,6 +47,10 @@ from cloud_sync.protocol import (
 
 log = logging.getLogger("pocketfleet.ota")
 
+# Installs (verify, extract, health check) and probes hold a model in memory; when many simulated devices
+# share one process, at most this many run at a time. A real device has one OtaClient: no effect there.
+INSTALL_SLOTS = threading.BoundedSemaphore(2)
+
 
 @dataclass
 class OtaSettings:
@@ -382,8 +386,6 @@ class OtaClient:
         if job is not None and job.release_id == rel["release_id"]:
             job.cmd = cmd  # newer command (rollout / phase) for the same release: keep the download
             _atomic_json(self.dir / "job.json", cmd)
-            with self._wake:
-                job.last_progress = 0.0  # re-request what is outstanding (the cloud resent: it may be lost)
             return
         try:
             allow_downgrade = self._admit(cmd)
@@ -649,7 +651,8 @@ class OtaClient:
         from export.errors import VerificationError
 
         try:
-            result = self.store.install(pkg, allow_downgrade=allow_downgrade)
+            with INSTALL_SLOTS:
+                result = self.store.install(pkg, allow_downgrade=allow_downgrade)
         except (DowngradeError, VerificationError) as exc:
             self.counters.add("refused")
             self._report("refused", cmd, progress=job.progress(), error=str(exc)[:2000])
@@ -689,8 +692,9 @@ class OtaClient:
         from cloud_sync.probe import run_probe
 
         try:
-            loaded = self.store.load(name, version)
-            return run_probe(loaded, int(probe.get("runs", 20)))
+            with INSTALL_SLOTS:
+                loaded = self.store.load(name, version)
+                return run_probe(loaded, int(probe.get("runs", 20)))
         except Exception as exc:  # noqa: BLE001 - a model that cannot be probed counts as all errors
             log.warning("%s: probe of %s v%s failed: %s", self.device, name, version, exc)
             return {"requests": 1, "errors": 1, "p95_ms": 0.0, "golden": None, "golden_kind": None}

@@ -101,6 +101,8 @@ class RolloutController:
             return False
         if dev["online_since"] and dev["online_since"] > row["sent_at"]:
             return True  # it came back since the last send
+        if row["state"] in ("accepted", "downloading") and now - row["updated"] < self.config.resend_s:
+            return False  # it is working on it and reporting progress
         return now - row["sent_at"] > self.config.resend_s
 
     def _send_update(self, rollout: Any, rel: Release, row: Any) -> None:
