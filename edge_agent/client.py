@@ -22,6 +22,7 @@ import numpy as np
 
 from edge_agent import codec
 from edge_agent.errors import AgentError, RequestError
+from edge_agent.httpd import set_io_timeout
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 
@@ -47,6 +48,7 @@ class Client:
             self._host = parts.netloc
         self._sock: socket.socket | None = None
         self._rfile: Any = None
+        self._paths: dict[tuple[str | None, str | None], str] = {}
 
     # ------------------------------------------------------------------------------------------ transport
 
@@ -59,6 +61,8 @@ class Client:
             assert self._addr is not None
             sock = socket.create_connection(self._addr, timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)  # blocking I/O with kernel timeouts: no poll() before every recv
+        set_io_timeout(sock, self.timeout)
         self._sock, self._rfile = sock, sock.makefile("rb", buffering=65536)
 
     def close(self) -> None:
@@ -129,7 +133,7 @@ class Client:
         self, inputs: Mapping[str, Any] | np.ndarray, model: str | None = None, binary: bool = True
     ) -> Prediction:
         """Run the (named) model. `inputs`: a dict name -> array, or one array for a single-input model."""
-        path = "/v1/predict" if model is None else f"/v1/models/{quote(model, safe='')}/predict"
+        path = self._path(model)
         if not binary:
             named = inputs if isinstance(inputs, Mapping) else None
             if named is None:
@@ -138,12 +142,22 @@ class Client:
             return self._prediction(*self.request("POST", path, json.dumps(doc).encode(), codec.JSON))
         if isinstance(inputs, Mapping) and len(inputs) == 1:
             ((name, value),) = inputs.items()
-            body, ctype, path = codec.npy_bytes(np.asarray(value)), codec.NPY, f"{path}?input={quote(name, safe='')}"
+            body, ctype, path = codec.npy_bytes(value), codec.NPY, self._path(model, name)
         elif isinstance(inputs, Mapping):
             body, ctype = codec.npz_bytes({k: np.asarray(v) for k, v in inputs.items()}), codec.NPZ
         else:
-            body, ctype = codec.npy_bytes(np.asarray(inputs)), codec.NPY
+            body, ctype = codec.npy_bytes(inputs), codec.NPY
         return self._prediction(*self.request("POST", path, body, ctype, accept=codec.NPY))
+
+    def _path(self, model: str | None, input_name: str | None = None) -> str:
+        key = (model, input_name)
+        path = self._paths.get(key)
+        if path is None:
+            path = "/v1/predict" if model is None else f"/v1/models/{quote(model, safe='')}/predict"
+            if input_name is not None:
+                path += f"?input={quote(input_name, safe='')}"
+            self._paths[key] = path
+        return path
 
     def _prediction(self, status: int, headers: dict[str, str], data: bytes) -> Prediction:
         ctype = headers.get("content-type", "")

@@ -24,7 +24,9 @@ NPY = "application/x-npy"
 NPZ = "application/x-npz"
 JSON = "application/json"
 NPY_MAGIC = b"\x93NUMPY"
-_DTYPES: dict[str, np.dtype] = {}
+_CACHE_MAX = 256  # distinct (dtype, shape) headers remembered
+_HEADS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_PARSED: dict[bytes, tuple[np.dtype, tuple[int, ...], str, int]] = {}
 _NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (True|False), 'shape': \(([0-9, ]*)\), \}\s*")
 
 
@@ -36,44 +38,59 @@ def bad(message: str, code: str = "bad_input", status: int = 400, **fields: Any)
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
-    """The .npy (format 1.0) encoding of a numeric array."""
+    """The .npy (format 1.0) encoding of a numeric array (the header is cached per dtype and shape)."""
     arr = np.asarray(arr)
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
-    header = f"{{'descr': {arr.dtype.str!r}, 'fortran_order': False, 'shape': {tuple(arr.shape)!r}, }}"
-    pad = 63 - (10 + len(header)) % 64  # header + pad + "\n" ends on a 64-byte boundary
-    head = (header + " " * pad + "\n").encode("latin1")
-    return NPY_MAGIC + b"\x01\x00" + struct.pack("<H", len(head)) + head + arr.tobytes()
+    key = (arr.dtype.str, arr.shape)
+    head = _HEADS.get(key)
+    if head is None:
+        header = f"{{'descr': {arr.dtype.str!r}, 'fortran_order': False, 'shape': {tuple(arr.shape)!r}, }}"
+        pad = 63 - (10 + len(header)) % 64  # header + pad + "\n" ends on a 64-byte boundary
+        text = (header + " " * pad + "\n").encode("latin1")
+        head = NPY_MAGIC + b"\x01\x00" + struct.pack("<H", len(text)) + text
+        if len(_HEADS) < _CACHE_MAX:
+            _HEADS[key] = head
+    return head + arr.tobytes()
 
 
 def npy_array(data: bytes | memoryview, where: str = "body") -> np.ndarray:
     """Parse .npy bytes without copying the data (the array is read-only); numeric dtypes only."""
     buf = memoryview(data)
-    if bytes(buf[:6]) != NPY_MAGIC or len(buf) < 10:
+    if len(buf) < 12 or buf[:6] != NPY_MAGIC:
         raise bad(f"{where} is not a .npy array (bad magic)", "bad_npy")
-    major = buf[6]
-    if major == 1:
-        hlen, start = struct.unpack("<H", buf[8:10])[0], 10
-    elif major in (2, 3):
-        hlen, start = struct.unpack("<I", buf[8:12])[0], 12
+    if buf[6] == 1:
+        end = 10 + (buf[8] | buf[9] << 8)
+    elif buf[6] in (2, 3):
+        end = 12 + struct.unpack("<I", buf[8:12])[0]
     else:
-        raise bad(f"{where}: .npy format version {major} is not supported", "bad_npy")
-    header = bytes(buf[start : start + hlen]).decode("latin1")
+        raise bad(f"{where}: .npy format version {buf[6]} is not supported", "bad_npy")
+    head = bytes(buf[:end])
+    parsed = _PARSED.get(head)
+    if parsed is None:
+        parsed = _parse_header(head[10 if buf[6] == 1 else 12 :].decode("latin1"), where)
+        if parsed is None:
+            return _npy_fallback(bytes(buf), where)
+        if len(_PARSED) < _CACHE_MAX:
+            _PARSED[head] = parsed
+    dtype, shape, order, nbytes = parsed
+    if len(buf) - end != nbytes:
+        raise bad(f"{where}: .npy holds {len(buf) - end} data bytes, the header needs {nbytes}", "bad_npy")
+    arr = np.ndarray(shape, dtype, buf, end, None, order)  # a read-only view of the body, no copy
+    return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
+
+
+def _parse_header(header: str, where: str) -> tuple[np.dtype, tuple[int, ...], str, int] | None:
     m = _NPY_HEADER.fullmatch(header)
     if m is None:
-        return _npy_fallback(bytes(buf), where)
+        return None
     try:
-        dtype = _DTYPES.get(m.group(1)) or _DTYPES.setdefault(m.group(1), np.dtype(m.group(1)))
+        dtype = np.dtype(m.group(1))
         shape = tuple(int(d) for d in m.group(3).replace(" ", "").split(",") if d)
     except (TypeError, ValueError) as exc:
         raise bad(f"{where}: .npy header is invalid ({exc})", "bad_npy") from exc
     _check_dtype(dtype, where)
-    body = buf[start + hlen :]
-    count = math.prod(shape)
-    if len(body) != count * dtype.itemsize:
-        raise bad(f"{where}: .npy holds {len(body)} data bytes, the header needs {count * dtype.itemsize}", "bad_npy")
-    arr = np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if m.group(2) == "True" else "C")
-    return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
+    return dtype, shape, "F" if m.group(2) == "True" else "C", math.prod(shape) * dtype.itemsize
 
 
 def _npy_fallback(data: bytes, where: str) -> np.ndarray:

@@ -81,7 +81,7 @@ class Agent:
 
     def _publish(self, model: LoadedModel) -> None:
         self._models = {**self._models, model.name: model}
-        self.metrics.active.labels(model.name).set(model.version)
+        self.metrics.set_active(model.name, model.version)
 
     def _event(self, event: dict[str, Any]) -> None:
         log.warning("%s", json.dumps(event, sort_keys=True))
@@ -121,13 +121,13 @@ class Agent:
         self._publish(new)
         fault_point("swap.after_switch")
         self.swaps += 1
-        self.metrics.swaps.labels(name).inc()
+        self.metrics.count("swaps", name)
         self._event({"event": "swap", "model": name, "version": version, "previous": current.version if current else None,
                      "load_s": round(time.perf_counter() - start, 4)})
 
     def _swap_failed(self, name: str, version: int, current: LoadedModel | None, exc: Exception) -> None:
         """The new version failed: set it aside, point state.json back at what is served, keep serving."""
-        self.metrics.swap_failures.labels(name).inc()
+        self.metrics.count("swap_failures", name)
         with contextlib.suppress(PocketfleetError, OSError), self.store.lock():
             self.store.quarantine(name, version, f"failed to load in the running agent: {exc}")
         if current is not None:
@@ -195,7 +195,7 @@ class Agent:
         return self
 
     def _on_store_event(self, event: dict[str, Any]) -> None:
-        self.metrics.fallbacks.labels(event.get("model", "-")).inc()
+        self.metrics.count("fallbacks", event.get("model", "-"))
         self._event(event)
 
     def urls(self) -> list[str]:

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -181,7 +182,7 @@ class HttpServer:
     def _serve(self, conn: socket.socket, peer: Any) -> None:
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.settimeout(self.keepalive_s)
+        set_io_timeout(conn, self.keepalive_s)
         rfile = conn.makefile("rb", buffering=65536)
         try:
             while not self._closing.is_set():
@@ -279,8 +280,17 @@ def _drain(rfile: Any, length: int) -> None:
 
 
 def _head(status: int, content_type: str, length: int, keep: bool, headers: list[tuple[str, str]]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}", f"Content-Type: {content_type}", f"Content-Length: {length}"]
-    if not keep:
-        lines.append("Connection: close")
-    lines += [f"{k}: {v}" for k, v in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin1")
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
+    close = "" if keep else "Connection: close\r\n"
+    return (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {length}\r\n{close}{extra}\r\n"
+    ).encode("latin1")
+
+
+def set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    """Kernel-side receive/send timeouts (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket: unlike
+    settimeout(), no poll() before every recv; a timeout surfaces as an OSError."""
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
