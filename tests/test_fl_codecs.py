@@ -93,18 +93,21 @@ def _rebuild(payload: bytes, mutate) -> bytes:
         (lambda h, t: h.update(schema="pf.fl.update/0"), "schema"),
         (lambda h, t: h.update(num_samples=0), "num_samples"),
         (lambda h, t: h.update(num_samples=True), "num_samples"),
+        (lambda h, t: h.update(codec={"int8": 1}), "codec"),
         (lambda h, t: h["tensors"].pop("fc.bias"), "missing"),
-        (lambda h, t: h["tensors"].update(extra={"shape": [1], "enc": "dense", "q": "f32"}), "unknown"),
-        (lambda h, t: h["tensors"]["fc.bias"].update(shape=[11]), "shape"),
+        (lambda h, t: h["tensors"].update(extra={"enc": "dense"}), "unknown"),
         (lambda h, t: h["tensors"]["fc.bias"].update(enc="rle"), "encoding"),
-        (lambda h, t: t.update({"fc.bias:v": t["fc.bias:v"].astype(np.float16)}), "dtype"),
-        (lambda h, t: t.update({"conv.weight:i": t["conv.weight:i"] + 10_000}), "out of"),
-        (lambda h, t: t.update({"conv.weight:i": t["conv.weight:i"].astype(np.int32)}), "dtype"),
-        (lambda h, t: t.update({"conv.weight:i": t["conv.weight:i"][::-1].copy()}), "strictly increasing"),
-        (lambda h, t: t.update({"conv.weight:i": t["conv.weight:i"][:-1].copy()}), "shape"),
-        (lambda h, t: t.update({"fc.bias:s": np.array([np.inf], np.float32)}), "scale"),
-        (lambda h, t: t.update({"fc.bias:s": np.array([-1.0], np.float32)}), "scale"),
-        (lambda h, t: t.pop("fc.bias:s"), "missing"),
+        (lambda h, t: h["tensors"]["conv.weight"].update(k=0), "k=0"),
+        (lambda h, t: h["tensors"]["conv.weight"].update(k=5000), "k=5000"),
+        (lambda h, t: h["tensors"]["conv.weight"].update(k=50), "shape"),  # counts no longer add up
+        (lambda h, t: t.update(values=t["values"].astype(np.float16)), "dtype"),
+        (lambda h, t: t.update(values=t["values"][:-1].copy()), "shape"),
+        (lambda h, t: t.update(idx16=t["idx16"] + 10_000), "out of"),
+        (lambda h, t: t.update(idx16=t["idx16"][::-1].copy()), "strictly increasing"),
+        (lambda h, t: t.update(idx16=t["idx16"].astype(np.int32)), "dtype"),
+        (lambda h, t: t.update(scales=np.array([np.inf, 1.0], np.float32)), "scales"),
+        (lambda h, t: t.update(scales=np.array([-1.0, 1.0], np.float32)), "scales"),
+        (lambda h, t: t.pop("scales"), "missing"),
         (lambda h, t: t.update(smuggled=np.zeros(3, np.float32)), "unexpected"),
     ],
 )
@@ -140,5 +143,17 @@ def test_oversized_payload_and_header_are_rejected_before_parsing():
 def test_small_tensors_stay_dense_under_topk():
     cfg = CodecConfig(topk=0.05, int8=True)  # min_sparse 1024: fc.bias (10) dense, conv.weight (1152) sparse
     header, tensors = T.from_bytes(encode_update(DELTA, cfg, HDR, ErrorFeedback(), seed=0), 1 << 30)
-    assert header["tensors"]["fc.bias"]["enc"] == "dense" and header["tensors"]["conv.weight"]["enc"] == "topk"
-    assert "fc.bias:i" not in tensors and tensors["conv.weight:i"].shape == (round(0.05 * 1152),)
+    assert header["tensors"]["fc.bias"] == {"enc": "dense"} and header["tensors"]["conv.weight"]["enc"] == "topk"
+    k = round(0.05 * 1152)
+    assert tensors["idx16"].shape == (k,) and "idx32" not in tensors and tensors["values"].shape == (k + 10,)
+    assert tensors["values"].dtype == np.int8 and tensors["scales"].shape == (2,)
+
+
+def test_large_tensors_use_int32_indices():
+    big = {"emb": RNG.normal(size=(70_000,)).astype(np.float32), "b": np.ones(3, np.float32)}
+    payload = encode_update(big, CodecConfig(topk=0.01, int8=True), HDR, ErrorFeedback(), seed=0)
+    _, tensors = T.from_bytes(payload, 1 << 30)
+    assert tensors["idx32"].dtype == np.int32 and tensors["idx32"].shape == (700,) and "idx16" not in tensors
+    upd = decode_update(payload, T.shapes(big))
+    top = np.sort(np.argsort(-np.abs(big["emb"]))[:700])
+    assert np.array_equal(np.flatnonzero(upd.delta["emb"]), top)

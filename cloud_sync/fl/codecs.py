@@ -2,12 +2,13 @@
 error feedback kept on the device between rounds (torch-free; runs on the device and the aggregator).
 
 Wire format (one safetensors payload per update, docs/federated.md):
-- metadata "pf": JSON header {"schema": "pf.fl.update/1", "task", "round", "device", "num_samples",
-  "codec": {"topk": f, "int8": b}, "tensors": {name: {"shape": [...], "enc": "dense"|"topk",
-  "q": "f32"|"int8"}}, "metrics": {...}}
-- per tensor NAME: "NAME:v" values (float32, or int8 when q == "int8"), "NAME:i" flat indices
-  (strictly increasing; uint16 for tensors of <= 65536 entries, else int32) when enc == "topk",
-  "NAME:s" float32 [1] scale when q == "int8".
+- metadata "pf": JSON header {"schema": "pf.fl.update/1", "task", "round", "attempt", "device",
+  "num_samples", "codec": {"topk": f, "int8": b}, "tensors": {name: {"enc": "dense"} | {"enc": "topk",
+  "k": n}}, "metrics": {...}}
+- four flat arrays, each the concatenation over the tensors in sorted-name order (a few header entries
+  whatever the model's tensor count): "values" (int8 when codec.int8, else float32; k entries for a
+  top-k tensor, all entries for a dense one), "idx16" (uint16) / "idx32" (int32) strictly increasing
+  flat indices of top-k tensors with <= 65536 / more entries, "scales" (float32, one per tensor, int8 only).
 `decode_update` checks all of it (names, shapes, dtypes, sizes, index ranges, finiteness) before use.
 """
 
@@ -148,10 +149,13 @@ def encode_update(
 ) -> bytes:
     """Encode a model update (new - global) into a payload; updates `state` residuals in place.
 
-    `header` supplies task, round, device, num_samples, metrics (JSON-able).
+    `header` supplies task, round, attempt, device, num_samples, metrics (JSON-able).
     """
     rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
+    values: list[np.ndarray] = []
+    idx16: list[np.ndarray] = []
+    idx32: list[np.ndarray] = []
+    scales: list[float] = []
     meta: dict[str, dict[str, Any]] = {}
     use_ef = state is not None and config.error_feedback and config.lossy
     for name in sorted(delta):
@@ -162,20 +166,21 @@ def encode_update(
         sparse = 0.0 < config.topk < 1.0 and flat.size >= config.min_sparse
         if sparse:
             k = max(1, int(round(config.topk * flat.size)))
-            idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]).astype(index_dtype(flat.size))
+            idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
+            (idx16 if index_dtype(flat.size) == "uint16" else idx32).append(idx.astype(index_dtype(flat.size)))
             vals = flat[idx]
-            out[f"{name}:i"] = idx
+            meta[name] = {"enc": "topk", "k": k}
         else:
             vals = flat
+            meta[name] = {"enc": "dense"}
         if config.int8:
             q, scale = quantize_int8(vals, rng)
-            out[f"{name}:v"] = q
-            out[f"{name}:s"] = np.array([scale], np.float32)
+            values.append(q)
+            scales.append(scale)
             sent = q.astype(np.float32) * np.float32(scale)
         else:
-            out[f"{name}:v"] = vals.astype(np.float32)
+            values.append(vals.astype(np.float32))
             sent = vals
-        meta[name] = {"shape": list(v.shape), "enc": "topk" if sparse else "dense", "q": "int8" if config.int8 else "f32"}
         if use_ef:
             dense = np.zeros_like(flat)
             if sparse:
@@ -183,6 +188,13 @@ def encode_update(
             else:
                 dense = sent
             state.residuals[name] = (flat - dense).reshape(v.shape)
+    out = {"values": np.concatenate(values) if values else np.zeros(0, np.int8 if config.int8 else np.float32)}
+    if idx16:
+        out["idx16"] = np.concatenate(idx16)
+    if idx32:
+        out["idx32"] = np.concatenate(idx32)
+    if config.int8:
+        out["scales"] = np.array(scales, np.float32)
     hdr = {
         "schema": UPDATE_SCHEMA,
         "codec": {"topk": config.topk, "int8": config.int8},
@@ -196,12 +208,15 @@ def _fail(msg: str) -> MalformedUpdateError:
     return MalformedUpdateError(f"update: {msg}")
 
 
-def _check_header(header: dict[str, Any], expected: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, Any]]:
+def _check_header(header: dict[str, Any], expected: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Any], bool]:
     if header.get("schema") != UPDATE_SCHEMA:
         raise _fail(f"schema {header.get('schema')!r} is not {UPDATE_SCHEMA!r}")
     ns = header.get("num_samples")
     if isinstance(ns, bool) or not isinstance(ns, int) or ns < 1:
         raise _fail(f"num_samples {ns!r} must be an integer >= 1")
+    codec = header.get("codec")
+    if not isinstance(codec, dict) or not isinstance(codec.get("int8"), bool):
+        raise _fail("header 'codec' must be an object with a boolean 'int8'")
     meta = header.get("tensors")
     if not isinstance(meta, dict):
         raise _fail("header has no 'tensors' object")
@@ -209,23 +224,26 @@ def _check_header(header: dict[str, Any], expected: Mapping[str, tuple[int, ...]
         missing, extra = sorted(set(expected) - set(meta)), sorted(set(meta) - set(expected))
         raise _fail(f"tensor names differ from the model's: missing {missing[:5]}, unknown {extra[:5]}")
     for name, m in meta.items():
-        if not isinstance(m, dict):
-            raise _fail(f"tensor {name!r} entry must be an object")
-        if m.get("shape") != list(expected[name]):
-            raise _fail(f"tensor {name!r} has shape {m.get('shape')}, the model's is {list(expected[name])}")
-        if m.get("enc") not in ("dense", "topk") or m.get("q") not in ("f32", "int8"):
-            raise _fail(f"tensor {name!r} has an unknown encoding {m.get('enc')!r}/{m.get('q')!r}")
-    return meta
+        if not isinstance(m, dict) or m.get("enc") not in ("dense", "topk"):
+            raise _fail(f"tensor {name!r} has an unknown encoding {m.get('enc') if isinstance(m, dict) else m!r}")
+        if m["enc"] == "topk":
+            size = int(np.prod(expected[name])) if expected[name] else 1
+            k = m.get("k")
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
+                raise _fail(f"tensor {name!r} sends k={k!r} entries of {size}")
+    return meta, codec["int8"]
 
 
-def _tensor(tensors: Mapping[str, np.ndarray], key: str, dtype: str, length: int | None = None) -> np.ndarray:
+def _array(tensors: Mapping[str, np.ndarray], key: str, dtype: str, length: int) -> np.ndarray:
     arr = tensors.get(key)
     if arr is None:
+        if length == 0:
+            return np.zeros(0, dtype)
         raise _fail(f"tensor {key!r} is missing")
     if arr.dtype != np.dtype(dtype):
         raise _fail(f"tensor {key!r} has dtype {arr.dtype}, expected {dtype}")
-    if arr.ndim != 1 or (length is not None and arr.shape[0] != length):
-        raise _fail(f"tensor {key!r} has shape {arr.shape}, expected ({length if length is not None else 'n'},)")
+    if arr.ndim != 1 or arr.shape[0] != length:
+        raise _fail(f"tensor {key!r} has shape {arr.shape}, the header needs ({length},)")
     return arr
 
 
@@ -237,41 +255,45 @@ def decode_update(
     Raises OversizeUpdateError / MalformedUpdateError naming the problem; nothing is used before it passes.
     """
     header, tensors = T.from_bytes(payload, limits.max_bytes, limits.max_header_bytes)
-    meta = _check_header(header, expected)
-    used: set[str] = set()
+    meta, int8 = _check_header(header, expected)
+    extra = sorted(set(tensors) - {"values", "idx16", "idx32", "scales"})
+    if extra:
+        raise _fail(f"payload holds unexpected tensors {extra[:5]}")
+    names = sorted(meta)
+    sizes = {n: int(np.prod(expected[n])) if expected[n] else 1 for n in names}
+    counts = {n: meta[n]["k"] if meta[n]["enc"] == "topk" else sizes[n] for n in names}
+    n16 = sum(counts[n] for n in names if meta[n]["enc"] == "topk" and index_dtype(sizes[n]) == "uint16")
+    n32 = sum(counts[n] for n in names if meta[n]["enc"] == "topk" and index_dtype(sizes[n]) == "int32")
+    values = _array(tensors, "values", "int8" if int8 else "float32", sum(counts.values()))
+    idx16 = _array(tensors, "idx16", "uint16", n16)
+    idx32 = _array(tensors, "idx32", "int32", n32)
+    scales = _array(tensors, "scales", "float32", len(names)) if int8 else None
+    if not int8 and "scales" in tensors:
+        raise _fail("payload holds scales but the codec is not int8")
+    if scales is not None and (not np.isfinite(scales).all() or (scales < 0).any()):
+        raise _fail("scales must be finite and >= 0")
+    pos = {"v": 0, "uint16": 0, "int32": 0}
     delta: T.Weights = {}
-    for name, m in meta.items():
-        shape = tuple(expected[name])
-        size = int(np.prod(shape)) if shape else 1
-        if m["enc"] == "topk":
-            idx = _tensor(tensors, f"{name}:i", index_dtype(size)).astype(np.int64)
-            if not 1 <= idx.shape[0] <= size:
-                raise _fail(f"tensor {name!r} sends {idx.shape[0]} entries of {size}")
-            if idx[0] < 0 or idx[-1] >= size or (idx.shape[0] > 1 and not (np.diff(idx) > 0).all()):
-                raise _fail(f"tensor {name!r} indices are out of [0, {size}) or not strictly increasing")
-            n = idx.shape[0]
-            used.add(f"{name}:i")
-        else:
-            idx, n = None, size
-        vals = _tensor(tensors, f"{name}:v", "int8" if m["q"] == "int8" else "float32", n)
-        used.add(f"{name}:v")
-        if m["q"] == "int8":
-            scale = _tensor(tensors, f"{name}:s", "float32", 1)
-            used.add(f"{name}:s")
-            if not np.isfinite(scale).all() or scale[0] < 0:
-                raise _fail(f"tensor {name!r} scale {scale[0]} must be finite and >= 0")
-            vals = vals.astype(np.float32) * scale[0]
+    for i, name in enumerate(names):
+        size, n = sizes[name], counts[name]
+        vals = values[pos["v"] : pos["v"] + n].astype(np.float32)
+        pos["v"] += n
+        if scales is not None:
+            vals = vals * scales[i]
         if not np.isfinite(vals).all():
             raise _fail(f"tensor {name!r} holds NaN or infinity")
-        if idx is not None:
+        if meta[name]["enc"] == "topk":
+            kind = index_dtype(size)
+            src = idx16 if kind == "uint16" else idx32
+            idx = src[pos[kind] : pos[kind] + n].astype(np.int64)
+            pos[kind] += n
+            if idx[0] < 0 or idx[-1] >= size or (n > 1 and not (np.diff(idx) > 0).all()):
+                raise _fail(f"tensor {name!r} indices are out of [0, {size}) or not strictly increasing")
             dense = np.zeros(size, np.float32)
             dense[idx] = vals
         else:
-            dense = vals.astype(np.float32)
-        delta[name] = dense.reshape(shape)
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise _fail(f"payload holds unexpected tensors {extra[:5]}")
+            dense = vals
+        delta[name] = dense.reshape(tuple(expected[name]))
     metrics = header.get("metrics") if isinstance(header.get("metrics"), dict) else {}
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return DecodedUpdate(header, delta, int(header["num_samples"]), len(payload), metrics)
