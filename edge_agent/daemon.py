@@ -130,9 +130,9 @@ class Agent:
         self.metrics.count("swap_failures", name)
         with contextlib.suppress(PocketfleetError, OSError), self.store.lock():
             self.store.quarantine(name, version, f"failed to load in the running agent: {exc}")
-        if current is not None:
+        if current is not None:  # unless something newer was activated meanwhile
             with contextlib.suppress(PocketfleetError, OSError):
-                self.store.set_active(name, current.version, "swap-reverted", failed=version)
+                self.store.set_active(name, current.version, "swap-reverted", only_if=version, failed=version)
         self._stamp = self.store.state_stamp()
         self._event({"event": "swap-failed", "model": name, "version": version, "serving": current.version if current else None, "reason": str(exc)})
 

@@ -302,15 +302,21 @@ class ModelStore:
 
     # ------------------------------------------------------------------------------------------ switching
 
-    def set_active(self, name: str, version: int, event: str, **fields: Any) -> None:
-        """Point `name` at an installed version (which the caller has health-checked). Takes the lock."""
+    def set_active(self, name: str, version: int, event: str, only_if: int | None = None, **fields: Any) -> bool:
+        """Point `name` at an installed version (which the caller has health-checked). Takes the lock.
+
+        With `only_if`, switch only while the active version is still `only_if` (compare-and-set);
+        returns whether the pointer was switched."""
         with self.lock():
             models = self._state_or_rebuild()
             state = models.setdefault(name, ModelState())
             previous = state.active
+            if only_if is not None and previous != only_if:
+                return False
             state.promote(version)
             self.write_state(models)
         self.record(event, model=name, version=version, previous=previous, **fields)
+        return True
 
     def rollback(self, name: str | None = None, to: int | None = None) -> dict[str, Any]:
         """Switch back to the previous known-good version, which then serves; the version left stops being

@@ -155,3 +155,12 @@ def test_swap_to_a_version_that_fails_keeps_serving_and_reverts(tmp_path: Path, 
         assert "swap-failed" in events
     finally:
         agent.stop()
+
+
+def test_demo_stage_swaps_under_load_and_reports_each_version(tmp_path: Path, packages: Packages) -> None:
+    from edge_agent.demo import swap_under_load
+
+    result = swap_under_load(tmp_path / "state", packages.public_key, [packages.versions[1], packages.versions[2]], dwell_s=0.4)
+    assert result["failures"] == 0, result["errors"]
+    assert [r["version"] for r in result["rows"]] == [1, 2] and all(r["requests"] > 0 for r in result["rows"])
+    assert result["swaps"][0]["from"] == 1 and result["swaps"][0]["to"] == 2
