@@ -29,6 +29,7 @@ class CostEstimate:
     estimated_ms: float
     compute_ms: float  # sum of per-op compute terms where compute bound
     memory_ms: float  # sum of per-op memory terms where memory bound
+    memory_level: str  # "cache" | "dram": where the model's bytes are assumed to come from
     overhead_ms: float  # invoke + per-op dispatch
     ram_needed_bytes: int
     ram_bytes: int
@@ -63,7 +64,9 @@ def estimate_cost(analysis: ModelAnalysis, profile: DeviceProfile, storage_bytes
     op_overhead_s = _per_format(profile.op_overhead_us, fmt) * 1e-6
     invoke_s = _per_format(profile.invoke_overhead_us, fmt) * 1e-6
     fp32 = profile.throughput_gmacs["fp32"] * 1e9
-    bandwidth = profile.mem_bandwidth_gbs * 1e9
+    working_set = analysis.params_bytes + analysis.peak_activation_bytes
+    in_cache = 0 < working_set <= profile.cache_bytes
+    bandwidth = (profile.cache_bandwidth_gbs if in_cache else profile.mem_bandwidth_gbs) * 1e9
     missing: set[str] = set()
     compute_s = memory_s = overhead_s = 0.0
     per_op = []
@@ -101,6 +104,7 @@ def estimate_cost(analysis: ModelAnalysis, profile: DeviceProfile, storage_bytes
         estimated_ms=(compute_s + memory_s + overhead_s) * 1e3,
         compute_ms=compute_s * 1e3,
         memory_ms=memory_s * 1e3,
+        memory_level="cache" if in_cache else "dram",
         overhead_ms=overhead_s * 1e3,
         ram_needed_bytes=int(ram_needed),
         ram_bytes=profile.ram_bytes,

@@ -36,6 +36,7 @@ class Estimate:
     compute_ms: float
     memory_ms: float
     overhead_ms: float
+    memory_level: str
     ram_needed_bytes: int
     ram_bytes: int
     fits_ram: bool
@@ -92,6 +93,7 @@ def estimate(
             estimated_ms=cost.estimated_ms,
             compute_ms=cost.compute_ms,
             memory_ms=cost.memory_ms,
+            memory_level=cost.memory_level,
             overhead_ms=cost.overhead_ms,
             ram_needed_bytes=cost.ram_needed_bytes,
             ram_bytes=cost.ram_bytes,

@@ -7,7 +7,8 @@ What is measured (one thread everywhere, to match how `estimate` times models on
   - cores (scheduler affinity), RAM (/proc/meminfo, capped by a cgroup limit), free disk, CPU model/clock;
   - fp32 and int8 matmul throughput in onnxruntime (MatMul / MatMulInteger, 512^3), and numpy's
     float32 matmul GFLOP/s for reference;
-  - memory bandwidth (a 64 MiB numpy copy: bytes read + written per second);
+  - memory bandwidth (a 64 MiB numpy copy: bytes read + written per second), the last-level cache size
+    (sysfs) and the bandwidth of a copy whose source and destination fit in it;
   - per-op dispatch and per-call overhead of each runtime: a chain of 64 tiny element-wise ops timed
     against a chain of 1 through edge_agent.runtimes (the same call path `estimate` measures);
   - the RAM each runtime takes (resident set growth when it is imported and loads a model).
@@ -168,6 +169,28 @@ def _ram_bytes() -> tuple[int, str]:
     return total, source
 
 
+def _last_level_cache() -> tuple[int, str]:
+    """Size in bytes of the highest cache level of cpu0 (data or unified), from sysfs; 0 if unknown."""
+    best_level, size = 0, 0
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = int((index / "level").read_text())
+            kind = (index / "type").read_text().strip()
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or level < best_level:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            best_level, size = level, int(text.rstrip("KMGB")) * unit
+        except ValueError:
+            continue
+    if not size:
+        return 0, ""
+    return size, f"measured: /sys/devices/system/cpu/cpu0/cache (L{best_level}, shared with other cores)"
+
+
 def _int8_accelerated() -> tuple[bool, str]:
     flags = set((_cpuinfo().get("flags") or _cpuinfo().get("Features") or "").split())
     found = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
@@ -294,6 +317,24 @@ def _bandwidth_gbs() -> float:
     return 2 * src.nbytes / (best * 1e-6) / 1e9
 
 
+def _cache_bandwidth_gbs(cache_bytes: int) -> float:
+    """Copy bandwidth with source + destination filling a quarter of the last-level cache."""
+    import numpy as np
+
+    n = max(cache_bytes // 8 // 4, 16 << 10)  # float32 elements per array: 2 arrays = cache / 4
+    src = np.ones(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    reps = max(1, (64 << 20) // (2 * src.nbytes))  # ~64 MiB moved per timing: amortizes the call cost
+
+    def copies() -> None:
+        for _ in range(reps):
+            np.copyto(dst, src)
+
+    copies()
+    best = min(_median_us(copies, 1) for _ in range(6))
+    return 2 * src.nbytes * reps / (best * 1e-6) / 1e9
+
+
 def _worker() -> dict[str, Any]:
     """Everything that needs timing; runs in the probe subprocess."""
     import importlib.util
@@ -311,6 +352,9 @@ def _worker() -> dict[str, Any]:
         out["ort_int8_gmacs"] = _matmul_gmacs(int8=True)
     out["numpy_fp32_gflops"] = _numpy_matmul_gflops()
     out["mem_bandwidth_gbs"] = _bandwidth_gbs()
+    cache_bytes, _ = _last_level_cache()
+    if cache_bytes:
+        out["cache_bandwidth_gbs"] = _cache_bandwidth_gbs(cache_bytes)
     return out
 
 
@@ -320,6 +364,8 @@ def _build_profile(m: dict[str, Any], disk_dir: Path) -> DeviceProfile:
     clock, clock_src = _clock_ghz()
     ram, ram_src = _ram_bytes()
     int8_acc, int8_src = _int8_accelerated()
+    cache_bytes, cache_src = _last_level_cache()
+    cache_bw = m.get("cache_bandwidth_gbs", 0.0) if cache_bytes else 0.0
     probe_dir = disk_dir
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
@@ -358,7 +404,12 @@ def _build_profile(m: dict[str, Any], disk_dir: Path) -> DeviceProfile:
         op_overhead_us={f: round(rt[f]["op_overhead_us"], 4) for f in runtimes},
         invoke_overhead_us={f: round(rt[f]["invoke_overhead_us"], 3) for f in runtimes},
         runtime_ram_bytes={f: int(rt[f]["runtime_ram_bytes"]) for f in runtimes},
+        cache_bytes=cache_bytes if cache_bw else 0,
+        cache_bandwidth_gbs=round(cache_bw, 3),
         sources={
+            "cache_bytes": cache_src,
+            "cache_bandwidth_gbs": "measured: numpy copy with source + destination = 1/4 of the last-level "
+            "cache, ~64 MiB moved per timing, best of 6",
             "cpu": "measured: /proc/cpuinfo (platform.processor() elsewhere)",
             "cores": "measured: os.sched_getaffinity (os.cpu_count elsewhere)",
             "clock_ghz": clock_src,

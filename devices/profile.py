@@ -54,6 +54,8 @@ class DeviceProfile:
     runtime_ram_bytes: dict[str, int]  # format -> RAM the runtime itself needs
     sources: dict[str, str]
     weights_in_ram: bool = True  # False: weights execute in place from flash (microcontrollers)
+    cache_bytes: int = 0  # last-level cache the threads share; 0: no cache level modelled
+    cache_bandwidth_gbs: float = 0.0  # sustained GB/s for data resident in that cache
     accelerator: str = ""
     notes: str = ""
     measured: dict[str, Any] = field(default_factory=dict)  # probe details (host profile only)
@@ -92,6 +94,8 @@ FIGURE_FIELDS = (
     "op_overhead_us",
     "invoke_overhead_us",
     "runtime_ram_bytes",
+    "cache_bytes",
+    "cache_bandwidth_gbs",
 )
 
 _FIELDS = {f.name: f for f in dataclasses.fields(DeviceProfile)}
@@ -108,6 +112,8 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "threads": (int,),
     "mem_bandwidth_gbs": (int, float),
     "weights_in_ram": (bool,),
+    "cache_bytes": (int,),
+    "cache_bandwidth_gbs": (int, float),
     "accelerator": (str,),
     "notes": (str,),
 }
@@ -120,7 +126,7 @@ _TABLE_FIELDS: dict[str, tuple[tuple[str, ...] | None, tuple[type, ...]]] = {
     "sources": (None, (str,)),
     "measured": (None, (object,)),
 }
-_MB_ALIASES = {"ram_mb": "ram_bytes", "storage_budget_mb": "storage_budget_bytes"}
+_MB_ALIASES = {"ram_mb": "ram_bytes", "storage_budget_mb": "storage_budget_bytes", "cache_mb": "cache_bytes"}
 
 
 def _type_name(types: tuple[type, ...]) -> str:
@@ -212,6 +218,10 @@ def _validate(p: DeviceProfile, origin: str) -> None:
         raise ProfileError(
             f"{origin}: field 'preferred_format' is {p.preferred_format!r}, not one of runtimes {list(p.runtimes)}"
         )
+    if bool(p.cache_bytes) != bool(p.cache_bandwidth_gbs) or p.cache_bytes < 0 or p.cache_bandwidth_gbs < 0:
+        raise ProfileError(
+            f"{origin}: fields 'cache_bytes' and 'cache_bandwidth_gbs' must both be > 0, or both 0"
+        )
     if "fp32" not in p.throughput_gmacs:
         raise ProfileError(f"{origin}: field 'throughput_gmacs' needs an 'fp32' entry")
     for key in ("op_overhead_us", "invoke_overhead_us", "runtime_ram_bytes"):
@@ -231,6 +241,8 @@ def missing_sources(p: DeviceProfile) -> list[str]:
     out = []
     for key in FIGURE_FIELDS:
         value = getattr(p, key)
+        if key.startswith("cache_") and not value:
+            continue  # optional, not modelled
         if key in p.sources and p.sources[key].strip():
             continue
         if isinstance(value, dict) and value and all(p.sources.get(f"{key}.{k}", "").strip() for k in value):
