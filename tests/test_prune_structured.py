@@ -17,6 +17,7 @@ from compress.prune import (
     PruneTraceError,
     count_macs,
     fit_to_state_dict,
+    macs_target_for_latency,
     plan_pruning,
     prune,
 )
@@ -223,6 +224,13 @@ def test_pruned_couplings_and_mbnet_export_with_parity_and_devices_macs(tmp_path
     _onnx_parity(small, specs_in, specs_out, example, {"image": images}, tmp_path / "mbnet.onnx")
     assert onnx_macs(tmp_path / "mbnet.onnx") == pytest.approx(count_macs(small, example), rel=1e-6)
     assert count_macs(small, example) <= 0.5 * count_macs(mbnet, example)
+    budget = macs_target_for_latency(tmp_path / "mbnet.onnx", "raspberry-pi-4", 0.8)
+    assert budget["target_macs"] < 0.8 and budget["overhead_ms"] > 0
+    assert budget["overhead_ms"] + budget["target_macs"] * (
+        budget["estimated_ms"] - budget["overhead_ms"]
+    ) == pytest.approx(0.8 * budget["estimated_ms"])
+    with pytest.raises(PruneError, match="below the fixed overhead"):
+        macs_target_for_latency(tmp_path / "mbnet.onnx", "raspberry-pi-4", 0.01)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from .api import PrunePlan, as_inputs, count_macs, count_params, plan_pruning, p
 from .config import PruneConfig, SparsityConfig
 from .errors import PruneError, PruneTraceError
 from .graph import DependencyGraph, Group
-from .sensitivity import Sensitivity, layer_sensitivity, plan_from_sensitivity
+from .sensitivity import Sensitivity, layer_sensitivity, macs_target_for_latency, plan_from_sensitivity
 from .sparsity import Sparsifier, nm_mask, sparsify, sparsity_at
 from .storage import check_onnx_nm, nm_violations, storage_sizes, zstd_size
 from .surgery import fit_to_state_dict
@@ -27,6 +27,7 @@ __all__ = [
     "count_params",
     "fit_to_state_dict",
     "layer_sensitivity",
+    "macs_target_for_latency",
     "nm_mask",
     "nm_violations",
     "plan_from_sensitivity",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,3 +165,29 @@ def plan_from_sensitivity(
         round_to=round_to,
         ignore=list(ignore),
     )
+
+
+def macs_target_for_latency(model_file: str | Path, device: str, latency_fraction: float) -> dict[str, float]:
+    """The MACs fraction that meets `latency_fraction` of the dense model's latency estimated by the
+    device profile (devices.estimate_cost on the exported dense file). Channel pruning removes compute and
+    memory traffic in proportion to MACs but not the per-op / per-invoke overhead, so:
+    target_macs = (latency_fraction * estimated - overhead) / (estimated - overhead)."""
+    from devices import analyze_model, estimate_cost, load_profile
+
+    if not 0 < latency_fraction <= 1:
+        raise PruneError(f"latency_fraction must be in (0, 1], got {latency_fraction!r}")
+    path = Path(model_file)
+    est = estimate_cost(analyze_model(path), load_profile(device), path.stat().st_size)
+    variable = est.estimated_ms - est.overhead_ms
+    target = (latency_fraction * est.estimated_ms - est.overhead_ms) / variable if variable > 0 else 0.0
+    if target <= 0:
+        raise PruneError(
+            f"{device}: {latency_fraction:g} x {est.estimated_ms:.4g} ms is below the fixed overhead of "
+            f"{est.overhead_ms:.4g} ms that pruning cannot remove"
+        )
+    return {
+        "target_macs": min(1.0, target),
+        "estimated_ms": est.estimated_ms,
+        "overhead_ms": est.overhead_ms,
+        "target_ms": latency_fraction * est.estimated_ms,
+    }
