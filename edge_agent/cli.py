@@ -78,9 +78,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(config: Any) -> Any:
+def _store(config: Any, must_exist: bool = False) -> Any:
+    from pathlib import Path
+
+    from edge_agent.errors import StoreError
     from edge_agent.store import ModelStore
 
+    if must_exist and not (Path(config.state_dir) / "versions").is_dir():
+        raise StoreError(f"{config.state_dir} holds no model store (install a package first)")
     return ModelStore(config.state_dir, config.trust or None, config.threads, keep=config.keep_versions)
 
 
@@ -135,7 +140,7 @@ def _rollback(args: argparse.Namespace) -> int:
     from pocketfleet import emit
 
     config = _config(args)
-    out = _store(config).rollback(args.model, args.to)
+    out = _store(config, must_exist=True).rollback(args.model, args.to)
     out["agent"] = _notify(config, {out["model"]: out["version"]})
     emit(out, args.json, lambda r: f"rolled back {r['model']}: v{r['previous']} -> v{r['version']}")
     return 0
@@ -147,7 +152,7 @@ def _status(args: argparse.Namespace) -> int:
     from pocketfleet import PocketfleetError, emit, table
 
     config = _config(args)
-    out = _store(config).status()
+    out = _store(config, must_exist=True).status()
     info = running_agent(config.state_dir)
     out["agent"] = None
     if info:
