@@ -33,7 +33,7 @@ class Api:
         self._post = {"/v1/predict": self.predict, "/v1/reload": self.reload}
 
     def __call__(self, req: Request) -> Response:
-        routes = self._post if req.method == "POST" else self._get if req.method in ("GET", "HEAD") else None
+        routes = self._post if req.method == "POST" else self._get if req.method == "GET" else None
         handler = routes.get(req.path) if routes is not None else None
         if handler is None and req.method == "POST" and req.path.startswith("/v1/models/") and req.path.endswith("/predict"):
             name = req.path[len("/v1/models/") : -len("/predict")]

@@ -187,7 +187,7 @@ class HttpServer:
         try:
             while not self._closing.is_set():
                 try:
-                    req, keep = self._read_request(rfile, peer)
+                    req, keep = self._read_request(rfile, peer, conn)
                 except _HttpError as exc:
                     body = json.dumps({"error": {"code": exc.code, "message": str(exc)}}).encode()
                     conn.sendall(_head(exc.status, "application/json", len(body), False, []) + body)
@@ -219,7 +219,7 @@ class HttpServer:
             log.exception("handler failed on %s %s", req.method, req.path)
             return error_response(500, "internal", f"{type(exc).__name__}: {exc}")
 
-    def _read_request(self, rfile: Any, peer: Any) -> tuple[Request | None, bool]:
+    def _read_request(self, rfile: Any, peer: Any, conn: socket.socket) -> tuple[Request | None, bool]:
         line = rfile.readline(MAX_LINE + 1)
         while line in (b"\r\n", b"\n"):  # tolerate blank lines between requests
             line = rfile.readline(MAX_LINE + 1)
@@ -256,9 +256,13 @@ class HttpServer:
         if not length_txt.isdigit():
             raise _HttpError(400, "bad_content_length", f"Content-Length {length_txt[:30]!r} is not a number")
         length = int(length_txt)
+        expect = headers.get("expect", "").lower() == "100-continue"  # curl asks before bodies > 1 KiB
         if length > self.max_body:
-            _drain(rfile, length)
+            if not expect:  # the body is on its way: read it away so that the client sees the answer
+                _drain(rfile, length)
             raise _HttpError(413, "body_too_large", f"the body has {length} bytes, more than the limit of {self.max_body}")
+        if expect and length:
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = rfile.read(length) if length else b""
         if len(body) != length:
             return None, False

@@ -221,3 +221,24 @@ def test_requests_feed_telemetry_into_the_outbox(agent: Agent, client: Client) -
     assert rec["schema"] == "pf.telemetry/1" and rec["latency_ms"]["p50"] > 0
     stats = rec["inputs"]["image"]
     assert len(stats["mean"]) == 64 and stats["count"] >= 15
+
+
+def test_expect_100_continue_and_connection_close(agent: Agent, packages: Packages) -> None:
+    """curl sends `Expect: 100-continue` before bodies over 1 KiB: the agent answers at once."""
+    import socket
+
+    host, port = agent.server.address
+    body = codec.npy_bytes(X[:1])
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(
+            f"POST /v1/models/{NAME}/predict HTTP/1.1\r\nHost: x\r\nContent-Type: {codec.NPY}\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        data = b""
+        while chunk := s.recv(65536):  # the agent closes after the answer (Connection: close)
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in head
+    np.testing.assert_allclose(json.loads(payload)["outputs"]["logits"], packages.expected[agent.served()[NAME]][:1], rtol=1e-5, atol=1e-5)
