@@ -37,6 +37,7 @@ _EXPORTS = {
     "InputError": "edge_agent.runtimes",
     "RuntimeLoadError": "edge_agent.runtimes",
     "FAULT_POINTS": "edge_agent.faults",
+    "swap_under_load": "edge_agent.demo",
 }
 _ERRORS = ["AgentError", "ConfigError", "StoreError", "DowngradeError", "HealthCheckError", "OutboxFullError", "RequestError"]
 _EXPORTS.update({name: "edge_agent.errors" for name in _ERRORS})
