@@ -14,6 +14,7 @@ POST /v1/reload.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from typing import Any
 
 from edge_agent.api import Api
 from edge_agent.config import AgentConfig
-from edge_agent.errors import RequestError, StoreError
+from edge_agent.errors import AgentError, RequestError, StoreError
 from edge_agent.faults import fault_point
 from edge_agent.fsutil import atomic_write_json
 from edge_agent.health import LoadedModel
@@ -56,6 +57,7 @@ class Agent:
         self.swaps = 0
         self.started = time.time()
         self.server: HttpServer | None = None
+        self._lock_fd: int | None = None
         self._threads: list[Any] = []
         self.metrics.add_gauge("pocketfleet_agent_outbox_bytes", "Bytes held in the outbox", lambda: self.outbox.stats()["bytes"])
         self.metrics.add_gauge(
@@ -170,8 +172,23 @@ class Agent:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
+    def _claim(self) -> None:
+        """One agent per state directory: an exclusive flock held for the agent's life (freed on death)."""
+        fd = os.open(self.store.root / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = running_agent(self.store.root) or {}
+            raise AgentError(
+                f"another agent (pid {other.get('pid', '?')}, {', '.join(other.get('urls', [])) or 'starting'}) "
+                f"is running on {self.store.root}"
+            ) from None
+        self._lock_fd = fd
+
     def start(self) -> Agent:
         cfg = self.config
+        self._claim()
         self._stamp = self.store.state_stamp()
         loaded = self.store.recover(on_event=self._on_store_event)
         for model in loaded.values():
@@ -216,11 +233,14 @@ class Agent:
             self.server.close()
         for t in self._threads:
             t.stop()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             info = json.loads((self.store.root / AGENT_FILE).read_text())
             if info.get("pid") == os.getpid():
                 (self.store.root / AGENT_FILE).unlink()
         self.outbox.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT (graceful: requests in progress finish); SIGHUP reloads."""

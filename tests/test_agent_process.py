@@ -5,6 +5,7 @@ each swap step then restart, and a swap to a version that turns out bad."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -164,3 +165,18 @@ def test_demo_stage_swaps_under_load_and_reports_each_version(tmp_path: Path, pa
     assert result["failures"] == 0, result["errors"]
     assert [r["version"] for r in result["rows"]] == [1, 2] and all(r["requests"] > 0 for r in result["rows"])
     assert result["swaps"][0]["from"] == 1 and result["swaps"][0]["to"] == 2
+
+
+def test_a_second_agent_on_the_same_store_is_refused(tmp_path: Path, packages: Packages) -> None:
+    from edge_agent.errors import AgentError
+
+    state = tmp_path / "state"
+    ModelStore(state, packages.public_key).install(packages.versions[1])
+    cfg = {"state_dir": str(state), "trust": packages.public_key, "listen": "127.0.0.1:0"}
+    first = Agent(AgentConfig(**cfg)).start()
+    try:
+        with pytest.raises(AgentError, match=rf"another agent \(pid {os.getpid()}"):
+            Agent(AgentConfig(**cfg)).start()
+    finally:
+        first.stop()
+    Agent(AgentConfig(**cfg)).start().stop()  # free again once the first one stopped
