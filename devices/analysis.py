@@ -80,7 +80,7 @@ class OpCost:
     macs: int
     elementwise: int  # non-MAC arithmetic, one per element touched
     bytes_moved: int  # activation + weight bytes read, output bytes written
-    params_bytes: int  # constant inputs (weights) read by this op
+    weight_bytes: int  # the part of bytes_moved that is constant data (weights, tables)
     output_shapes: list[list[int] | None]
 
     @property
@@ -149,10 +149,12 @@ def analyze_graph(g: Graph, path: str = "", seq_len: int = 128) -> ModelAnalysis
         out_bytes = sum(t.nbytes for t in outs)
         elementwise = 0
         if kind in (FUSED, FOLDED, VIEW):
-            moved = 0
-        elif node.op_type in ("Gather", "GATHER"):  # an embedding lookup reads only the rows it returns
-            moved = 2 * out_bytes + sum(t.nbytes for t in ins[1:])
+            moved = weight = 0
+        elif node.op_type in ("Gather", "GATHER") and ins and ins[0].const:
+            weight = out_bytes  # an embedding lookup reads only the rows it returns
+            moved = weight + out_bytes + sum(t.nbytes for t in ins[1:])
         else:
+            weight = const_bytes
             moved = act_in + const_bytes + out_bytes
             if kind == ELEMENTWISE:
                 elementwise = _elementwise(node, ins, outs)
@@ -166,7 +168,7 @@ def analyze_graph(g: Graph, path: str = "", seq_len: int = 128) -> ModelAnalysis
                 macs=int(macs),
                 elementwise=int(elementwise),
                 bytes_moved=int(moved),
-                params_bytes=int(const_bytes) if kind != FOLDED else 0,
+                weight_bytes=int(weight),
                 output_shapes=[list(t.shape) if t.shape is not None else None for t in outs],
             )
         )

@@ -168,7 +168,7 @@ def _render_estimate(d: dict[str, Any]) -> str:
     lines += [f"  warning: {w}" for w in d["warnings"]]
     if d.get("ops"):
         rows = [
-            {k: op[k] for k in ("index", "op_type", "kind", "dtype", "macs", "bytes_moved")}
+            {k: op[k] for k in ("index", "op_type", "kind", "dtype", "macs", "bytes_moved", "weight_bytes")}
             for op in d["ops"]
         ]
         lines += ["", table(rows)]

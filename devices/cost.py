@@ -29,7 +29,7 @@ class CostEstimate:
     estimated_ms: float
     compute_ms: float  # sum of per-op compute terms where compute bound
     memory_ms: float  # sum of per-op memory terms where memory bound
-    memory_level: str  # "cache" | "dram": where the model's bytes are assumed to come from
+    memory_level: str  # "cache" | "mixed" (activations cached, weights from DRAM) | "dram"
     overhead_ms: float  # invoke + per-op dispatch
     ram_needed_bytes: int
     ram_bytes: int
@@ -64,9 +64,12 @@ def estimate_cost(analysis: ModelAnalysis, profile: DeviceProfile, storage_bytes
     op_overhead_s = _per_format(profile.op_overhead_us, fmt) * 1e-6
     invoke_s = _per_format(profile.invoke_overhead_us, fmt) * 1e-6
     fp32 = profile.throughput_gmacs["fp32"] * 1e9
-    working_set = analysis.params_bytes + analysis.peak_activation_bytes
-    in_cache = 0 < working_set <= profile.cache_bytes
-    bandwidth = (profile.cache_bandwidth_gbs if in_cache else profile.mem_bandwidth_gbs) * 1e9
+    has_cache = profile.cache_bytes > 0
+    acts_cached = has_cache and analysis.peak_activation_bytes <= profile.cache_bytes
+    all_cached = has_cache and analysis.params_bytes + analysis.peak_activation_bytes <= profile.cache_bytes
+    dram, cache = profile.mem_bandwidth_gbs * 1e9, profile.cache_bandwidth_gbs * 1e9
+    act_bw = cache if acts_cached else dram
+    weight_bw = cache if all_cached else dram
     missing: set[str] = set()
     compute_s = memory_s = overhead_s = 0.0
     per_op = []
@@ -78,7 +81,7 @@ def estimate_cost(analysis: ModelAnalysis, profile: DeviceProfile, storage_bytes
         if op.macs and not known:
             missing.add(op.dtype)
         c = op.macs / (gmacs * 1e9) + op.elementwise / fp32
-        m = op.bytes_moved / bandwidth
+        m = (op.bytes_moved - op.weight_bytes) / act_bw + op.weight_bytes / weight_bw
         if c >= m:
             compute_s += c
         else:
@@ -104,7 +107,7 @@ def estimate_cost(analysis: ModelAnalysis, profile: DeviceProfile, storage_bytes
         estimated_ms=(compute_s + memory_s + overhead_s) * 1e3,
         compute_ms=compute_s * 1e3,
         memory_ms=memory_s * 1e3,
-        memory_level="cache" if in_cache else "dram",
+        memory_level="cache" if all_cached else "mixed" if acts_cached else "dram",
         overhead_ms=overhead_s * 1e3,
         ram_needed_bytes=int(ram_needed),
         ram_bytes=profile.ram_bytes,
