@@ -180,7 +180,7 @@ def _fill_shapes_with_onnxruntime(
         tt = inp.type.tensor_type
         shape = [d.dim_value if d.dim_value > 0 else 1 for d in tt.shape.dim]
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        feeds[inp.name] = np.ones(shape, dtype) if dtype.kind in "iub" else np.zeros(shape, dtype)
+        feeds[inp.name] = np.ones(shape, dtype)  # dense: data-dependent shapes (NonZero) at their largest
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.intra_op_num_threads = 1
@@ -197,6 +197,7 @@ def _fill_shapes_with_onnxruntime(
     for name, value in zip(names, values, strict=True):
         if name in missing or name not in tensors:
             tensors[name] = Tensor(name, tuple(int(d) for d in np.shape(value)), np.asarray(value).dtype.name)
+    warnings.append(f"shapes of {len(missing)} tensors read from an onnxruntime run on all-ones inputs")
 
 
 # ---------------------------------------------------------------------------------------------- TFLite

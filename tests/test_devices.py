@@ -158,6 +158,21 @@ def test_onnx_sequence_dimension_follows_seq_len(tmp_path):
     assert devices.count_macs(path, seq_len=7) == 7 * 16 * 8
 
 
+def test_data_dependent_shapes_come_from_an_onnxruntime_run(tmp_path):
+    nodes = [
+        helper.make_node("NonZero", ["x"], ["nz"]),  # [2, count]: unknown to shape inference
+        helper.make_node("Transpose", ["nz"], ["t"]),
+        helper.make_node("Cast", ["t"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["f", "w"], ["y"]),
+    ]
+    path = _save(
+        tmp_path / "nz.onnx", nodes, [_f32("x", ["batch", 4])], [_f32("y", None)], [_init("w", [2, 5])]
+    )
+    a = devices.analyze_model(path)
+    assert a.macs == 4 * 2 * 5  # all-ones input: every element non-zero (the largest case)
+    assert any("onnxruntime run" in w for w in a.warnings)
+
+
 def test_peak_activation_memory_follows_liveness_on_a_chain(tmp_path):
     # x -> Neg -> a -> Neg -> b ; Add(x, b) -> c ; Concat(c, c) -> d ; Relu(d) -> e.  [1,64] fp32 = 256 B.
     nodes = [
