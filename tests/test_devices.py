@@ -166,7 +166,11 @@ def test_data_dependent_shapes_come_from_an_onnxruntime_run(tmp_path):
         helper.make_node("MatMul", ["f", "w"], ["y"]),
     ]
     path = _save(
-        tmp_path / "nz.onnx", nodes, [_f32("x", ["batch", 4])], [_f32("y", None)], [_init("w", [2, 5])]
+        tmp_path / "nz.onnx",
+        nodes,
+        [_f32("x", ["batch", 4])],
+        [_f32("y", ["count", 5])],
+        [_init("w", [2, 5])],
     )
     a = devices.analyze_model(path)
     assert a.macs == 4 * 2 * 5  # all-ones input: every element non-zero (the largest case)
