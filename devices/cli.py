@@ -157,6 +157,9 @@ def _render_estimate(d: dict[str, Any]) -> str:
             f"  measured latency   {d['measured_ms']:.4g} ms (median of {d['measured_runs']} runs, "
             f"{d['measured_threads']} thread(s)); measured/estimated = {d['ratio']:.2f}"
         )
+        lines.append(
+            f"  measured CPU time  {d['measured_cpu_ms']:.4g} ms (calling thread); CPU/estimated = {d['cpu_ratio']:.2f}"
+        )
     lines += [
         f"  RAM                {d['ram_needed_bytes'] / mb:.2f} of {d['ram_bytes'] / mb:.1f} MiB "
         f"-> {'fits' if d['fits_ram'] else 'DOES NOT FIT'}",

@@ -48,10 +48,12 @@ class Estimate:
     fits: bool
     dtypes: dict[str, int]
     package: dict[str, Any] | None = None
-    measured_ms: float | None = None
+    measured_ms: float | None = None  # median wall-clock latency
+    measured_cpu_ms: float | None = None  # median CPU time of the calling thread (robust to a busy machine)
     measured_runs: int | None = None
     measured_threads: int | None = None
-    ratio: float | None = None  # measured / estimated
+    ratio: float | None = None  # measured / estimated (wall clock)
+    cpu_ratio: float | None = None  # measured CPU time / estimated: the ratio to trust on a shared machine
     warnings: list[str] = field(default_factory=list)
     analysis: ModelAnalysis | None = field(default=None, repr=False, compare=False)
 
@@ -110,16 +112,30 @@ def estimate(
             analysis=analysis,
         )
         if measure:
-            ms, runs = measure_latency(src, seq_len, profile.threads, min_runs, min_seconds)
-            out.measured_ms, out.measured_runs, out.measured_threads = ms, runs, profile.threads
-            out.ratio = ms / cost.estimated_ms if cost.estimated_ms > 0 else None
+            m = measure_latency(src, seq_len, profile.threads, min_runs, min_seconds)
+            out.measured_ms, out.measured_cpu_ms, out.measured_runs = m.wall_ms, m.cpu_ms, m.runs
+            out.measured_threads = profile.threads
+            if cost.estimated_ms > 0:
+                out.ratio = m.wall_ms / cost.estimated_ms
+                out.cpu_ratio = m.cpu_ms / cost.estimated_ms
     return out
+
+
+@dataclass
+class Measurement:
+    wall_ms: float  # median wall-clock latency
+    cpu_ms: float  # median CPU time of the calling thread; with 1 thread the runtimes compute on it
+    runs: int
 
 
 def measure_latency(
     src: ModelSource, seq_len: int, threads: int = 1, min_runs: int = 20, min_seconds: float = 1.0
-) -> tuple[float, int]:
-    """Median wall-clock milliseconds of one batch-1 inference through edge_agent.runtimes."""
+) -> Measurement:
+    """Median milliseconds of one batch-1 inference through edge_agent.runtimes (warm-up first).
+
+    Wall-clock time is the latency; the calling thread's CPU time is reported too because on a shared,
+    overloaded machine the wall clock also counts the time the process waited for a core.
+    """
     from edge_agent.runtimes import io_dtype, load_runtime
 
     runtime = load_runtime(src.model_path, src.format, threads=threads)
@@ -146,10 +162,12 @@ def measure_latency(
         runtime.run(feeds)
         if i >= 4 and time.perf_counter() >= warm_until:
             break
-    times: list[float] = []
+    wall: list[float] = []
+    cpu: list[float] = []
     end = time.perf_counter() + min_seconds
-    while len(times) < min_runs or (time.perf_counter() < end and len(times) < 20_000):
-        start = time.perf_counter()
+    while len(wall) < min_runs or (time.perf_counter() < end and len(wall) < 20_000):
+        start, start_cpu = time.perf_counter(), time.thread_time()
         runtime.run(feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3), len(times)
+        cpu.append(time.thread_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
+    return Measurement(float(np.median(wall) * 1e3), float(np.median(cpu) * 1e3), len(wall))

@@ -370,6 +370,7 @@ def test_host_estimate_measures_and_is_within_a_sanity_bound(host, tmp_path, tfl
         e = devices.estimate(model, profile, min_runs=50, min_seconds=0.3)
         assert e.measured_ms is not None and e.measured_threads == 1 and e.measured_runs >= 50
         assert 0.25 < e.ratio < 4.0, e.to_dict()
+        assert 0 < e.measured_cpu_ms <= e.measured_ms * 1.5 and e.cpu_ratio > 0
 
 
 # ---------------------------------------------------------------------------------------------- CLI
