@@ -369,8 +369,11 @@ def head_only(work: Path, key: Path, keys_dir: Path) -> dict[str, Any]:
     from compress.zoo import make_model_dir
     from export.pipeline import export_model
 
-    m1 = make_model_dir("digits-mbnet", work / "mbnet-v1", progress=False)
+    m1 = work / "mbnet-v1"
+    if not (m1 / "weights.safetensors").exists():  # training takes minutes: kept with --workdir
+        make_model_dir("digits-mbnet", m1, progress=False)
     m2 = work / "mbnet-v2"
+    shutil.rmtree(m2, ignore_errors=True)
     shutil.copytree(m1, m2)
     weights = load_file(str(Path(m1) / "weights.safetensors"))
     gen = torch.Generator().manual_seed(0)

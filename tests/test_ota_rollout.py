@@ -89,7 +89,7 @@ def test_canary_passes_then_the_whole_group_gets_only_the_changed_chunks(make_fl
     fleet.install_everywhere(pkgs["v1"])
     out = fleet.release(pkgs["v2"], canary="25%", gates=["golden>=0.8", "error_rate<=0.01", "p95_ms<=1000"])
     assert len(out["canary"]) == 1
-    final = fleet.wait(out["rollout_id"], 60)
+    final = fleet.wait(out["rollout_id"], 120)
     assert final["state"] == "complete", final
     assert fleet.versions() == {d: 2 for d in fleet.device_ids}
     canary = [d for d in final["devices"] if d["phase"] == "canary"]
@@ -112,7 +112,7 @@ def test_a_bad_canary_is_rolled_back_on_every_canary_device(make_fleet, pkgs) ->
     fleet = make_fleet(4)
     fleet.install_everywhere(pkgs["v1"])
     out = fleet.release(pkgs["v2_broken"], canary="50%", gates=["golden>=0.8"])
-    final = fleet.wait(out["rollout_id"], 60)
+    final = fleet.wait(out["rollout_id"], 120)
     assert final["state"] == "failed" and "golden" in final["reason"], final
     canary = {d["device"] for d in final["devices"] if d["phase"] == "canary"}
     assert len(canary) == 2 and all(d["state"] == "rolled_back" for d in final["devices"])
@@ -122,7 +122,7 @@ def test_a_bad_canary_is_rolled_back_on_every_canary_device(make_fleet, pkgs) ->
         assert not fleet.devices[d].ota.reports, "non-canary devices never saw the release"
     # the group moves on with a good, newer release (the rolled-back one stays revoked on the canaries)
     out = fleet.release(pkgs["v3"], canary="25%", gates=["golden>=0.8"])
-    assert fleet.wait(out["rollout_id"], 60)["state"] == "complete"
+    assert fleet.wait(out["rollout_id"], 120)["state"] == "complete"
     assert fleet.versions() == {d: 3 for d in fleet.device_ids}
 
 
@@ -142,9 +142,9 @@ def test_an_offline_device_gets_the_current_release_when_it_returns(make_fleet, 
 def test_a_replayed_old_release_is_refused_by_cloud_and_device(make_fleet, pkgs) -> None:
     fleet = make_fleet(2)
     first = fleet.release(pkgs["v1"], canary=0)  # devices start empty: a full download
-    assert fleet.wait(first["rollout_id"], 60)["state"] == "complete"
+    assert fleet.wait(first["rollout_id"], 120)["state"] == "complete"
     second = fleet.release(pkgs["v2"], canary=0)
-    assert fleet.wait(second["rollout_id"], 60)["state"] == "complete"
+    assert fleet.wait(second["rollout_id"], 120)["state"] == "complete"
     with pytest.raises(ReleaseError, match="not newer"):
         fleet.release(pkgs["v1"], canary=0)
     op = _operator(fleet)
@@ -197,7 +197,7 @@ def test_an_oversized_release_is_refused_before_download(make_fleet, pkgs) -> No
     fleet = make_fleet(2, ota=OtaSettings(max_package_bytes=10_000))
     fleet.install_everywhere(pkgs["v1"])
     out = fleet.release(pkgs["v2"], canary="50%")
-    final = fleet.wait(out["rollout_id"], 60)
+    final = fleet.wait(out["rollout_id"], 120)
     assert final["state"] == "failed" and "failed the install" in final["reason"]
     refused = [r for r in fleet.devices[final["devices"][0]["device"]].ota.reports if r["state"] == "refused"]
     assert refused and "max_package_bytes" in refused[0]["error"]
@@ -216,7 +216,7 @@ def test_a_tampered_chunk_is_rejected_and_fetched_again(make_fleet, pkgs) -> Non
 
     fleet.workers[0].chunk_filter = corrupt_once
     out = fleet.release(pkgs["v1"], canary=0)
-    final = fleet.wait(out["rollout_id"], 60)
+    final = fleet.wait(out["rollout_id"], 120)
     assert tampered == [1] and final["state"] == "complete"
     ota = fleet.devices["dev-000"].ota
     assert ota.counters.get("bad_chunks") == 1 and final["devices"][0]["progress"]["refetched"] >= 1
@@ -264,7 +264,7 @@ def test_bandwidth_cap_bounds_the_download_rate(make_fleet, keys, tmp_path) -> N
     fleet = make_fleet(1, ota=OtaSettings(bandwidth_bps=rate))
     start = time.monotonic()
     out = fleet.release(big, canary=0)
-    final = fleet.wait(out["rollout_id"], 60)
+    final = fleet.wait(out["rollout_id"], 120)
     elapsed = time.monotonic() - start
     received = final["devices"][0]["progress"]["bytes_rx"]
     assert final["state"] == "complete" and received >= big.stat().st_size

@@ -211,3 +211,39 @@ def test_burst_from_100_devices_through_the_outbox_loses_nothing(tmp_path: Path)
             w.stop()
         for ob in outboxes:
             ob.close()
+
+
+def test_broker_run_command_serves_clients() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from cloud_sync.config import MqttConfig
+    from tests.mosquitto import free_port
+
+    port = free_port()
+    exe = str(Path(sys.executable).parent / "pocketfleet")
+    proc = subprocess.Popen([exe, "broker", "run", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        def listening() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(listening, 30)
+        cfg = MqttConfig(port=port, protocol="3.1.1", reconnect_min_s=0.1)
+        sub = MqttClient(cfg, client_id="sub")
+        got = _collect(sub, "pf/v1/dev/x/cmd")
+        sub.start().wait_connected()
+        pub = MqttClient(cfg, client_id="pub").start().wait_connected()
+        pub.publish("pf/v1/dev/x/cmd", b"via pocketfleet broker run")
+        wait_for(lambda: got, 10)
+        sub.stop()
+        pub.stop()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert f"127.0.0.1:{port}" in proc.stdout.read()
