@@ -481,18 +481,24 @@ def main(argv: list[str] | None = None) -> int:
         log: dict[str, Any] = {}
         result["structured"] = structured(b, log)
         result["sensitivity"] = log["sensitivity"]
+        _save(args.out, {**result, "partial": True})
         result["sparse"] = sparse(b)
+        _save(args.out, {**result, "partial": True})
         result["int8"] = int8(b, result["structured"])
         result["packages"] = packages(b, ["dense", f"ours-sensitivity@{setup.budget:g}"])
         result["peer"] = {"torch_pruning": _version("torch-pruning")}
         result["seconds"] = round(time.perf_counter() - started, 1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=_json) + "\n")
+    _save(args.out, result)
     print(render(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _save(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=_json) + "\n")
 
 
 def _version(dist: str) -> str | None:

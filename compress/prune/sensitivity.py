@@ -37,16 +37,23 @@ class Sensitivity:
     baseline: float
     ratios: list[float]
     metric: dict[str, list[float]] = field(default_factory=dict)
+    actual: dict[str, list[float]] = field(default_factory=dict)  # fraction really removed (after rounding)
     macs_share: dict[str, float] = field(default_factory=dict)  # MACs saved by pruning the group at 0.5
     importance: str = "l2"
 
     def drop(self, layer: str, ratio: float) -> float:
         """Predicted metric loss of pruning `layer` by `ratio` (piecewise linear, extrapolated)."""
-        xs = [0.0, *self.ratios]
+        xs = [0.0, *self.actual.get(layer, self.ratios)]
         ys = [0.0, *(self.baseline - v for v in self.metric[layer])]
+        xs, ys = (
+            [x for i, x in enumerate(xs) if i == 0 or x > xs[i - 1]],
+            [y for i, y in enumerate(ys) if i == 0 or xs[i] > xs[i - 1]],
+        )
         ys = list(np.maximum.accumulate(np.maximum(ys, 0.0)))  # more pruning never predicted to help
         if ratio <= xs[-1]:
             return float(np.interp(ratio, xs, ys))
+        if len(xs) < 2:
+            return 0.0
         slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
         return float(ys[-1] + slope * (ratio - xs[-1]))
 
@@ -96,11 +103,12 @@ def layer_sensitivity(
     total = graph.macs()
     bar = tqdm(total=len(groups) * len(ratios), desc="sensitivity", disable=not progress, leave=False)
     for g in groups:
-        sens.metric[g.name] = []
+        sens.metric[g.name], sens.actual[g.name] = [], []
         half = {g.root: kept_count(g, 0.5, round_to, strict=False)}
         sens.macs_share[g.name] = (total - graph.macs(half)) / total
         for r in ratios:
             counts = {g.root: kept_count(g, r, round_to, strict=False)}
+            sens.actual[g.name].append(1.0 - counts[g.root] / g.size)
             pruned = _pruned_copy(graph, base, scores, counts)
             if data is not None:
                 recalibrate_bn(pruned, data)
@@ -136,19 +144,23 @@ def plan_from_sensitivity(
     def counts_for(r: dict[str, float]) -> dict[int, int]:
         return {g.root: kept_count(g, r[name], round_to, strict=False) for name, g in groups.items()}
 
+    def removed(name: str, r: float) -> float:  # the fraction really removed after rounding
+        return 1.0 - kept_count(groups[name], r, round_to, strict=False) / groups[name].size
+
     goal = target_macs * measure(graph, {})
     current = measure(graph, counts_for(ratios))
     while current > goal:
         best: tuple[float, str, float] | None = None
         for name in groups:
-            nxt = round(min(max_ratio, ratios[name] + step), 6)
-            if nxt <= ratios[name]:
-                continue
-            trial = {**ratios, name: nxt}
-            saved = current - measure(graph, counts_for(trial))
+            nxt, saved = ratios[name], 0.0
+            while saved <= 0 and nxt < max_ratio:  # the next ratio that changes the (rounded) width
+                nxt = round(min(max_ratio, nxt + step), 6)
+                saved = current - measure(graph, counts_for({**ratios, name: nxt}))
             if saved <= 0:
                 continue
-            loss = max(0.0, sens.drop(name, nxt) - sens.drop(name, ratios[name]))
+            loss = max(
+                0.0, sens.drop(name, removed(name, nxt)) - sens.drop(name, removed(name, ratios[name]))
+            )
             key = (loss + 1e-9) / saved
             if best is None or key < best[0]:
                 best = (key, name, nxt)
