@@ -13,7 +13,8 @@ What is measured (one thread everywhere, to match how `estimate` times models on
     against a chain of 1 through edge_agent.runtimes (the same call path `estimate` measures);
   - the RAM each runtime takes (resident set growth when it is imported and loads a model).
 The measurements run in a subprocess with BLAS/OpenMP pinned to one thread, so they neither depend on
-nor disturb the caller's thread pools.
+nor disturb the caller's thread pools; times are the calling thread's CPU time, so a busy machine does
+not make the host look slower than it is.
 """
 
 from __future__ import annotations
@@ -231,13 +232,19 @@ def _rss_bytes() -> int:
 
 
 def _median_us(fn: Any, runs: int) -> float:
+    """Median CPU time of the calling thread per call of `fn`, in microseconds.
+
+    Everything probed runs on the calling thread (one-thread sessions, BLAS pinned to one thread), so
+    thread CPU time measures the machine and not how busy it is; wall-clock best-of would be preempted
+    on a loaded machine.
+    """
     import numpy as np
 
     times = np.empty(runs)
     for i in range(runs):
-        start = time.perf_counter()
+        start = time.thread_time()
         fn()
-        times[i] = time.perf_counter() - start
+        times[i] = time.thread_time() - start
     return float(np.median(times) * 1e6)
 
 
@@ -372,15 +379,11 @@ def _build_profile(m: dict[str, Any], disk_dir: Path) -> DeviceProfile:
     free = shutil.disk_usage(probe_dir).free
     runtimes = tuple(f for f in ("onnx", "tflite") if f in m["runtimes"])
     rt = m["runtimes"]
-    chain = (
-        f"a chain of {CHAIN} vs 1 tiny Add/Mul ops via edge_agent.runtimes, 1 thread, median of 5x400 runs"
-    )
+    chain = f"a chain of {CHAIN} vs 1 tiny Add/Mul ops via edge_agent.runtimes, 1 thread, median thread CPU time of 5x400 runs"
     if "ort_fp32_gmacs" in m:
         fp32 = m["ort_fp32_gmacs"]
         throughput = {"fp32": fp32, "int8": m["ort_int8_gmacs"]}
-        tp_src = (
-            f"measured: onnxruntime MatMul / MatMulInteger {MATMUL}x{MATMUL}x{MATMUL}, 1 thread, best of 12"
-        )
+        tp_src = f"measured: onnxruntime MatMul / MatMulInteger {MATMUL}x{MATMUL}x{MATMUL}, 1 thread, best thread CPU time of 12"
     else:
         fp32 = m["numpy_fp32_gflops"] / 2
         throughput = {"fp32": fp32}
@@ -409,7 +412,7 @@ def _build_profile(m: dict[str, Any], disk_dir: Path) -> DeviceProfile:
         sources={
             "cache_bytes": cache_src,
             "cache_bandwidth_gbs": "measured: numpy copy with source + destination = 1/4 of the last-level "
-            "cache, ~64 MiB moved per timing, best of 6",
+            "cache, ~64 MiB moved per timing, best thread CPU time of 6",
             "cpu": "measured: /proc/cpuinfo (platform.processor() elsewhere)",
             "cores": "measured: os.sched_getaffinity (os.cpu_count elsewhere)",
             "clock_ghz": clock_src,
@@ -419,7 +422,7 @@ def _build_profile(m: dict[str, Any], disk_dir: Path) -> DeviceProfile:
             "supported_dtypes": "measured: dtypes whose matmul ran in onnxruntime",
             "int8_accelerated": int8_src,
             "throughput_gmacs": tp_src,
-            "mem_bandwidth_gbs": "measured: numpy copy of a 64 MiB float32 array, (read+write bytes)/s, best of 6",
+            "mem_bandwidth_gbs": "measured: numpy copy of a 64 MiB float32 array, (read+write bytes)/s, best thread CPU time of 6",
             "op_overhead_us": f"measured: {chain}; (t64 - t1) / 63",
             "invoke_overhead_us": f"measured: {chain}; t1 - one op",
             "runtime_ram_bytes": "measured: resident-set growth when the runtime loads the two chain models",
