@@ -109,7 +109,7 @@ def _render_profile(d: dict[str, Any]) -> str:
     for key in (
         "cpu", "accelerator", "cores", "clock_ghz", "threads", "ram_bytes", "storage_budget_bytes", "runtimes",
         "preferred_format", "supported_dtypes", "int8_accelerated", "throughput_gmacs", "mem_bandwidth_gbs",
-        "op_overhead_us", "invoke_overhead_us", "runtime_ram_bytes", "weights_in_ram",
+        "cache_bytes", "cache_bandwidth_gbs", "op_overhead_us", "invoke_overhead_us", "runtime_ram_bytes", "weights_in_ram",
     ):  # fmt: skip
         if d.get(key) not in (None, ""):
             value = d[key]
