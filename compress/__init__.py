@@ -17,12 +17,22 @@ _EXPORTS = {
     "make_model_dir": "zoo",
     "save_model_dir": "zoo",
     "load_model_dir": "zoo",
+    "PruneConfig": "prune",
+    "SparsityConfig": "prune",
+    "Sparsifier": "prune",
+    "layer_sensitivity": "prune",
+    "plan_from_sensitivity": "prune",
+    "DistillConfig": "distill",
 }
+# callable subpackages: compress.prune(model, PruneConfig(...), example_inputs), compress.distill(...)
+_SUBPACKAGES = {"prune", "distill"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(set(_EXPORTS) | _SUBPACKAGES)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

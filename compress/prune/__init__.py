@@ -2,6 +2,10 @@
 graph, unstructured and N:M magnitude sparsity with schedules, per-layer sensitivity and MACs-budgeted
 plans, and honest storage accounting. See docs/pruning.md."""
 
+import sys
+import types
+from typing import Any
+
 from .api import PrunePlan, as_inputs, count_macs, count_params, plan_pruning, prune, recalibrate_bn
 from .config import PruneConfig, SparsityConfig
 from .errors import PruneError, PruneTraceError
@@ -39,3 +43,13 @@ __all__ = [
     "storage_sizes",
     "zstd_size",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """`compress.prune(...)` calls `compress.prune.prune(...)` while `compress.prune` stays the package."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return prune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
