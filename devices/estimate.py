@@ -7,7 +7,6 @@ e = estimate("model.onnx", "host")          # measures too: e.measured_ms, e.rat
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from devices.analysis import ModelAnalysis, analyze_model
 from devices.cost import estimate_cost
 from devices.profile import DeviceProfile, load_profile
 from devices.source import ModelSource, open_model
+from devices.timing import time_calls
 
 
 @dataclass
@@ -157,17 +157,5 @@ def measure_latency(
             feeds[spec.name] = np.ones(shape, dtype)
         else:
             feeds[spec.name] = rng.integers(1, 100, shape).astype(dtype)
-    warm_until = time.perf_counter() + 0.2
-    for i in range(10_000):
-        runtime.run(feeds)
-        if i >= 4 and time.perf_counter() >= warm_until:
-            break
-    wall: list[float] = []
-    cpu: list[float] = []
-    end = time.perf_counter() + min_seconds
-    while len(wall) < min_runs or (time.perf_counter() < end and len(wall) < 20_000):
-        start, start_cpu = time.perf_counter(), time.thread_time()
-        runtime.run(feeds)
-        cpu.append(time.thread_time() - start_cpu)
-        wall.append(time.perf_counter() - start)
-    return Measurement(float(np.median(wall) * 1e3), float(np.median(cpu) * 1e3), len(wall))
+    stats = time_calls(lambda: runtime.run(feeds), min_runs=min_runs, min_seconds=min_seconds)
+    return Measurement(stats.p50_ms, stats.cpu_p50_ms or stats.p50_ms, stats.runs)

@@ -20,17 +20,25 @@ class LatencyStats:
     p99_ms: float
     mean_ms: float
     runs: int
+    # median CPU time of the calling thread: on a shared, loaded machine the wall clock also counts time
+    # spent waiting for a core; single-threaded runtimes compute on the calling thread
+    cpu_p50_ms: float | None = None
 
     def to_dict(self) -> dict[str, float | int]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return {
+            k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items() if v is not None
+        }
 
 
-def summarize(seconds: list[float] | np.ndarray) -> LatencyStats:
+def summarize(
+    seconds: list[float] | np.ndarray, cpu_seconds: list[float] | np.ndarray | None = None
+) -> LatencyStats:
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     if ms.size == 0:
         raise ValueError("no timings to summarize")
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return LatencyStats(float(p50), float(p90), float(p99), float(ms.mean()), int(ms.size))
+    cpu = float(np.median(cpu_seconds) * 1e3) if cpu_seconds is not None and len(cpu_seconds) else None
+    return LatencyStats(float(p50), float(p90), float(p99), float(ms.mean()), int(ms.size), cpu)
 
 
 def time_calls(
@@ -47,9 +55,11 @@ def time_calls(
         if i >= 4 and time.perf_counter() >= warm_until:
             break
     times: list[float] = []
+    cpu: list[float] = []
     end = time.perf_counter() + min_seconds
     while len(times) < min_runs or (time.perf_counter() < end and len(times) < max_runs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         fn()
+        cpu.append(time.thread_time() - start_cpu)
         times.append(time.perf_counter() - start)
-    return summarize(times)
+    return summarize(times, cpu)
