@@ -90,16 +90,28 @@ class Telemetry:
     """Collects observations from request threads; `flush()` writes one record per model version."""
 
     def __init__(
-        self, device: str, outbox: Outbox | None = None, max_features: int = 256, max_pending: int = 8192
+        self, device: str, outbox: Outbox | None = None, max_features: int = 256, max_pending: int = 8192,
+        max_pending_bytes: int = 32 << 20,
     ) -> None:
         self.device, self.outbox, self.max_features = device, outbox, max_features
         self._pending: collections.deque = collections.deque(maxlen=max_pending)
+        self._pending_bytes = 0  # input bytes held by pending observations (bounded: big bursts skip stats)
+        self.max_pending_bytes = max_pending_bytes
+        self.unsampled = 0  # requests of this window whose inputs were left out of the drift statistics
         self._windows: dict[tuple[str, int], Window] = {}
         self._lock = threading.Lock()
         self._since = time.time()
 
     def observe(self, name: str, version: int, seconds: float, inputs: Mapping[str, np.ndarray] | None, error: str | None) -> None:
         """Hot path: O(1), no NumPy work."""
+        if inputs:
+            size = sum(a.nbytes for a in inputs.values())
+            with self._lock:
+                if self._pending_bytes + size > self.max_pending_bytes:
+                    self.unsampled += 1
+                    inputs = None
+                else:
+                    self._pending_bytes += size
         self._pending.append((name, version, seconds, inputs, error))
 
     def fold(self) -> None:
@@ -112,6 +124,8 @@ class Telemetry:
                 break
         if not batch:
             return
+        with self._lock:
+            self._pending_bytes = max(0, self._pending_bytes - sum(a.nbytes for b in batch if b[3] for a in b[3].values()))
         groups: dict[tuple[str, int, str], list[np.ndarray]] = collections.defaultdict(list)
         with self._lock:
             for name, version, seconds, inputs, error in batch:
@@ -150,9 +164,9 @@ class Telemetry:
         self.fold()
         now = time.time()
         with self._lock:
-            windows, since = self._windows, self._since
+            windows, since, unsampled = self._windows, self._since, self.unsampled
             if reset:
-                self._windows, self._since = {}, now
+                self._windows, self._since, self.unsampled = {}, now, 0
         records = []
         for (name, version), w in sorted(windows.items()):
             lat = np.asarray(w.latencies) * 1000.0
@@ -171,6 +185,7 @@ class Telemetry:
                         "max": float(lat.max()) if lat.size else None,
                     },
                     "inputs": {k: {**s.to_dict(), "pooled": w.pooled.get(k, False)} for k, s in w.inputs.items()},
+                    "unsampled": unsampled,  # requests (all models) left out of the input statistics
                 }
             )
         return records

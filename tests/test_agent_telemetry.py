@@ -55,3 +55,15 @@ def test_window_counts_latencies_errors_and_input_stats(tmp_path: Path) -> None:
     assert tel.flush() == 2 and tel.snapshot() == []  # flushed records start a new window
     recs = box.peek(10)
     assert [r.priority for r in recs] == [Priority.TELEMETRY] * 2 and recs[0].json()["requests"] == 11
+
+
+def test_pending_input_bytes_are_bounded() -> None:
+    tel = Telemetry("dev-1", None, max_pending_bytes=3 * 256)  # room for 3 inputs of 256 bytes
+    x = np.ones((1, 64), np.float32)
+    for _ in range(5):
+        tel.observe("m", 1, 0.001, {"x": x}, None)
+    assert tel.unsampled == 2
+    (rec,) = tel.snapshot()
+    assert rec["requests"] == 5 and rec["inputs"]["x"]["count"] == 3 and rec["unsampled"] == 2
+    tel.observe("m", 1, 0.001, {"x": x}, None)  # folding freed the room again
+    assert tel.unsampled == 2
