@@ -100,13 +100,14 @@ class Telemetry:
         self.unsampled = 0  # requests of this window whose inputs were left out of the drift statistics
         self._windows: dict[tuple[str, int], Window] = {}
         self._lock = threading.Lock()
+        self._bytes_lock = threading.Lock()
         self._since = time.time()
 
     def observe(self, name: str, version: int, seconds: float, inputs: Mapping[str, np.ndarray] | None, error: str | None) -> None:
         """Hot path: O(1), no NumPy work."""
         if inputs:
             size = sum(a.nbytes for a in inputs.values())
-            with self._lock:
+            with self._bytes_lock:  # never the window lock: a fold in progress must not delay requests
                 if self._pending_bytes + size > self.max_pending_bytes:
                     self.unsampled += 1
                     inputs = None
@@ -124,7 +125,7 @@ class Telemetry:
                 break
         if not batch:
             return
-        with self._lock:
+        with self._bytes_lock:
             self._pending_bytes = max(0, self._pending_bytes - sum(a.nbytes for b in batch if b[3] for a in b[3].values()))
         groups: dict[tuple[str, int, str], list[np.ndarray]] = collections.defaultdict(list)
         with self._lock:
@@ -163,7 +164,7 @@ class Telemetry:
         """The telemetry records of the current window (and start a new window when `reset`)."""
         self.fold()
         now = time.time()
-        with self._lock:
+        with self._lock, self._bytes_lock:
             windows, since, unsampled = self._windows, self._since, self.unsampled
             if reset:
                 self._windows, self._since, self.unsampled = {}, now, 0
