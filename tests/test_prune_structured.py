@@ -416,3 +416,17 @@ def test_sensitivity_table_and_plan_spare_the_sensitive_layer_and_meet_the_budge
     assert plan.macs_after <= 0.6 * plan.macs_before
     uniform = plan_pruning(model, PruneConfig(target_macs=0.6, round_to=4), x)
     assert evaluate(plan.apply()) > evaluate(uniform.apply())
+
+
+def test_compress_prune_and_distill_are_callable_packages():
+    import compress
+
+    model = randomize_bn(Couplings())
+    x = torch.rand(2, 1, 8, 8)
+    small = compress.prune(model, compress.PruneConfig(ratio=0.5), x)
+    assert small.stem[0].out_channels == 8 and compress.prune.PruneConfig is compress.PruneConfig
+    images, labels = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    trained = compress.distill(
+        small, model, compress.DistillConfig(epochs=1), (images, labels), progress=False
+    )
+    assert trained is small and not trained.training
