@@ -104,8 +104,9 @@ def test_feature_kd_on_token_states_uses_an_identity_initialised_projection_and_
             return float(F.cosine_similarity(m.eval()(*tensors), teacher(*tensors)).mean())
 
     before = cosine(student)
+    frozen = student.word_embeddings.weight.detach().clone()
     cfg = DistillConfig(
-        epochs=6, lr=2e-3, batch_size=16, features={"layers.0": "layers.1"}, feature_weight=1.0
+        epochs=6, lr=2e-3, batch_size=16, features={"layers.0": "layers.1"}, freeze=["word_embeddings.*"]
     )
     distiller = Distiller(student, teacher, cfg)
     report = distiller.fit(data, evaluate=cosine, progress=False)
@@ -113,6 +114,7 @@ def test_feature_kd_on_token_states_uses_an_identity_initialised_projection_and_
     assert isinstance(proj, nn.Linear) and proj.weight.shape == (32, 32)
     assert report["output_loss"] == "cosine" and report["best_metric"] == pytest.approx(cosine(student))
     assert cosine(student) > before
+    assert torch.equal(student.word_embeddings.weight, frozen)
 
 
 def test_feature_kd_between_conv_maps_of_different_width_learns_a_1x1_projection():

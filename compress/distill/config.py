@@ -34,6 +34,7 @@ class DistillConfig:
       bucket=True rows of similar length are batched together (much less padding for sentences).
     cache_teacher: compute the teacher's outputs once per (then fixed) batch instead of every epoch;
       needs shift=0. Costs memory: all teacher outputs and feature maps of one epoch.
+    freeze: student parameters (names or fnmatch patterns, e.g. "word_embeddings.*") left untrained.
     """
 
     epochs: int = 10
@@ -54,6 +55,7 @@ class DistillConfig:
     mask_input: str = "attention_mask"
     bucket: bool = True
     cache_teacher: bool = False
+    freeze: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> DistillConfig:

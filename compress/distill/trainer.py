@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
@@ -248,7 +249,11 @@ class Distiller:
         n = len(run.tensors[0])
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-        params = [p for p in [*student.parameters(), *self.projections.parameters()] if p.requires_grad]
+        frozen = [n for n, _ in student.named_parameters() if any(fnmatchcase(n, f) for f in cfg.freeze)]
+        if cfg.freeze and not frozen:
+            raise DistillError(f"DistillConfig.freeze {cfg.freeze} matches no parameter of the student")
+        trainable = [p for n, p in student.named_parameters() if p.requires_grad and n not in frozen]
+        params = trainable + list(self.projections.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
