@@ -1,12 +1,14 @@
 """`pocketfleet demo`: the whole path on one machine, from a trained model to verified, running packages.
 
-Stage 1 (this file today): make digits-cnn, export it to ONNX and TFLite (fp32 and fp16) with parity
-checks, sign every package, verify it against the trusted key, run it in its runtime and print a table.
+Stages: make digits-cnn; export it to ONNX and TFLite (fp32 as version 1, the compressed fp16 as
+version 2) with parity checks; sign every package, verify it against the trusted key, run it in its
+runtime; then start an agent, install version 1 and swap to version 2 while clients keep asking.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,8 +16,10 @@ from typing import Any
 
 from pocketfleet import PocketfleetError, add_json_flag, emit, table
 
-EXPORTS = (("onnx", "fp32"), ("onnx", "fp16"), ("tflite", "fp32"), ("tflite", "fp16"))
-COLUMNS = ["package", "format", "dtype", "size_kb", "top1", "parity_agree", "max_abs_err", "p50_ms", "verified"]
+# (format, dtype, version): per format, the fp32 package is version 1 and the compressed one version 2
+EXPORTS = (("onnx", "fp32", 1), ("onnx", "fp16", 2), ("tflite", "fp32", 1), ("tflite", "fp16", 2))
+COLUMNS = ["package", "version", "format", "dtype", "size_kb", "top1", "parity_agree", "max_abs_err", "p50_ms", "verified"]
+SWAP_COLUMNS = ["model", "version", "requests", "p50_ms", "max_ms"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,13 +70,17 @@ def run_demo(workdir: Path, model: str = "digits-cnn") -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     eval_inputs = lm.workload.eval_inputs()
     one = {k: v[:1] for k, v in eval_inputs.items()}
-    for fmt, dtype in EXPORTS:
+    packages: dict[tuple[str, int], Path] = {}
+    for fmt, dtype, version in EXPORTS:
         pkg = workdir / "packages" / f"{model}-{fmt}-{dtype}.pfpkg"
         _say(f"exporting {fmt}/{dtype} -> {pkg}")
-        res = export_model(lm, format=fmt, dtype=dtype, out=pkg, name=model, version=1, key=private)
+        name = model if fmt == "onnx" else f"{model}-{fmt}"
+        res = export_model(lm, format=fmt, dtype=dtype, out=pkg, name=name, version=version, key=private)
+        packages[fmt, version] = pkg
         manifest = verify_package(pkg, trust=public)
         member = next(p for p in manifest.files if p.endswith(f".{fmt}"))
         unpacked = workdir / "unpacked" / pkg.stem
+        shutil.rmtree(unpacked, ignore_errors=True)
         extract_package(pkg, unpacked, trust=public)
         runtime = load_runtime(unpacked / member, format=fmt)
         metric = lm.evaluate(predict=runtime.run)
@@ -81,6 +89,7 @@ def run_demo(workdir: Path, model: str = "digits-cnn") -> dict[str, Any]:
         rows.append(
             {
                 "package": pkg.name,
+                "version": version,
                 "format": fmt,
                 "dtype": dtype,
                 "size_kb": round(pkg.stat().st_size / 1024, 1),
@@ -96,11 +105,21 @@ def run_demo(workdir: Path, model: str = "digits-cnn") -> dict[str, Any]:
         )
     if not rows:
         raise PocketfleetError("demo produced no packages")
+
+    from edge_agent.demo import swap_under_load
+
+    _say("starting an agent: install version 1, swap to version 2 under load")
+    state = workdir / "agent-state"
+    shutil.rmtree(state, ignore_errors=True)
+    swap = swap_under_load(state, public, [packages["onnx", 1], packages["onnx", 2]])
+    if swap["failures"]:
+        raise PocketfleetError(f"{swap['failures']} requests failed during the swap: {swap['errors']}")
     return {
         "model": model,
         "model_dir": str(model_dir),
         "pytorch_top1": round(reference["value"], 4),
         "packages": rows,
+        "agent_swap": swap,
         "workdir": str(workdir),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -111,4 +130,11 @@ def _render(result: dict[str, Any]) -> str:
         f"pocketfleet demo: {result['model']} (PyTorch top-1 {result['pytorch_top1']:.4f}), "
         f"{len(result['packages'])} signed packages in {result['workdir']}/packages, {result['seconds']} s\n"
     )
-    return head + table(result["packages"], COLUMNS)
+    swap = result["agent_swap"]
+    swaps = ", ".join(f"v{s['from']} -> v{s['to']} in {s['install_and_swap_s']} s" for s in swap["swaps"])
+    return (
+        head
+        + table(result["packages"], COLUMNS)
+        + f"\n\nagent hot swap under load ({swaps}; {swap['failures']} failed requests):\n"
+        + table(swap["rows"], SWAP_COLUMNS)
+    )
