@@ -61,8 +61,9 @@ class Setup:
     )
     minilm: dict[str, Any] = field(
         default_factory=lambda: {
-            "epochs": 12, "lr": 2e-4, "weight_decay": 0.01, "warmup_epochs": 0.5, "batch_size": 32,
+            "epochs": 10, "lr": 2e-4, "weight_decay": 0.01, "warmup_epochs": 0.5, "batch_size": 32,
             "output_loss": "cosine", "feature_weight": 1.0, "cache_teacher": True, "threads": 2,
+            "freeze": ["word_embeddings.*"],
         }
     )  # fmt: skip
     sentences: int | None = None  # train sentences used (None: all 2,000)
