@@ -112,9 +112,33 @@ def _rebuild(payload: bytes, mutate) -> bytes:
     ],
 )
 def test_malformed_payloads_are_rejected_with_a_reason(mutate, match):
-    good = encode_update(DELTA, CodecConfig(topk=0.1, int8=True), HDR, ErrorFeedback(), seed=0)
+    good = encode_update(DELTA, CodecConfig(topk=0.03, int8=True), HDR, ErrorFeedback(), seed=0)  # index list
     with pytest.raises(MalformedUpdateError, match=match):
         decode_update(_rebuild(good, mutate), SHAPES)
+
+
+def _set_bit(t, i: int) -> None:
+    bits = np.unpackbits(t["bitmap"])
+    bits[i] ^= 1
+    t["bitmap"] = np.packbits(bits)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda h, t: _set_bit(t, 1101), "padding"),  # a pad bit past the tensor's 1100 entries
+        (lambda h, t: _set_bit(t, int(np.flatnonzero(np.unpackbits(t["bitmap"]))[0])), "k="),
+        (lambda h, t: t.update(bitmap=t["bitmap"][:-1].copy()), "shape"),
+        (lambda h, t: t.update(bitmap=t["bitmap"].astype(np.int8)), "dtype"),
+    ],
+)
+def test_malformed_bitmaps_are_rejected(mutate, match):
+    odd = {"w": RNG.normal(size=1100).astype(np.float32)}
+    good = encode_update(odd, CodecConfig(topk=0.1, int8=True), HDR, ErrorFeedback(), seed=0)
+    assert "bitmap" in T.from_bytes(good, 1 << 30)[1]  # 138 bytes < 110 uint16 indices (220 bytes)
+    assert np.count_nonzero(decode_update(good, T.shapes(odd)).delta["w"]) == 110
+    with pytest.raises(MalformedUpdateError, match=match):
+        decode_update(_rebuild(good, mutate), T.shapes(odd))
 
 
 def test_non_finite_and_garbage_payloads():
@@ -144,8 +168,9 @@ def test_small_tensors_stay_dense_under_topk():
     cfg = CodecConfig(topk=0.05, int8=True)  # min_sparse 1024: fc.bias (10) dense, conv.weight (1152) sparse
     header, tensors = T.from_bytes(encode_update(DELTA, cfg, HDR, ErrorFeedback(), seed=0), 1 << 30)
     assert header["tensors"]["fc.bias"] == {"enc": "dense"} and header["tensors"]["conv.weight"]["enc"] == "topk"
-    k = round(0.05 * 1152)
-    assert tensors["idx16"].shape == (k,) and "idx32" not in tensors and tensors["values"].shape == (k + 10,)
+    k = round(0.05 * 1152)  # 58 uint16 indices (116 bytes) beat a 144-byte bitmap
+    assert tensors["idx16"].shape == (k,) and "idx32" not in tensors and "bitmap" not in tensors
+    assert tensors["values"].shape == (k + 10,)
     assert tensors["values"].dtype == np.int8 and tensors["scales"].shape == (2,)
 
 

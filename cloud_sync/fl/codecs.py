@@ -7,8 +7,10 @@ Wire format (one safetensors payload per update, docs/federated.md):
   "k": n}}, "metrics": {...}}
 - four flat arrays, each the concatenation over the tensors in sorted-name order (a few header entries
   whatever the model's tensor count): "values" (int8 when codec.int8, else float32; k entries for a
-  top-k tensor, all entries for a dense one), "idx16" (uint16) / "idx32" (int32) strictly increasing
-  flat indices of top-k tensors with <= 65536 / more entries, "scales" (float32, one per tensor, int8 only).
+  top-k tensor, all entries for a dense one); the positions of each top-k tensor's entries as a bitmap
+  ("bitmap", uint8, packbits, ceil(size/8) bytes) when that is smaller than an index list, else as
+  strictly increasing flat indices in "idx16" (uint16, tensors of <= 65536 entries) or "idx32" (int32);
+  "scales" (float32, one per tensor, int8 only). `index_kind(size, k)` decides, on both sides.
 `decode_update` checks all of it (names, shapes, dtypes, sizes, index ranges, finiteness) before use.
 """
 
@@ -83,6 +85,13 @@ def index_dtype(size: int) -> str:
     return "uint16" if size <= 1 << 16 else "int32"
 
 
+def index_kind(size: int, k: int) -> str:
+    """How the positions of k of `size` entries travel: a bitmap (size/8 bytes) when that is smaller
+    than the index list (k x 2 or 4 bytes), else uint16 / int32 indices. Both sides derive it."""
+    dtype = index_dtype(size)
+    return "bitmap" if (size + 7) // 8 < k * np.dtype(dtype).itemsize else dtype
+
+
 def stochastic_round(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Round to an integer neighbour with probability given by the distance (unbiased: E[r] = x)."""
     floor = np.floor(x)
@@ -155,6 +164,7 @@ def encode_update(
     values: list[np.ndarray] = []
     idx16: list[np.ndarray] = []
     idx32: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
     scales: list[float] = []
     meta: dict[str, dict[str, Any]] = {}
     use_ef = state is not None and config.error_feedback and config.lossy
@@ -167,7 +177,13 @@ def encode_update(
         if sparse:
             k = max(1, int(round(config.topk * flat.size)))
             idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
-            (idx16 if index_dtype(flat.size) == "uint16" else idx32).append(idx.astype(index_dtype(flat.size)))
+            kind = index_kind(flat.size, k)
+            if kind == "bitmap":
+                bits = np.zeros(flat.size, np.uint8)
+                bits[idx] = 1
+                masks.append(np.packbits(bits))
+            else:
+                (idx16 if kind == "uint16" else idx32).append(idx.astype(kind))
             vals = flat[idx]
             meta[name] = {"enc": "topk", "k": k}
         else:
@@ -193,6 +209,8 @@ def encode_update(
         out["idx16"] = np.concatenate(idx16)
     if idx32:
         out["idx32"] = np.concatenate(idx32)
+    if masks:
+        out["bitmap"] = np.concatenate(masks)
     if config.int8:
         out["scales"] = np.array(scales, np.float32)
     hdr = {
@@ -256,23 +274,26 @@ def decode_update(
     """
     header, tensors = T.from_bytes(payload, limits.max_bytes, limits.max_header_bytes)
     meta, int8 = _check_header(header, expected)
-    extra = sorted(set(tensors) - {"values", "idx16", "idx32", "scales"})
+    extra = sorted(set(tensors) - {"values", "idx16", "idx32", "bitmap", "scales"})
     if extra:
         raise _fail(f"payload holds unexpected tensors {extra[:5]}")
     names = sorted(meta)
     sizes = {n: int(np.prod(expected[n])) if expected[n] else 1 for n in names}
     counts = {n: meta[n]["k"] if meta[n]["enc"] == "topk" else sizes[n] for n in names}
-    n16 = sum(counts[n] for n in names if meta[n]["enc"] == "topk" and index_dtype(sizes[n]) == "uint16")
-    n32 = sum(counts[n] for n in names if meta[n]["enc"] == "topk" and index_dtype(sizes[n]) == "int32")
+    kinds = {n: index_kind(sizes[n], counts[n]) for n in names if meta[n]["enc"] == "topk"}
+    n16 = sum(counts[n] for n, k in kinds.items() if k == "uint16")
+    n32 = sum(counts[n] for n, k in kinds.items() if k == "int32")
+    nbits = sum((sizes[n] + 7) // 8 for n, k in kinds.items() if k == "bitmap")
     values = _array(tensors, "values", "int8" if int8 else "float32", sum(counts.values()))
     idx16 = _array(tensors, "idx16", "uint16", n16)
     idx32 = _array(tensors, "idx32", "int32", n32)
+    bitmap = _array(tensors, "bitmap", "uint8", nbits)
     scales = _array(tensors, "scales", "float32", len(names)) if int8 else None
     if not int8 and "scales" in tensors:
         raise _fail("payload holds scales but the codec is not int8")
     if scales is not None and (not np.isfinite(scales).all() or (scales < 0).any()):
         raise _fail("scales must be finite and >= 0")
-    pos = {"v": 0, "uint16": 0, "int32": 0}
+    pos = {"v": 0, "uint16": 0, "int32": 0, "bitmap": 0}
     delta: T.Weights = {}
     for i, name in enumerate(names):
         size, n = sizes[name], counts[name]
@@ -283,10 +304,18 @@ def decode_update(
         if not np.isfinite(vals).all():
             raise _fail(f"tensor {name!r} holds NaN or infinity")
         if meta[name]["enc"] == "topk":
-            kind = index_dtype(size)
-            src = idx16 if kind == "uint16" else idx32
-            idx = src[pos[kind] : pos[kind] + n].astype(np.int64)
-            pos[kind] += n
+            kind = kinds[name]
+            if kind == "bitmap":
+                nb = (size + 7) // 8
+                bits = np.unpackbits(bitmap[pos["bitmap"] : pos["bitmap"] + nb])
+                pos["bitmap"] += nb
+                if bits[size:].any() or int(bits[:size].sum()) != n:
+                    raise _fail(f"tensor {name!r} bitmap marks {int(bits.sum())} entries (padding included), k={n}")
+                idx = np.flatnonzero(bits[:size])
+            else:
+                src = idx16 if kind == "uint16" else idx32
+                idx = src[pos[kind] : pos[kind] + n].astype(np.int64)
+                pos[kind] += n
             if idx[0] < 0 or idx[-1] >= size or (n > 1 and not (np.diff(idx) > 0).all()):
                 raise _fail(f"tensor {name!r} indices are out of [0, {size}) or not strictly increasing")
             dense = np.zeros(size, np.float32)
