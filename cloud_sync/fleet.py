@@ -137,11 +137,15 @@ class Fleet:
         rollout: RolloutConfig | None = None,
         ota: OtaSettings | None = None,
         device_prefix: str = "dev",
+        device_dirs: dict[str, str | Path] | None = None,
     ) -> None:
+        """`device_dirs` binds devices to existing agent state directories (device id -> dir); by default
+        `devices` ids named `<device_prefix>-NNN` get fresh directories under `workdir/devices/`."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.group = group
-        self.device_ids = [f"{device_prefix}-{i:03d}" for i in range(devices)]
+        self.device_dirs = {d: Path(p) for d, p in (device_dirs or {}).items()}
+        self.device_ids = sorted(self.device_dirs) or [f"{device_prefix}-{i:03d}" for i in range(devices)]
         self._mqtt_for = mqtt_for
         self.broker: Any = None
         self.keys_dir = Path(keys_dir) if keys_dir else self.workdir / "keys"
@@ -219,10 +223,13 @@ class Fleet:
     def store(self, device: str) -> Any:
         from edge_agent.store import ModelStore
 
-        return ModelStore(self.workdir / "devices" / device, self.trust)
+        return ModelStore(self.state_dir(device), self.trust)
+
+    def state_dir(self, device: str) -> Path:
+        return self.device_dirs.get(device) or self.workdir / "devices" / device
 
     def start_device(self, device: str) -> DeviceLink:
-        cfg = DeviceConfig(device_id=device, state_dir=str(self.workdir / "devices" / device), trust=str(self.trust),
+        cfg = DeviceConfig(device_id=device, state_dir=str(self.state_dir(device)), trust=str(self.trust),
                            group=self.group, mqtt=self.mqtt_for(device), ota=self.ota_settings)
         link = DeviceLink(cfg, store=self.store(device)).start()
         self.devices[device] = link
