@@ -20,6 +20,7 @@ _EXPORTS = {
     "check_parity": "export.parity",
     "ParityBounds": "export.parity",
     "ParityReport": "export.parity",
+    "Recorded": "export.parity",
     # packages (torch-free)
     "build_package": "export.package",
     "sign_package": "export.package",

@@ -200,11 +200,13 @@ def export_model(
     model_out: str | Path | None = None,
     extra: dict[str, Any] | None = None,
     progress: bool = False,
+    reference: Predict | None = None,
 ) -> ExportResult:
     """Convert, check parity in the real runtime, and write the package `out` (signed when `key`).
 
     `model_out` also keeps the bare model file. With `out=None` only parity and the metric are computed.
-    `progress` shows the stages as a tqdm bar on stderr.
+    `progress` shows the stages as a tqdm bar on stderr. `reference` replaces the PyTorch predict (pass
+    one `export.Recorded(lm.predict)` to several exports of the same model to run PyTorch only once).
     """
     _check_choice(format, FORMATS, "format")
     _check_choice(dtype, DTYPES, "dtype")
@@ -222,12 +224,12 @@ def export_model(
         bar.update()
         bar.set_description("parity + metric in the runtime" + (", package" if out is not None else ""))
         if out is None:
-            result = _parity_only(path, lm, format, dtype, bounds)
+            result = _parity_only(path, lm, format, dtype, bounds, reference)
         else:
             result = package_artifact(
                 path, lm, format, dtype, out, name=name, version=version, key=key, bounds=bounds,
                 extra_report={"export_seconds": round(seconds, 2)}, device=device, extra=extra,
-                valid_days=valid_days,
+                valid_days=valid_days, reference=reference,
             )  # fmt: skip
         result.export_seconds = seconds
         if model_out is not None:
@@ -262,12 +264,19 @@ def _parity_and_metrics(
 
 
 def _parity_only(
-    path: Path, lm: LoadedModel, format: str, dtype: str, bounds: ParityBounds | None
+    path: Path,
+    lm: LoadedModel,
+    format: str,
+    dtype: str,
+    bounds: ParityBounds | None,
+    reference: Predict | None,
 ) -> ExportResult:
     from edge_agent.runtimes import load_runtime
 
     runtime = load_runtime(path, format=format)
-    parity, metric, reference_metric = _parity_and_metrics(lm, runtime.run, None, bounds, dtype, path, format)
+    parity, metric, reference_metric = _parity_and_metrics(
+        lm, runtime.run, reference, bounds, dtype, path, format
+    )
     return ExportResult(
         package=None, model_file=path, manifest=None, parity=parity, metric=metric,
         reference_metric=reference_metric, size_bytes=path.stat().st_size, export_seconds=0.0, key_id=None,

@@ -17,6 +17,7 @@ from export import (
     ExportResult,
     ParityBounds,
     ParityError,
+    Recorded,
     Samples,
     UnsignedPackageError,
     check_samples,
@@ -126,17 +127,23 @@ def test_onnx_export_has_dynamic_batch_and_checks_clean(exported) -> None:
 
 
 @pytest.mark.slow
-def test_minilm_onnx_export_keeps_embeddings(minilm_dir: Path, keys: dict, tmp_path: Path) -> None:
-    result = export_model(
-        minilm_dir, "onnx", "fp32", out=tmp_path / "minilm.pfpkg", version=1, key=keys["private_key"]
+def test_minilm_onnx_and_tflite_exports_keep_embeddings(minilm_dir: Path, keys: dict, tmp_path: Path) -> None:
+    from compress.zoo import load_model_dir
+
+    lm = load_model_dir(minilm_dir)
+    reference = Recorded(lm.predict)  # PyTorch runs once for both exports
+    onnx_result = export_model(
+        lm, "onnx", "fp32", out=tmp_path / "minilm.pfpkg", key=keys["private_key"], reference=reference
     )
-    (emb,) = result.parity.outputs
-    assert emb.name == "embedding" and emb.kind == "embedding"
-    assert emb.min_cosine >= 0.9999
-    assert result.metric["value"] >= 0.9999  # cosine to the fp32 reference embeddings
-    manifest = verify_package(result.package, keys["public_key"])
+    tflite_result = export_model(lm, "tflite", "fp32", reference=reference)  # parity only, no package
+    for result in (onnx_result, tflite_result):
+        (emb,) = result.parity.outputs
+        assert emb.name == "embedding" and emb.kind == "embedding"
+        assert emb.min_cosine >= 0.9999 and emb.max_abs < 1e-4
+        assert result.metric["value"] >= 0.9999  # cosine to the stored fp32 reference embeddings
+    manifest = verify_package(onnx_result.package, keys["public_key"])
     assert [s.shape for s in manifest.inputs] == [("batch", "sequence"), ("batch", "sequence")]
-    extract_package(result.package, tmp_path / "x", keys["public_key"])
+    extract_package(onnx_result.package, tmp_path / "x", keys["public_key"])
     runtime = load_runtime(tmp_path / "x" / manifest.model)
     ids = np.array([[101, 7592, 2088, 102]], np.int64)  # a shorter sequence than the export example
     out = runtime.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})["embedding"]
