@@ -69,7 +69,7 @@ def _zoo_make(args: argparse.Namespace) -> int:
     from compress.zoo import get_workload, read_meta
 
     workload = get_workload(args.name)  # fails fast on an unknown name
-    out = workload.make(args.out, seed=args.seed, progress=sys.stderr.isatty() and not args.json)
+    out = workload.make(args.out, seed=args.seed, progress=sys.stderr.isatty())
     meta = read_meta(out)
     metrics = meta["metrics"]
     result = {

@@ -192,7 +192,9 @@ def test_bad_model_dirs_name_the_file(small_dir, tmp_path):
     assert "digits-cnn" in _error(small_dir)  # lists the known workloads
     meta_path.write_text(json.dumps({**meta, "config": {**meta["config"], "channels": [4, 16]}}))
     msg = _error(small_dir)
-    assert "weights.safetensors" in msg and "[8, 4, 3, 3]" in msg and "[16, 4, 3, 3]" in msg  # shape mismatch, with numbers
+    assert (
+        "weights.safetensors" in msg and "[8, 4, 3, 3]" in msg and "[16, 4, 3, 3]" in msg
+    )  # shape mismatch, with numbers
     meta_path.write_text(json.dumps(meta))
     load_model_dir(small_dir)  # restored: loads again
 
@@ -271,7 +273,9 @@ def test_minilm_exports_with_dynamic_batch_and_sequence():
     ids, mask = (torch.from_numpy(v) for v in w.tokenize(SENTENCES[:2]).values())
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("sequence", min=2, max=512)
     exported = torch.export.export(
-        module, (ids[:, :32].contiguous(), mask[:, :32].contiguous()), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq})
+        module,
+        (ids[:, :32].contiguous(), mask[:, :32].contiguous()),
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
     )
     ids3, mask3 = (torch.from_numpy(v) for v in w.tokenize(SENTENCES[1:]).values())
     with torch.no_grad():
@@ -386,3 +390,24 @@ def test_cli_zoo_make_unknown_name_is_a_clean_error(capsys, tmp_path):
     assert pocketfleet.main(["zoo", "make", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown workload 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_digits_training_is_deterministic():
+    from compress.zoo.digits_train import TrainConfig, random_shift, train_classifier
+
+    w = get_workload("digits-cnn")
+    config = {"channels": [4, 8], "num_classes": 10, "dropout": 0.1}
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model, report = train_classifier(w.build(config), TrainConfig(epochs=2), seed=0, progress=False)
+        states.append(model.state_dict())
+        assert len(report["val_history"]) == 2 and not model.training
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    x = torch.from_numpy(digits_split("test")[0][:64])
+    shifted = random_shift(x, 1, torch.Generator().manual_seed(0))
+    assert shifted.shape == x.shape and not torch.equal(shifted, x)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    candidates = [padded[:, :, dy : dy + 8, dx : dx + 8] for dy in range(3) for dx in range(3)]
+    for i in range(len(x)):  # every image is its original moved by at most one pixel each way
+        assert any(torch.equal(shifted[i], c[i]) for c in candidates)

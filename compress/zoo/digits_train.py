@@ -80,14 +80,15 @@ def train_classifier(
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
-        total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+        total = cfg.epochs * steps_per_epoch
+        warmup = min(cfg.warmup_epochs, cfg.epochs // 2) * steps_per_epoch  # linear warmup, then cosine
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
             lambda s: (
                 (s + 1) / warmup
                 if s < warmup
-                else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+                else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
             ),
         )
         loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

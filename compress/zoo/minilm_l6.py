@@ -184,7 +184,11 @@ class MiniLMWorkload(Workload):
 
         from .modeldir import model_dir_error, require_file
 
-        sentences = json.loads(require_file(model_dir, SENTENCES_FILE).read_text())["sentences"]
+        sentences_path = require_file(model_dir, SENTENCES_FILE)
+        try:
+            sentences = [str(s) for s in json.loads(sentences_path.read_text())["sentences"]]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise model_dir_error(sentences_path, f"not a sentence list ({exc!r})") from None
         try:
             reference = load_file(str(require_file(model_dir, REFERENCE_FILE)))["embedding"]
         except Exception as exc:  # corrupt header, missing tensor
