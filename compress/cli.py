@@ -15,6 +15,7 @@ from pocketfleet import add_json_flag, emit, table
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's subcommands (parsers only; handlers import lazily)."""
     _register_zoo(subparsers)
+    _register_compress(subparsers)
 
 
 # --- pocketfleet zoo ----------------------------------------------------------------------------------
@@ -90,4 +91,44 @@ def _zoo_make(args: argparse.Namespace) -> int:
         )
 
     emit(result, args.json, render)
+    return 0
+
+
+# --- pocketfleet compress -----------------------------------------------------------------------------
+
+
+def _register_compress(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compress",
+        help="run a compression recipe: steps, artifacts, report.json and report.png",
+        description="Run a TOML compression recipe (model, data, steps such as prune / sparsify / finetune / "
+        "distill / quantize, and export targets) into DIR: artifacts and packages, DIR/report.json (metric, size, "
+        "MACs and host latency of the baseline, after every step and of every artifact) and DIR/report.png. "
+        "The recipe is checked completely before any work starts. Format: docs/recipes.md.",
+    )
+    p.add_argument("recipe", metavar="RECIPE.toml", help="the recipe file")
+    p.add_argument("--out", metavar="DIR", help="output directory (must be empty or absent)")
+    p.add_argument("--check", action="store_true", help="only validate the recipe and print its plan")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
+    add_json_flag(p)
+    p.set_defaults(func=_compress)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import sys
+
+    from compress.recipe import load_recipe
+    from compress.recipe.report import render, render_plan
+    from pocketfleet import PocketfleetError
+
+    recipe = load_recipe(args.recipe)  # every recipe error surfaces here, before any work
+    if args.check:
+        emit(recipe.to_dict(), args.json, render_plan)
+        return 0
+    if not args.out:
+        raise PocketfleetError("compress needs --out DIR to run a recipe (or --check to only validate it)")
+    from compress.recipe import run_recipe
+
+    report = run_recipe(recipe, args.out, progress=sys.stderr.isatty(), force=args.force)
+    emit(report, args.json, render)
     return 0

@@ -1,0 +1,42 @@
+"""Compression recipes: a TOML file naming a model, data, an ordered list of steps (prune, sparsify,
+finetune, distill, quantize, ... from a registry) and export targets; `run_recipe` runs it and writes
+report.json and report.png. See docs/recipes.md.
+
+    recipe = load_recipe("examples/digits-cnn-int8.toml")   # every error found here, before any work
+    report = run_recipe(recipe, "out/cnn")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Recipe": "schema",
+    "Target": "schema",
+    "load_recipe": "schema",
+    "parse_recipe": "schema",
+    "RecipeError": "errors",
+    "run_recipe": "runner",
+    "Pipeline": "runner",
+    "Step": "steps",
+    "Artifact": "steps",
+    "register_step": "steps",
+    "step_types": "steps",
+    "render": "report",
+    "write_plot": "plot",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

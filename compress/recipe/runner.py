@@ -1,0 +1,329 @@
+"""Run a validated recipe: make or load the model, measure it, run the steps in order (measuring after
+each), produce every target's artifact, time and estimate them, write DIR/report.json and DIR/report.png.
+
+Output directory layout:
+    DIR/model/            the zoo model made for the run (model.zoo recipes only)
+    DIR/steps/*.onnx      fp32 ONNX snapshot of the baseline and of the model after every model step
+    DIR/artifacts/        the targets' model files and their .pfpkg packages
+    DIR/report.json, DIR/report.png
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pocketfleet import PocketfleetError
+
+from .data import RecipeData
+from .measure import clean_metric, file_costs, host_latency, probe_inputs
+from .schema import Recipe, Target, load_recipe
+from .steps.base import Artifact, Step
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from compress.prune import Sparsifier
+    from compress.zoo import LoadedModel
+
+REPORT_FILE, PLOT_FILE = "report.json", "report.png"
+REPORT_FORMAT = "pocketfleet-compress-report/1"
+
+
+class OutputDirError(PocketfleetError):
+    """The output directory cannot be used."""
+
+
+class Pipeline:
+    """The state a recipe's steps work on: the current model (a LoadedModel whose module the steps
+    replace or train), the model as it started, the data, and an active sparsifier."""
+
+    def __init__(self, recipe: Recipe, model: LoadedModel, out: Path, progress: bool) -> None:
+        self.recipe, self.model, self.out, self.progress = recipe, model, out, progress
+        self.original = dataclasses.replace(model, module=copy.deepcopy(model.module).eval())
+        self.data = RecipeData(recipe.data, model.workload)
+        self.sparsifier: Sparsifier | None = None
+        self.artifacts_dir = out / "artifacts"
+        self.work_dir = Path(tempfile.mkdtemp(prefix="work-", dir=out))
+
+    def set_module(self, module: nn.Module, config: dict[str, Any] | None = None) -> None:
+        """Make `module` the current model (and `config` its architecture config, when it changed)."""
+        changes: dict[str, Any] = {"module": module.eval()}
+        if config is not None:
+            changes["config"] = config
+        self.model = dataclasses.replace(self.model, **changes)
+
+    def finalize_sparsifier(self) -> None:
+        if self.sparsifier is not None:
+            self.sparsifier.finalize()
+            self.sparsifier = None
+
+    def val_score(self, module: nn.Module) -> float:
+        """The workload metric of `module` on the validation split, as "higher is better"."""
+        from compress.zoo import torch_predict
+
+        wl = self.model.workload
+        value = float(wl.evaluate(torch_predict(module, wl), split="val")["value"])
+        return value if wl.metric.higher_is_better else -value
+
+    def keep(self, path: Path) -> Path:
+        """Move a file or package made in the work directory into DIR/artifacts."""
+        self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.artifacts_dir / Path(path).name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        shutil.move(str(path), dest)
+        return dest
+
+
+def run_recipe(
+    recipe: Recipe | str | Path, out_dir: str | Path, progress: bool = False, force: bool = False
+) -> dict[str, Any]:
+    """Run `recipe` (a Recipe or a recipe file) into `out_dir`; returns the report (also written as
+    out_dir/report.json, with the plot out_dir/report.png). The recipe is fully validated before
+    anything is written; `out_dir` must be empty or absent unless `force`."""
+    from tqdm.auto import tqdm
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    out = _prepare_out(Path(out_dir), force)
+    started = time.perf_counter()
+    total = 2 + len(recipe.model_steps) + len(recipe.targets)
+    bar = tqdm(total=total, desc="model", unit="stage", file=sys.stderr, disable=not progress, leave=False)
+    try:
+        with _threads(recipe.run.threads):
+            model = _load_model(recipe, out)
+            bar.update()
+            pipeline = Pipeline(recipe, model, out, progress)
+            try:
+                report = _run(pipeline, bar, started)
+            finally:
+                shutil.rmtree(pipeline.work_dir, ignore_errors=True)
+    finally:
+        bar.close()
+    from .plot import write_plot
+    from .report import write_report
+
+    write_report(report, out / REPORT_FILE)
+    write_plot(report, out / PLOT_FILE)
+    return report
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputDirError(
+            f"--out {out} is not empty; choose a new directory or pass --force to write into it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class _threads:
+    """torch intra-op threads for the run (evaluation, snapshots), restored afterwards."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.before = n, None
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self.before or 1)
+
+
+def _load_model(recipe: Recipe, out: Path) -> LoadedModel:
+    from compress.zoo import load_model_dir, make_model_dir
+
+    spec = recipe.model
+    if spec.zoo is not None:
+        path = make_model_dir(spec.zoo, out / "model", seed=spec.seed, progress=False)
+    else:
+        path = Path(spec.path or "")
+    return load_model_dir(path)
+
+
+def _run(p: Pipeline, bar: Any, started: float) -> dict[str, Any]:
+    recipe, wl = p.recipe, p.model.workload
+    probe = probe_inputs(wl)
+    steps_dir = p.out / "steps"
+    steps_dir.mkdir(exist_ok=True)
+
+    bar.set_description("baseline")
+    baseline = _measure_model(p, steps_dir / "baseline.onnx", probe)
+    bar.update()
+
+    rows: list[dict[str, Any]] = []
+    for step in recipe.model_steps:
+        bar.set_description(f"{step.ctx.path} {step.type}")
+        if not step.trains:
+            p.finalize_sparsifier()
+        t0 = time.perf_counter()
+        details = step.run(p)
+        seconds = time.perf_counter() - t0
+        row = _step_row(step, seconds, details)
+        row.update(_measure_model(p, steps_dir / f"{step.ctx.index:02d}-{step.type}.onnx", probe))
+        rows.append(row)
+        bar.update()
+    p.finalize_sparsifier()
+
+    artifacts: list[dict[str, Any]] = []
+    export_rows: list[dict[str, Any]] = []
+    made: list[Artifact] = []
+    for step in recipe.export_steps:
+        claimed = [(i, t) for i, t in enumerate(recipe.targets) if step.claims(t)]
+        bar.set_description(f"{step.ctx.path} {step.type}: {', '.join(t.label for _, t in claimed)}")
+        t0 = time.perf_counter()
+        produced = step.export(p, claimed)
+        made += produced
+        bar.update(len(produced))
+        export_rows.append(
+            {"step": step, "seconds": time.perf_counter() - t0, "targets": [a.target for a in produced]}
+        )
+    for i, target in enumerate(recipe.targets):
+        if recipe.producer(i) is None:
+            bar.set_description(f"targets[{i}] {target.label}")
+            made.append(_plain_export(p, i, target))
+            bar.update()
+    made.sort(key=lambda a: a.target)
+    for artifact in made:
+        artifacts.append(_artifact_row(p, artifact, probe))
+    by_target = {a["target"]: a for a in artifacts}
+    for entry in export_rows:
+        step = entry["step"]
+        first = by_target[entry["targets"][0]]
+        row = _step_row(step, entry["seconds"], {"artifacts": entry["targets"]})
+        row.update(
+            {k: first[k] for k in ("metric", "size_bytes", "size_zstd_bytes", "macs", "params", "latency_ms")}
+        )
+        row["path"] = first["path"]
+        rows.append(row)
+
+    return {
+        "format": REPORT_FORMAT,
+        "recipe": str(recipe.file),
+        "name": recipe.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "workload": wl.name,
+            "source": "zoo" if recipe.model.zoo is not None else "path",
+            "path": str(p.original.path),
+            "params": int(sum(x.numel() for x in p.original.module.parameters())),
+        },
+        "metric": {"name": wl.metric.name, "higher_is_better": wl.metric.higher_is_better},
+        "data": p.data.describe(),
+        "baseline": baseline,
+        "steps": rows,
+        "artifacts": artifacts,
+        "host": {"threads": recipe.run.threads, "latency_seconds": recipe.run.latency_seconds},
+        "seconds": round(time.perf_counter() - started, 2),
+        "config": recipe.to_dict(),
+    }
+
+
+def _step_row(step: Step, seconds: float, details: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "index": step.ctx.index,
+        "type": step.type,
+        "kind": step.kind,
+        "seconds": round(seconds, 2),
+        "details": details,
+    }
+
+
+def _measure_model(p: Pipeline, path: Path, probe: dict[str, Any]) -> dict[str, Any]:
+    """The current PyTorch model: workload metric (test split), and its fp32 ONNX snapshot's size, MACs
+    and host latency in onnxruntime."""
+    from export.pipeline import convert
+
+    convert(p.model, "onnx", "fp32", path)
+    return {
+        "path": str(path),
+        "format": "onnx",
+        "dtype": "fp32",
+        "metric": clean_metric(p.model.evaluate()),
+        **file_costs(path),
+        "latency_ms": host_latency(path, probe, p.recipe.run),
+    }
+
+
+def _plain_export(p: Pipeline, index: int, target: Target) -> Artifact:
+    """An fp32 / fp16 target: export.export_model of the final model (parity checked, packaged)."""
+    from export.pipeline import SUFFIX, export_model
+
+    stem = f"{target.name}.{target.dtype}"
+    p.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    model_file = p.artifacts_dir / f"{stem}{SUFFIX[target.format]}"
+    package = p.artifacts_dir / f"{stem}.{target.format}.pfpkg"
+    result = export_model(
+        p.model, target.format, target.dtype, out=package, name=target.name, version=target.version,
+        key=target.key, device=_device_name(target), model_out=model_file,
+    )  # fmt: skip
+    return Artifact(
+        target=index, path=model_file, package=package, format=target.format, dtype=target.dtype,
+        mode="export", metric=result.metric, parity=result.parity.to_dict(),
+        details={"export_seconds": round(result.export_seconds, 2)},
+    )  # fmt: skip
+
+
+def _device_name(target: Target) -> str | None:
+    return Path(target.device).stem if target.device and target.device.endswith(".toml") else target.device
+
+
+def _artifact_row(p: Pipeline, a: Artifact, probe: dict[str, Any]) -> dict[str, Any]:
+    target = p.recipe.targets[a.target]
+    row: dict[str, Any] = {
+        "target": a.target,
+        "name": target.name,
+        "version": target.version,
+        "signed": target.key is not None,
+        "path": str(a.path),
+        "package": str(a.package) if a.package else None,
+        "package_bytes": _size(a.package) if a.package else None,
+        "format": a.format,
+        "dtype": a.dtype,
+        "mode": a.mode,
+        "metric": clean_metric(a.metric),
+        **file_costs(a.path),
+        "latency_ms": host_latency(a.path, probe, p.recipe.run),
+        "parity": a.parity,
+        "float_layers": a.float_layers,
+        "device": _estimate(a, target) if target.device else None,
+        "details": a.details,
+    }
+    return row
+
+
+def _size(path: Path) -> int:
+    return (
+        path.stat().st_size
+        if path.is_file()
+        else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    )
+
+
+def _estimate(a: Artifact, target: Target) -> dict[str, Any]:
+    """The device profile's static estimate for the package (latency, RAM, storage, fits)."""
+    from devices import estimate
+
+    e = estimate(a.package or a.path, target.device or "", measure=False)
+    keys = (
+        "device", "estimated_ms", "compute_ms", "memory_ms", "overhead_ms", "memory_level", "ram_needed_bytes",
+        "ram_bytes", "fits_ram", "storage_needed_bytes", "storage_budget_bytes", "fits_storage",
+        "format_supported", "dtypes_supported", "fits", "warnings",
+    )  # fmt: skip
+    d = e.to_dict()
+    return {k: d[k] for k in keys}

@@ -1,0 +1,91 @@
+"""`quantize` step: compress.quantize on the final model, producing the int8 (or fp16) [[targets]]."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from compress.quantize.config import QuantConfig
+
+from .base import Artifact, Step, register_step
+
+if TYPE_CHECKING:
+    from ..runner import Pipeline
+    from ..schema import Recipe, Target
+
+
+@register_step
+class QuantizeStep(Step):
+    """QuantConfig options (mode, calibration, max_drop, float_layers, ...). The formats come from the
+    [[targets]] whose dtype this mode makes (int8 for static / dynamic / qat, fp16 for fp16); the
+    calibration rows from [data.calibration]."""
+
+    type = "quantize"
+    kind = "export"
+    config_cls = QuantConfig
+    excluded = {
+        "formats": "set by the [[targets]] entries (format, dtype) that this step produces",
+        "calib_samples": "set by [data.calibration] samples",
+    }
+
+    @property
+    def dtype(self) -> str:
+        return "fp16" if self.config.mode == "fp16" else "int8"
+
+    def claims(self, target: Target) -> bool:
+        return target.dtype == self.dtype
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        if not any(self.claims(t) for t in recipe.targets):
+            raise self.error(
+                f"mode {self.config.mode!r} makes {self.dtype} artifacts, but no [[targets]] entry has "
+                f'dtype = "{self.dtype}"',
+                "mode",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("formats", None)
+        out.pop("calib_samples", None)
+        return out
+
+    def export(self, pipeline: Pipeline, targets: list[tuple[int, Target]]) -> list[Artifact]:
+        """One quantize() call per package identity (name, version, key) over the formats it needs."""
+        from compress.quantize import quantize
+
+        groups: dict[tuple[Any, ...], list[tuple[int, Target]]] = {}
+        for index, target in targets:
+            groups.setdefault((target.name, target.version, target.key), []).append((index, target))
+        artifacts: list[Artifact] = []
+        for (name, version, key), members in groups.items():
+            config = dataclasses.replace(self.config, formats=[t.format for _, t in members])
+            work = tempfile.mkdtemp(prefix="quantize-", dir=pipeline.work_dir)
+            result = quantize(
+                pipeline.model, config, pipeline.data.calibration(), work, key=key, name=name, version=version,
+                latency_runs=pipeline.recipe.run.latency_runs, progress=pipeline.progress,
+            )  # fmt: skip
+            by_format = {a.format: a for a in result.artifacts}
+            for index, target in members:
+                qa = by_format[target.format]
+                details = {"mode": qa.mode, "calibration": qa.calibration, **qa.details}
+                if target.format in result.sensitivity:
+                    details["sensitivity"] = result.sensitivity[target.format].to_dict()
+                details["quantize_latency_ms"] = qa.latency_ms  # interleaved with fp32 inside quantize()
+                artifacts.append(
+                    Artifact(
+                        target=index,
+                        path=pipeline.keep(qa.path),
+                        package=pipeline.keep(qa.package) if qa.package else None,
+                        format=qa.format,
+                        dtype=qa.dtype,
+                        mode=qa.mode,
+                        metric=qa.metric,
+                        parity=qa.parity,
+                        float_layers=list(qa.float_layers),
+                        details=details,
+                    )
+                )
+            shutil.rmtree(work, ignore_errors=True)
+        return artifacts
