@@ -359,7 +359,7 @@ def fixed_block_bytes(old: Path, new: Path, block: int) -> int:
     return sum(len(b) for b in blocks(new) if hashlib.sha256(b).digest() not in have)
 
 
-def head_only(work: Path, key: Path, keys_dir: Path) -> dict[str, Any]:
+def head_only(work: Path, key: Path, keys_dir: Path, mbnet: str | None = None) -> dict[str, Any]:
     """digits-mbnet v1 -> v2 where only the final Linear changed, both exported with `export`."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -369,8 +369,8 @@ def head_only(work: Path, key: Path, keys_dir: Path) -> dict[str, Any]:
     from compress.zoo import make_model_dir
     from export.pipeline import export_model
 
-    m1 = work / "mbnet-v1"
-    if not (m1 / "weights.safetensors").exists():  # training takes minutes: kept with --workdir
+    m1 = Path(mbnet) if mbnet else work / "mbnet-v1"
+    if not (m1 / "weights.safetensors").exists():  # training takes minutes: reuse one with --mbnet DIR
         make_model_dir("digits-mbnet", m1, progress=False)
     m2 = work / "mbnet-v2"
     shutil.rmtree(m2, ignore_errors=True)
@@ -559,6 +559,8 @@ def main() -> int:
     ap.add_argument("--skip", action="append", default=[], choices=["fleet", "20mb", "resume", "head", "burst"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ota.json"))
     ap.add_argument("--workdir", help="keep the working files here (default: a temp dir, removed)")
+    ap.add_argument("--mbnet", metavar="MODEL_DIR",
+                    help="an existing digits-mbnet model dir (pocketfleet zoo make digits-mbnet); default: train one")
     ap.add_argument("--device-runner", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device_runner:
@@ -585,7 +587,7 @@ def main() -> int:
             res["resume"] = resume_after_disconnect(work / "resume", key, keys, [1] + ([] if "20mb" in args.skip else [20]))
         if "head" not in args.skip:
             print("head-only release of digits-mbnet", flush=True)
-            res["head_only"] = head_only(work / "head", key, keys)
+            res["head_only"] = head_only(work / "head", key, keys, args.mbnet)
         if "burst" not in args.skip:
             print(f"burst: {args.devices} devices publish at once", flush=True)
             res["burst"] = burst(work / "burst", args.devices, 30)

@@ -84,7 +84,10 @@ def make_digits_package(
     train, test = slice(0, 1400), slice(1400, None)
     h = np.maximum(x[train] @ w1 + b1, 0)
     t = np.eye(10, dtype=np.float32)[y[train]]
-    w2 = np.linalg.solve(h.T @ h + 1.0 * np.eye(hidden), h.T @ t).astype(np.float32)
+    if hidden <= h.shape[0]:  # ridge regression, primal or dual form (whichever system is smaller)
+        w2 = np.linalg.solve(h.T @ h + np.eye(hidden, dtype=np.float32), h.T @ t).astype(np.float32)
+    else:
+        w2 = (h.T @ np.linalg.solve(h @ h.T + np.eye(h.shape[0], dtype=np.float32), t)).astype(np.float32)
     b2 = np.zeros(10, np.float32)
     if head_seed is not None:
         w2 = (w2 * (1 + 0.01 * np.random.default_rng(head_seed).standard_normal(w2.shape))).astype(np.float32)

@@ -278,6 +278,12 @@ class Registry:
         marks = ",".join("?" * len(states))
         return self.query(f"SELECT * FROM rollouts WHERE state IN ({marks}) ORDER BY created", states)
 
+    def failed_with_pending_rollbacks(self) -> list[sqlite3.Row]:
+        """Failed rollouts where some canary device has not confirmed its rollback yet."""
+        return self.query(
+            "SELECT * FROM rollouts WHERE state='failed' AND id IN "
+            "(SELECT rollout_id FROM rollout_devices WHERE phase='canary' AND state != 'rolled_back') ORDER BY created")
+
     def set_rollout_state(self, rollout_id: str, state: str, reason: str | None = None, expect: str | None = None,
                           **stamps: float) -> bool:
         """Move a rollout to `state` (only from `expect` when given); returns whether it moved."""

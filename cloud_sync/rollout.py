@@ -80,7 +80,8 @@ class RolloutController:
     # -------------------------------------------------------------------------------------------- ticking
 
     def tick(self) -> None:
-        for r in self.registry.rollouts(("canary", "promoted", "rolling_back", "failed")):
+        active = self.registry.rollouts(("canary", "promoted", "rolling_back"))
+        for r in active + self.registry.failed_with_pending_rollbacks():
             try:
                 if r["state"] == "failed":
                     self._chase_rollbacks(r)
