@@ -519,8 +519,8 @@ def main() -> None:
             bad = {f"dev{i:02d}": ("sign_flip" if i % 2 else "scaled") for i in range(0, setup.devices, setup.devices // n_bad)}
             # 20% of the fleet is Byzantine, but a round's 10 draws can hold 3-5 of them: the robust rules
             # are set for up to 30% per round (trimmed mean drops 3 per side; Multi-Krum assumes f = 3 and
-            # averages the 5 best-scored updates)
-            robust = {"fedavg": {}, "median": {}, "trimmed_mean": {"beta": 0.3}, "multikrum": {"byzantine": 0.3, "m": 5}}
+            # averages the n - f = 7 best-scored updates)
+            robust = {"fedavg": {}, "median": {}, "trimmed_mean": {"beta": 0.3}, "multikrum": {"byzantine": 0.3}}
             for strat, kw in robust.items():
                 if strat != "fedavg":
                     runs[f"clean_{strat}"] = run_ours(f"clean_{strat}", setup, data, splits["dirichlet"], init, workdir,
