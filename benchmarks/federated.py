@@ -512,8 +512,14 @@ def main() -> None:
                 runs[f"compressed_{split}"] = run_ours(f"compressed_{split}", setup, data, splits[split], init, workdir,
                                                        codec=setup.codec, broker=b)
         if "flower" in groups:
-            for split in ("dirichlet", "shards"):
-                runs[f"flower_{split}"] = run_flower(f"flower_{split}", setup, data, splits[split], init)
+            try:
+                import flwr  # noqa: F401
+            except ImportError:
+                result["flower"] = "not installed (pip install flwr): Flower runs skipped"
+                log(result["flower"])
+            else:
+                for split in ("dirichlet", "shards"):
+                    runs[f"flower_{split}"] = run_flower(f"flower_{split}", setup, data, splits[split], init)
         if "byz" in groups:
             n_bad = int(setup.byzantine * setup.devices)
             bad = {f"dev{i:02d}": ("sign_flip" if i % 2 else "scaled") for i in range(0, setup.devices, setup.devices // n_bad)}
