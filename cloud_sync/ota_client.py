@@ -57,6 +57,7 @@ class OtaSettings:
     """Device-side OTA tuning ([mqtt.ota] in the agent config)."""
 
     window: int = 16  # chunks requested ahead of what arrived
+    window_bytes: int = 2 << 20  # ... and at most this many bytes (large chunks): bounds redelivery after a drop
     chunk_timeout_s: float = 10.0  # no chunk for this long: ask again for what is outstanding
     max_chunk_retries: int = 8  # a chunk failing verification this often fails the job
     bandwidth_bps: int = 0  # average cap on requested chunk bytes per second (0 = none)
@@ -534,7 +535,7 @@ class OtaClient:
                         break
                     if i not in job.outstanding and i not in want:
                         want.append(i)
-            want = self._throttle(job, want)
+            want = self._throttle(job, self._fit_window(job, want))
             for i in want:
                 job.outstanding[i] = now
                 job.bytes_requested += job.index.sizes[i]
@@ -553,6 +554,18 @@ class OtaClient:
             self._report("downloading", job.cmd, progress=job.progress())
         if not job.missing:
             self._kick = True
+
+    def _fit_window(self, job: _Job, want: list[int]) -> list[int]:
+        assert job.index is not None
+        sizes = job.index.sizes
+        used = sum(sizes[i] for i in job.outstanding)
+        out = []
+        for i in want:
+            if (out or job.outstanding) and used + sizes[i] > self.settings.window_bytes:
+                break
+            out.append(i)
+            used += sizes[i]
+        return out
 
     def _throttle(self, job: _Job, want: list[int]) -> list[int]:
         rate = self.settings.bandwidth_bps

@@ -249,9 +249,15 @@ class Registry:
     # ------------------------------------------------------------------------------------------ rollouts
 
     def add_rollout(self, rollout_id: str, release_id: str, group: str, canary: float, gates: list[str],
-                    prev_release_id: str | None) -> list[str]:
-        """Create a rollout in state 'canary' and supersede the group's active ones; returns superseded ids."""
+                    prev_release_id: str | None, canary_devices: list[str] | None = None,
+                    main_devices: list[str] | None = None) -> list[str]:
+        """Create a rollout with its devices in ONE transaction (a controller tick in another worker must never
+        see it without them) and supersede the group's active rollouts; returns the superseded ids.
+
+        With canary devices it starts in 'canary'; without, in 'promoted' with `main_devices`.
+        """
         now = time.time()
+        state = "canary" if canary_devices else "promoted"
         with self.tx() as db:
             old = [r["id"] for r in db.execute(
                 f"SELECT id FROM rollouts WHERE grp=? AND state IN ({','.join('?' * len(ACTIVE_ROLLOUT_STATES))})",
@@ -260,11 +266,17 @@ class Registry:
                 db.execute("UPDATE rollouts SET state='superseded', reason=?, updated=?, finished=? WHERE id=?",
                            (f"superseded by rollout {rollout_id}", now, now, rid))
             db.execute(
-                "INSERT INTO rollouts(id, release_id, grp, canary, gates, state, created, updated, prev_release_id) "
-                "VALUES(?,?,?,?,?,?,?,?,?)",
-                (rollout_id, release_id, group, canary, json.dumps(gates), "canary", now, now, prev_release_id),
+                "INSERT INTO rollouts(id, release_id, grp, canary, gates, state, reason, created, updated, promoted, "
+                "prev_release_id) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+                (rollout_id, release_id, group, canary, json.dumps(gates), state,
+                 None if canary_devices else "no canary phase", now, now, None if canary_devices else now,
+                 prev_release_id),
             )
-            self._event(db, rollout_id, None, "created", {"release": release_id, "group": group,
+            phase, devices = ("canary", canary_devices) if canary_devices else ("main", main_devices or [])
+            db.executemany(
+                "INSERT INTO rollout_devices(rollout_id, device, phase, state, updated) VALUES(?,?,?,?,?) "
+                "ON CONFLICT DO NOTHING", [(rollout_id, d, phase, "pending", now) for d in devices])
+            self._event(db, rollout_id, None, "created", {"release": release_id, "group": group, "state": state,
                                                           "superseded": old})
         return old
 

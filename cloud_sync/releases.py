@@ -183,12 +183,7 @@ def create_release(
     rollout_id = new_id()
     canary_devices, rest = select_canary(registry, group, canary, rollout_id)
     superseded = registry.add_rollout(rollout_id, release_id, group, canary, [str(g) for g in parsed],
-                                      current.id if current else None)
-    if canary_devices:
-        registry.add_rollout_devices(rollout_id, canary_devices, "canary")
-    else:
-        registry.add_rollout_devices(rollout_id, rest, "main")
-        registry.set_rollout_state(rollout_id, "promoted", "no canary phase", promoted=time.time())
+                                      current.id if current else None, canary_devices, rest)
     return {
         "rollout_id": rollout_id, "release_id": release_id, "group": group, "name": manifest.name,
         "version": manifest.version, "size": size, "chunks": len(index), "chunk_avg": chunking.avg,

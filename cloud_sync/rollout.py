@@ -148,6 +148,8 @@ class RolloutController:
         rel = self.registry.release(rollout["release_id"])
         assert rel is not None
         rows = self.registry.rollout_devices(rollout["id"], "canary")
+        if not rows:
+            return  # never judge a canary without devices
         self._drive(rollout, rel, rows)
         rows = self.registry.rollout_devices(rollout["id"], "canary")
         # a canary is finished when it failed/refused, or installed and sent its probe results

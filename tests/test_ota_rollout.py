@@ -182,9 +182,7 @@ def test_unsigned_releases_are_refused_by_cloud_and_device(make_fleet, pkgs) -> 
                                 str(index_path), hashlib.sha256(index.to_bytes()).hexdigest(),
                                 len(index.to_bytes()), len(index), chunking.to_dict(), None, time.time(), {}))
         roll = new_id()
-        reg.add_rollout(roll, rid, "lab", 0.0, [], None)
-        reg.add_rollout_devices(roll, fleet.device_ids, "main")
-        reg.set_rollout_state(roll, "promoted", "forced", promoted=time.time())
+        reg.add_rollout(roll, rid, "lab", 0.0, [], None, main_devices=fleet.device_ids)
     finally:
         reg.close()
     final = fleet.wait(roll, 60)
