@@ -173,3 +173,53 @@ def test_provision_creates_credentials_acl_and_agent_config_the_broker_accepts(t
         assert [d["device"] for d in listed] == ["dev-new"] and listed[0]["group"] == "lab"
     finally:
         broker.stop()
+
+
+def test_generated_mosquitto_conf_runs_with_tls_auth_and_acl(tmp_path: Path) -> None:
+    """`pocketfleet broker mosquitto-conf` writes a configuration a real mosquitto starts with."""
+    import os
+    import socket
+
+    binary = require_mosquitto()
+    ca, cert, key = make_tls(tmp_path / "tls")
+    port = free_port()
+    cfg = tmp_path / "cloud.toml"
+    cfg.write_text(f'[cloud]\nstate_dir = "cloud"\n[mqtt]\nhost = "localhost"\nport = {port}\ntls_ca = "{ca}"\n')
+    exe = str(Path(sys.executable).parent / "pocketfleet")
+
+    def cli(*argv: str) -> dict:
+        out = subprocess.run([exe, *argv, "--config", str(cfg), "--json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    worker = cli("cloud", "provision", "cloud-1", "--cloud-worker", "--out", str(tmp_path / "w"))
+    conf = tmp_path / "mosquitto.conf"
+    made = cli("broker", "mosquitto-conf", "--port", str(port), "--host", "127.0.0.1", "--tls-ca", str(ca),
+               "--tls-cert", str(cert), "--tls-key", str(key), "--persistence-dir", str(tmp_path / "data"),
+               "--out", str(conf))
+    assert made["tls"] is True
+    text = conf.read_text()
+    assert "max_queued_messages 100000" in text and "use_username_as_clientid true" in text
+    (tmp_path / "data").mkdir()
+    if os.geteuid() == 0:
+        conf.write_text(text + "user root\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(up, 10)
+        from cloud_sync.config import MqttConfig
+
+        mqtt = MqttConfig(host="localhost", port=port, username="cloud-1", password_file=worker["password_file"],
+                          tls_ca=str(ca))
+        client = MqttClient(mqtt).start().wait_connected(10)
+        assert client.mqtt5
+        client.stop()
+    finally:
+        proc.terminate()
+        proc.wait(10)
