@@ -1,0 +1,138 @@
+"""`QuantConfig`: what to quantize, how, and into which deployable artifacts.
+
+Loads from a plain dict (a recipe step's TOML table) with `QuantConfig.from_dict`, which names unknown
+or out-of-range fields before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import QuantizeError
+
+MODES = ("static", "dynamic", "fp16", "qat")
+METHODS = ("minmax", "percentile", "entropy", "mse")
+FORMATS = ("onnx", "tflite")
+FALLBACKS = ("float", "error")
+
+
+@dataclass
+class QuantConfig:
+    """Quantization settings.
+
+    mode: "static" (int8 weights per-channel symmetric + int8 activations from calibration; ONNX QDQ and
+      full-integer TFLite), "dynamic" (int8 weights, activations quantized at run time; ONNX
+      DynamicQuantizeMatMul / TFLite dynamic-range), "fp16" (weights stored as float16), "qat" (fake-quant
+      fine-tuning, then the static artifacts).
+    formats: deployable artifacts to produce ("onnx", "tflite").
+    calibration: activation range method for static/qat: "minmax", "percentile", "entropy" (KL), "mse".
+    percentile: the percentile (of |x| mass kept) for calibration="percentile".
+    calib_samples: rows drawn from the train split when no calibration data is passed.
+    per_channel: per-output-channel weight scales (else one scale per tensor).
+    float_layers: layer names (module paths such as "layers.5.ffn_out", or fnmatch patterns) kept in float.
+    max_drop: accuracy-aware mode: keep the fewest layers in float (chosen by per-layer sensitivity) so
+      that the metric drops by at most this much vs fp32 on the `sensitivity_split` (metric units:
+      0.005 = 0.5 pt of top-1, or 0.005 of cosine).
+    sensitivity_split / sensitivity_samples: data the sensitivity table and max_drop are judged on
+      (0 = the whole split).
+    fallback: "float" lets ops a target cannot run in int8 stay float (listed in float_layers); "error"
+      raises UnsupportedOpError naming the first such op.
+    smooth_alpha: dynamic ONNX: SmoothQuant migration strength for linear layers (None = off; "auto" picks
+      per layer from calibration data).
+    qat_epochs, qat_lr, qat_batch_size: fake-quant fine-tuning (mode "qat").
+    eval_batch_size: batch size the artifacts' metric is measured with; 1 is how a device calls the model,
+      and it matters: dynamic quantization takes its activation range from the whole batch.
+    parity_min_agreement / parity_min_cosine: int8 parity bounds against the fp32 model (top-1 agreement of
+      classifier outputs, lowest per-row cosine of embeddings); a package is written only within them.
+    threads: intra-op threads for calibration, evaluation and latency runs.
+    """
+
+    mode: str = "static"
+    formats: list[str] = field(default_factory=lambda: ["onnx", "tflite"])
+    calibration: str = "mse"
+    percentile: float = 99.99
+    calib_samples: int = 256
+    per_channel: bool = True
+    float_layers: list[str] = field(default_factory=list)
+    max_drop: float | None = None
+    sensitivity_split: str = "val"
+    sensitivity_samples: int = 0
+    fallback: str = "float"
+    smooth_alpha: float | str | None = "auto"
+    qat_epochs: int = 3
+    qat_lr: float = 1e-4
+    qat_batch_size: int = 64
+    eval_batch_size: int = 1
+    parity_min_agreement: float = 0.97
+    parity_min_cosine: float = 0.95
+    threads: int = 1
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> QuantConfig:
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise QuantizeError(f"quantize: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        try:
+            cfg = cls(**data)
+        except TypeError as exc:  # pragma: no cover - guarded by the unknown-field check
+            raise QuantizeError(f"quantize: {exc}") from None
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> QuantConfig:
+        _choice(self.mode, MODES, "mode")
+        _choice(self.calibration, METHODS, "calibration")
+        _choice(self.fallback, FALLBACKS, "fallback")
+        if isinstance(self.formats, str):
+            self.formats = [self.formats]
+        if not isinstance(self.formats, (list, tuple)) or not self.formats:
+            raise QuantizeError(f"quantize.formats must be a non-empty list of {list(FORMATS)}, got {self.formats!r}")
+        for fmt in self.formats:
+            _choice(fmt, FORMATS, "formats")
+        self.formats = list(dict.fromkeys(self.formats))
+        _number(self.percentile, "percentile", 50.0, 100.0)
+        _integer(self.calib_samples, "calib_samples", 1)
+        _integer(self.sensitivity_samples, "sensitivity_samples", 0)
+        _integer(self.qat_epochs, "qat_epochs", 0)
+        _integer(self.qat_batch_size, "qat_batch_size", 1)
+        _integer(self.threads, "threads", 1)
+        _integer(self.eval_batch_size, "eval_batch_size", 1)
+        _number(self.qat_lr, "qat_lr", 0.0, 1.0)
+        _number(self.parity_min_agreement, "parity_min_agreement", 0.0, 1.0)
+        _number(self.parity_min_cosine, "parity_min_cosine", -1.0, 1.0)
+        if self.max_drop is not None:
+            _number(self.max_drop, "max_drop", 0.0, 1.0)
+        if not isinstance(self.per_channel, bool):
+            raise QuantizeError(f"quantize.per_channel must be true or false, got {self.per_channel!r}")
+        if not isinstance(self.float_layers, (list, tuple)) or not all(isinstance(x, str) for x in self.float_layers):
+            raise QuantizeError(f"quantize.float_layers must be a list of layer names, got {self.float_layers!r}")
+        self.float_layers = list(self.float_layers)
+        if self.sensitivity_split not in ("train", "val", "test"):
+            raise QuantizeError(
+                f"quantize.sensitivity_split must be 'train', 'val' or 'test', got {self.sensitivity_split!r}"
+            )
+        if self.smooth_alpha is not None and self.smooth_alpha != "auto":
+            _number(self.smooth_alpha, "smooth_alpha", 0.0, 1.0)
+        return self
+
+
+def _choice(value: Any, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise QuantizeError(f"quantize.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _number(value: Any, name: str, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
+        raise QuantizeError(f"quantize.{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+
+
+def _integer(value: Any, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise QuantizeError(f"quantize.{name} must be an integer >= {minimum}, got {value!r}")
