@@ -23,6 +23,10 @@ _EXPORTS = {
     "layer_sensitivity": "prune",
     "plan_from_sensitivity": "prune",
     "DistillConfig": "distill",
+    "Recipe": "recipe",
+    "RecipeError": "recipe",
+    "load_recipe": "recipe",
+    "run_recipe": "recipe",
 }
 # callable subpackages: compress.prune(model, PruneConfig(...), example_inputs), compress.distill(...)
 _SUBPACKAGES = {"prune", "distill"}

@@ -131,4 +131,4 @@ def _compress(args: argparse.Namespace) -> int:
 
     report = run_recipe(recipe, args.out, progress=sys.stderr.isatty(), force=args.force)
     emit(report, args.json, render)
-    return 0
+    return 1 if report["failed"] else 0  # a target that could not be made (listed in the report)

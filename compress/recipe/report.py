@@ -65,6 +65,8 @@ def render(report: dict[str, Any]) -> str:
             lines.append(
                 f"targets[{a['target']}] {a['format']}/{a['dtype']} keeps in float: {', '.join(a['float_layers'])}"
             )
+    for f in report.get("failed", []):
+        lines.append(f"targets[{f['target']}] {f['format']}/{f['dtype']} FAILED: {f['error']}")
     out_dir = Path(report["baseline"]["path"]).parent.parent
     lines.append(
         f"\nreport: {out_dir / 'report.json'}  plot: {out_dir / 'report.png'}  ({report['seconds']:.0f} s)"

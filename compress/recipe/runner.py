@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 REPORT_FILE, PLOT_FILE = "report.json", "report.png"
 REPORT_FORMAT = "pocketfleet-compress-report/1"
+MEASURED = ("metric", "size_bytes", "size_zstd_bytes", "macs", "params", "latency_ms")
 
 
 class OutputDirError(PocketfleetError):
@@ -50,6 +51,7 @@ class Pipeline:
         self.original = dataclasses.replace(model, module=copy.deepcopy(model.module).eval())
         self.data = RecipeData(recipe.data, model.workload)
         self.sparsifier: Sparsifier | None = None
+        self.snapshot: Path | None = None  # fp32 ONNX file of the current model (written after every step)
         self.artifacts_dir = out / "artifacts"
         self.work_dir = Path(tempfile.mkdtemp(prefix="work-", dir=out))
 
@@ -88,7 +90,9 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Run `recipe` (a Recipe or a recipe file) into `out_dir`; returns the report (also written as
     out_dir/report.json, with the plot out_dir/report.png). The recipe is fully validated before
-    anything is written; `out_dir` must be empty or absent unless `force`."""
+    anything is written; `out_dir` must be empty or absent unless `force`. A target whose artifact
+    cannot be made (e.g. parity out of bounds: no package is written) is listed under "failed" with
+    the reason, and the other targets are still made."""
     from tqdm.auto import tqdm
 
     if not isinstance(recipe, Recipe):
@@ -181,35 +185,42 @@ def _run(p: Pipeline, bar: Any, started: float) -> dict[str, Any]:
     p.finalize_sparsifier()
 
     artifacts: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     export_rows: list[dict[str, Any]] = []
     made: list[Artifact] = []
     for step in recipe.export_steps:
         claimed = [(i, t) for i, t in enumerate(recipe.targets) if step.claims(t)]
         bar.set_description(f"{step.ctx.path} {step.type}: {', '.join(t.label for _, t in claimed)}")
         t0 = time.perf_counter()
-        produced = step.export(p, claimed)
+        try:
+            produced = step.export(p, claimed)
+        except PocketfleetError as exc:  # e.g. parity out of bounds: no package; the report says why
+            produced = []
+            failed += [_failure(i, t, exc, step) for i, t in claimed]
         made += produced
-        bar.update(len(produced))
+        bar.update(len(claimed))
         export_rows.append(
             {"step": step, "seconds": time.perf_counter() - t0, "targets": [a.target for a in produced]}
         )
     for i, target in enumerate(recipe.targets):
         if recipe.producer(i) is None:
             bar.set_description(f"targets[{i}] {target.label}")
-            made.append(_plain_export(p, i, target))
+            try:
+                made.append(_plain_export(p, i, target))
+            except PocketfleetError as exc:
+                failed.append(_failure(i, target, exc, None))
             bar.update()
     made.sort(key=lambda a: a.target)
     for artifact in made:
         artifacts.append(_artifact_row(p, artifact, probe))
     by_target = {a["target"]: a for a in artifacts}
     for entry in export_rows:
-        step = entry["step"]
-        first = by_target[entry["targets"][0]]
-        row = _step_row(step, entry["seconds"], {"artifacts": entry["targets"]})
-        row.update(
-            {k: first[k] for k in ("metric", "size_bytes", "size_zstd_bytes", "macs", "params", "latency_ms")}
-        )
-        row["path"] = first["path"]
+        row = _step_row(entry["step"], entry["seconds"], {"artifacts": entry["targets"]})
+        if entry["targets"]:
+            first = by_target[entry["targets"][0]]
+            row.update({k: first[k] for k in (*MEASURED, "path")})
+        else:
+            row.update(dict.fromkeys((*MEASURED, "path")))
         rows.append(row)
 
     return {
@@ -228,9 +239,20 @@ def _run(p: Pipeline, bar: Any, started: float) -> dict[str, Any]:
         "baseline": baseline,
         "steps": rows,
         "artifacts": artifacts,
+        "failed": sorted(failed, key=lambda f: f["target"]),
         "host": {"threads": recipe.run.threads, "latency_seconds": recipe.run.latency_seconds},
         "seconds": round(time.perf_counter() - started, 2),
         "config": recipe.to_dict(),
+    }
+
+
+def _failure(index: int, target: Target, exc: Exception, step: Step | None) -> dict[str, Any]:
+    return {
+        "target": index,
+        "format": target.format,
+        "dtype": target.dtype,
+        "step": step.ctx.path if step is not None else None,
+        "error": str(exc),
     }
 
 
@@ -250,6 +272,7 @@ def _measure_model(p: Pipeline, path: Path, probe: dict[str, Any]) -> dict[str, 
     from export.pipeline import convert
 
     convert(p.model, "onnx", "fp32", path)
+    p.snapshot = path
     return {
         "path": str(path),
         "format": "onnx",

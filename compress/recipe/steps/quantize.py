@@ -52,23 +52,27 @@ class QuantizeStep(Step):
         return out
 
     def export(self, pipeline: Pipeline, targets: list[tuple[int, Target]]) -> list[Artifact]:
-        """One quantize() call per package identity (name, version, key) over the formats it needs."""
+        """One quantize() call per package name and version over the formats it needs; packages of targets
+        with a key are signed afterwards."""
         from compress.quantize import quantize
+        from export.package import sign_package
 
         groups: dict[tuple[Any, ...], list[tuple[int, Target]]] = {}
         for index, target in targets:
-            groups.setdefault((target.name, target.version, target.key), []).append((index, target))
+            groups.setdefault((target.name, target.version), []).append((index, target))
         artifacts: list[Artifact] = []
-        for (name, version, key), members in groups.items():
+        for (name, version), members in groups.items():
             config = dataclasses.replace(self.config, formats=[t.format for _, t in members])
             work = tempfile.mkdtemp(prefix="quantize-", dir=pipeline.work_dir)
             result = quantize(
-                pipeline.model, config, pipeline.data.calibration(), work, key=key, name=name, version=version,
+                pipeline.model, config, pipeline.data.calibration(), work, name=name, version=version,
                 latency_runs=pipeline.recipe.run.latency_runs, progress=pipeline.progress,
             )  # fmt: skip
             by_format = {a.format: a for a in result.artifacts}
             for index, target in members:
                 qa = by_format[target.format]
+                if target.key is not None and qa.package is not None:
+                    sign_package(qa.package, target.key)
                 details = {"mode": qa.mode, "calibration": qa.calibration, **qa.details}
                 if target.format in result.sensitivity:
                     details["sensitivity"] = result.sensitivity[target.format].to_dict()
