@@ -236,6 +236,7 @@ class OtaClient:
             if self._job is not None:
                 self._job.save()
                 self._job.close()
+                self._job = None  # chunks still in flight now count as stale; job.* files stay for resume
 
     def on_reconnect(self, session_present: bool) -> None:
         """After a reconnect without a session, whatever was outstanding is lost: ask again now."""
@@ -281,7 +282,7 @@ class OtaClient:
         frame = decode_frame(msg.payload)
         with self._wake:
             job = self._job
-            if job is None or frame.release_id != job.release_id:
+            if job is None or frame.release_id != job.release_id or (frame.kind != FRAME_INDEX and job.fd is None):
                 self.counters.add("stale_chunks")
                 return
             if frame.kind == FRAME_INDEX:

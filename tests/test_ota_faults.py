@@ -106,9 +106,9 @@ def test_device_restart_mid_download_resumes_from_disk(tmp_path: Path, keys: Pat
             fleet.install_everywhere(pkgs["v1"])
             out = fleet.release(pkgs["v2"], canary=0)
             wait_for(lambda: _fraction(fleet, "dev-000") >= 0.5, 30, 0.01)
-            first = fleet.devices["dev-000"].ota
+            job = fleet.devices["dev-000"].ota._job
             fleet.stop_device("dev-000", clean=False)  # the process goes away mid-download
-            before = first._job.bytes_rx if first._job else 0
+            before = job.bytes_rx
             assert before >= 0.5 * size * 0.9
             fleet.start_device("dev-000")  # a new process on the same state directory
             final = fleet.wait(out["rollout_id"], 60)
