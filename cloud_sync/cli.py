@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     crun.add_argument("--worker-id", help="override [cloud] worker_id (also the MQTT client id / username)")
     crun.add_argument("--password-file", help="override [mqtt] password_file")
     crun.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    crun.add_argument("--retire", action="store_true",
+                      help="drain what the broker queued for this worker, leave the shared subscriptions, exit "
+                      "(for a worker that will not come back)")
     crun.set_defaults(func=_cmd_cloud_run)
     prov = csub.add_parser("provision", help="create a device's credentials, broker ACL entries and agent config",
                            description="Create (or renew) the MQTT account of a device: a random password "
@@ -180,7 +183,7 @@ def _cmd_cloud_run(args: argparse.Namespace) -> int:
             config.mqtt.username = args.worker_id
     if args.password_file:
         config.mqtt.password_file = args.password_file
-    run_cloud(config)
+    run_cloud(config, retire=args.retire)
     return 0
 
 

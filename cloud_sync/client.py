@@ -375,6 +375,14 @@ class MqttClient:
         if client is not None and self._connected.is_set():
             client.subscribe(self._wire_filter(topic_filter), qos)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop routing `topic_filter` and tell the broker (also for the persistent session)."""
+        with self._lock:
+            self._subs = [s for s in self._subs if s[0] != topic_filter]
+        client = self._client
+        if client is not None and self._connected.is_set():
+            client.unsubscribe(self._wire_filter(topic_filter))
+
     def _wire_filter(self, topic_filter: str) -> str:
         if topic_filter.startswith("$share/") and not self.mqtt5:
             return topic_filter.split("/", 2)[2]

@@ -245,6 +245,31 @@ class Cloud:
         self._artifacts.close()
         self.registry.close()
 
+    def retire(self, idle_s: float = 3.0, timeout_s: float = 600.0) -> None:
+        """Leave the worker pool for good: take what the broker queued for this worker's session, stop taking
+        a share of new messages (unsubscribe the shared filters), finish, and stop.
+
+        mosquitto keeps queueing a share of shared-subscription messages for a member whose session is
+        persistent but offline (that is what lets a killed worker resume); a worker that will never come
+        back must be retired this way, or its share waits until its session expires.
+        """
+        share = self.config.cloud.shared_group
+        deadline = time.monotonic() + timeout_s
+        last, quiet_since = -1, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < idle_s:
+            now = self.counters.get("received")
+            if now != last:
+                last, quiet_since = now, time.monotonic()
+            time.sleep(0.2)
+        if share:
+            for leaf in ("ota", "req", "telemetry"):
+                self.client.unsubscribe(dev_filter(leaf, share))
+        time.sleep(idle_s)  # what was already in flight to us
+        while not self._requests.empty() or not self._telemetry.empty():
+            time.sleep(0.2)
+        log.info("worker %s retired", self.config.cloud.worker_id)
+        self.stop()
+
     def run_forever(self) -> None:
         try:
             while not self._stop.wait(1.0):
@@ -386,11 +411,15 @@ class Cloud:
             self._stop.wait(cfg.rollout.tick_s)
 
 
-def run_cloud(config: CloudConfig) -> None:
-    """Run one worker until SIGINT/SIGTERM."""
+def run_cloud(config: CloudConfig, retire: bool = False) -> None:
+    """Run one worker until SIGINT/SIGTERM (with `retire`: until it has drained its session, see Cloud.retire)."""
     import signal
 
     cloud = Cloud(config)
+    if retire:
+        cloud.start(wait_s=60)
+        cloud.retire()
+        return
     stop = threading.Event()
 
     def _stop(*_: Any) -> None:

@@ -247,3 +247,38 @@ def test_broker_run_command_serves_clients() -> None:
         proc.terminate()
         proc.wait(15)
     assert f"127.0.0.1:{port}" in proc.stdout.read()
+
+
+def test_a_retired_worker_drains_its_share_and_takes_no_more(tmp_path: Path) -> None:
+    """mosquitto queues a share of shared-subscription messages for an offline persistent member: a worker
+    that stops for good is retired, which delivers its queued share and leaves the group."""
+    with Mosquitto(tmp_path, accounts=dict(ACCOUNTS), persistence=False) as broker:
+        state = str(tmp_path / "cloud")
+
+        def worker(wid: str) -> Cloud:
+            return Cloud(CloudConfig(cloud=CloudSettings(state_dir=state, worker_id=wid), mqtt=broker.mqtt_config(wid)))
+
+        w1, w2 = worker("cloud-1").start(), worker("cloud-2").start()
+        w1.registry.ensure_device("dev-a", "lab")
+        w2.stop()  # its session (and shared subscription) stays with the broker
+        dev = MqttClient(broker.mqtt_config("dev-a")).start().wait_connected()
+
+        def send(first: int, n: int) -> None:
+            acks: list[bool] = []
+            for i in range(first, first + n):
+                msg = encode("pf.outbox/1", device="dev-a", id=i, kind="t", created=1.0, body={"i": i})
+                dev.publish(dev_topic("dev-a", "telemetry"), msg, on_ack=lambda ok, _: acks.append(ok))
+            wait_for(lambda: len(acks) == n and all(acks), 10)
+
+        send(0, 20)
+        time.sleep(0.5)
+        stranded = 20 - len(w1.registry.telemetry())
+        assert stranded > 0, "mosquitto queued a share for the offline member"
+        retiring = worker("cloud-2").start()
+        retiring.retire(idle_s=1.0)
+        wait_for(lambda: len(w1.registry.telemetry()) == 20, 10)
+        send(20, 10)
+        wait_for(lambda: len(w1.registry.telemetry()) == 30, 10)
+        assert w1.counters.get("received") >= 20 + 10 - stranded
+        dev.stop()
+        w1.stop()
