@@ -78,6 +78,7 @@ class Setup:
         }
     )
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning seeds of the main comparison
     threads: int = 1  # torch threads for pruning / fine-tuning
     latency_threads: list[int] = field(default_factory=lambda: [1, 2])
     latency_runs: int = 2000
@@ -106,9 +107,14 @@ class Bench:
         return float(self.lm.evaluate(predict=_predict(model.eval(), self.wl))["value"])
 
     def finetune(
-        self, model: nn.Module, teacher: nn.Module | None, hooks: list | None = None, keep_best: bool = True
+        self,
+        model: nn.Module,
+        teacher: nn.Module | None,
+        hooks: list | None = None,
+        keep_best: bool = True,
+        seed: int = 0,
     ) -> dict[str, Any]:
-        cfg = DistillConfig(**self.setup.finetune, threads=self.setup.threads, keep_best=keep_best)
+        cfg = DistillConfig(**self.setup.finetune, threads=self.setup.threads, keep_best=keep_best, seed=seed)
         evaluate = self.val_top1 if keep_best else None
         report = Distiller(model, teacher, cfg).fit(
             self.train, evaluate=evaluate, step_hooks=hooks or [], progress=sys.stderr.isatty()
@@ -293,7 +299,14 @@ def structured(b: Bench, log: dict[str, Any]) -> list[dict[str, Any]]:
                 )
         for name, (model, info) in candidates.items():
             before = {"val_top1_pruned": b.val_top1(model), "test_top1_pruned": b.test_top1(model)}
-            ft = b.finetune(model, dense)
+            if budget == s.budget and len(s.seeds) > 1:  # the same pruned model fine-tuned with other seeds
+                tops = []
+                for seed in s.seeds[1:]:
+                    other = copy.deepcopy(model)
+                    b.finetune(other, dense, seed=seed)
+                    tops.append(b.test_top1(other))
+                info["other_seeds_test_top1"] = tops
+            ft = b.finetune(model, dense, seed=s.seeds[0])
             rows.append(
                 b.row(
                     f"{name}@{budget:g}",
@@ -438,6 +451,7 @@ def render(result: dict[str, Any]) -> str:
                 "top1 pruned": r.get("test_top1_pruned", ""),
                 "top1 FT": round(r["test_top1"], 4),
                 "drop pt": round(100 * (dense["test_top1"] - r["test_top1"]), 2),
+                "mean top1 (seeds)": _seed_mean(r),
                 "val FT": round(r["finetune"]["val_top1"], 4),
                 "onnx x": round(r["onnx_bytes"] / dense["onnx_bytes"], 3),
                 "p50 x (1t)": round(lat.get("t1", {}).get("ratio", float("nan")), 3),
@@ -550,6 +564,14 @@ def main(argv: list[str] | None = None) -> int:
     print(render(result))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _seed_mean(row: dict[str, Any]) -> str:
+    others = row.get("other_seeds_test_top1")
+    if not others:
+        return ""
+    tops = [row["test_top1"], *others]
+    return f"{np.mean(tops):.4f} +- {np.std(tops):.4f} (n={len(tops)})"
 
 
 def _save(path: Path, result: dict[str, Any]) -> None:

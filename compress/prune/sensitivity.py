@@ -171,6 +171,21 @@ def plan_from_sensitivity(
             )
         ratios[best[1]] = best[2]
         current = measure(graph, counts_for(ratios))
+    # a greedy step can overshoot the budget (rounded widths move in jumps): give back what still fits,
+    # the most sensitive groups first
+    changed = True
+    while changed:
+        changed = False
+        order = sorted(ratios, key=lambda n: -sens.drop(n, removed(n, ratios[n])))
+        for name in order:
+            lower = ratios[name]
+            while lower > 0:
+                lower = round(max(0.0, lower - step), 6)
+                trial = {**ratios, name: lower}
+                if counts_for(trial) != counts_for(ratios):
+                    break
+            if lower < ratios[name] and measure(graph, counts_for(trial)) <= goal:
+                ratios[name], changed = lower, True
     return PruneConfig(
         ratios={name: r for name, r in ratios.items() if r > 0},
         importance=sens.importance,
