@@ -190,6 +190,29 @@ def test_human_output_is_a_table(cnn_run: Run) -> None:
     assert str(cnn_run.out / "report.png") in text
 
 
+def test_plain_exports_without_steps(digits_cnn_dir: Path, tmp_path: Path) -> None:
+    """No steps: fp32 ONNX is the baseline snapshot packaged as is; fp16 goes through export_model."""
+    from compress.recipe import run_recipe
+
+    doc = {
+        "name": "cnn-plain",
+        "model": {"path": str(digits_cnn_dir)},
+        "run": {"latency_seconds": 0.05, "latency_runs": 5},
+        "targets": [{"format": "onnx"}, {"format": "onnx", "dtype": "fp16", "device": "x86-server"}],
+    }
+    report = run_recipe(write_recipe(tmp_path / "plain.toml", doc), tmp_path / "out")
+    assert report["steps"] == [] and report["failed"] == []
+    fp32, fp16 = report["artifacts"]
+    base = report["baseline"]
+    assert Path(fp32["path"]).read_bytes() == Path(base["path"]).read_bytes()
+    assert fp32["metric"]["value"] == base["metric"]["value"] and fp32["mode"] == "export"
+    assert fp16["dtype"] == "fp16" and fp16["size_bytes"] < 0.6 * fp32["size_bytes"]
+    assert abs(fp16["metric"]["value"] - base["metric"]["value"]) <= 0.01
+    assert fp16["device"]["device"] == "x86-server" and fp32["device"] is None
+    assert fp16["device"]["estimated_ms"] > 0 and fp16["device"]["storage_needed_bytes"] > fp16["size_bytes"]
+    assert (tmp_path / "out" / "report.png").stat().st_size > 10_000
+
+
 def test_examples_validate() -> None:
     from compress.recipe import load_recipe
 

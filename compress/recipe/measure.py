@@ -1,6 +1,6 @@
 """Measurements shared by every row of a report: the workload metric, file size (raw and zstd), MACs
 and parameters of the file (devices.analyze_model), and host latency in the file's own runtime
-(edge_agent.runtimes timed by devices.timing.time_calls, batch 1 of real test data)."""
+(edge_agent.runtimes, batch 1 of real test data, all files of a run timed round-robin together)."""
 
 from __future__ import annotations
 
@@ -14,25 +14,28 @@ from .schema import RunSettings
 ZSTD_MAX_LEVEL_BYTES = 16 << 20  # larger files are compressed at a fast level (level 19 takes minutes)
 
 
-def host_latency(path: Path, inputs: dict[str, np.ndarray], run: RunSettings) -> dict[str, Any]:
-    """{"p50", "p90", "p99", "mean", "cpu_p50", "runs", "threads"} in ms for one batch-1 call."""
-    from devices.timing import time_calls
-    from edge_agent.runtimes import load_runtime
+def host_latencies(
+    models: dict[str, Path], inputs: dict[str, np.ndarray], run: RunSettings
+) -> dict[str, dict[str, Any]]:
+    """{name: {"p50", "p90", "mean", "runs", "threads"}} in ms for one batch-1 call of every model in its
+    own runtime, measured round-robin (every round runs each model once, in turn) so that load from other
+    processes hits all rows of a report alike: at least `run.latency_runs` calls each, and
+    `run.latency_seconds` per model in all."""
+    from compress.quantize import measure_latency
 
-    runtime = load_runtime(path, threads=run.threads)
-    feeds = {s.name: inputs[s.name] for s in runtime.inputs}
-    stats = time_calls(lambda: runtime.run(feeds), min_runs=run.latency_runs, min_seconds=run.latency_seconds)
-    out = {
-        "p50": round(stats.p50_ms, 4),
-        "p90": round(stats.p90_ms, 4),
-        "p99": round(stats.p99_ms, 4),
-        "mean": round(stats.mean_ms, 4),
-        "runs": stats.runs,
-        "threads": run.threads,
+    if not models:
+        return {}
+    stats = measure_latency(
+        models,
+        inputs,
+        threads=run.threads,
+        runs=run.latency_runs,
+        min_seconds=run.latency_seconds * len(models),
+    )
+    return {
+        name: {k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()}
+        for name, s in stats.items()
     }
-    if stats.cpu_p50_ms is not None:
-        out["cpu_p50"] = round(stats.cpu_p50_ms, 4)
-    return out
 
 
 def file_costs(path: Path) -> dict[str, Any]:

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 from pocketfleet import PocketfleetError
 
 from .data import RecipeData
-from .measure import clean_metric, file_costs, host_latency, probe_inputs
+from .measure import clean_metric, file_costs, host_latencies, probe_inputs
 from .schema import Recipe, Target, load_recipe
-from .steps.base import Artifact, Step
+from .steps.base import Artifact, Failure, Step
 
 if TYPE_CHECKING:
     from torch import nn
@@ -99,7 +99,7 @@ def run_recipe(
         recipe = load_recipe(recipe)
     out = _prepare_out(Path(out_dir), force)
     started = time.perf_counter()
-    total = 2 + len(recipe.model_steps) + len(recipe.targets)
+    total = 3 + len(recipe.model_steps) + len(recipe.targets)
     bar = tqdm(total=total, desc="model", unit="stage", file=sys.stderr, disable=not progress, leave=False)
     try:
         with _threads(recipe.run.threads):
@@ -162,67 +162,23 @@ def _load_model(recipe: Recipe, out: Path) -> LoadedModel:
 
 def _run(p: Pipeline, bar: Any, started: float) -> dict[str, Any]:
     recipe, wl = p.recipe, p.model.workload
-    probe = probe_inputs(wl)
     steps_dir = p.out / "steps"
     steps_dir.mkdir(exist_ok=True)
-
     bar.set_description("baseline")
-    baseline = _measure_model(p, steps_dir / "baseline.onnx", probe)
+    baseline = _measure_model(p, steps_dir / "baseline.onnx")
     bar.update()
-
-    rows: list[dict[str, Any]] = []
-    for step in recipe.model_steps:
-        bar.set_description(f"{step.ctx.path} {step.type}")
-        if not step.trains:
-            p.finalize_sparsifier()
-        t0 = time.perf_counter()
-        details = step.run(p)
-        seconds = time.perf_counter() - t0
-        row = _step_row(step, seconds, details)
-        row.update(_measure_model(p, steps_dir / f"{step.ctx.index:02d}-{step.type}.onnx", probe))
-        rows.append(row)
-        bar.update()
-    p.finalize_sparsifier()
-
-    artifacts: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    export_rows: list[dict[str, Any]] = []
-    made: list[Artifact] = []
-    for step in recipe.export_steps:
-        claimed = [(i, t) for i, t in enumerate(recipe.targets) if step.claims(t)]
-        bar.set_description(f"{step.ctx.path} {step.type}: {', '.join(t.label for _, t in claimed)}")
-        t0 = time.perf_counter()
-        try:
-            produced = step.export(p, claimed)
-        except PocketfleetError as exc:  # e.g. parity out of bounds: no package; the report says why
-            produced = []
-            failed += [_failure(i, t, exc, step) for i, t in claimed]
-        made += produced
-        bar.update(len(claimed))
-        export_rows.append(
-            {"step": step, "seconds": time.perf_counter() - t0, "targets": [a.target for a in produced]}
-        )
-    for i, target in enumerate(recipe.targets):
-        if recipe.producer(i) is None:
-            bar.set_description(f"targets[{i}] {target.label}")
-            try:
-                made.append(_plain_export(p, i, target))
-            except PocketfleetError as exc:
-                failed.append(_failure(i, target, exc, None))
-            bar.update()
-    made.sort(key=lambda a: a.target)
-    for artifact in made:
-        artifacts.append(_artifact_row(p, artifact, probe))
+    rows = _model_steps(p, steps_dir, bar)
+    made, failures, export_rows = _exports(p, bar)
+    artifacts = [_artifact_row(p, a) for a in sorted(made, key=lambda a: a.target)]
+    bar.set_description("latency")
+    _time_all([baseline, *rows, *artifacts], probe_inputs(wl), recipe)
+    bar.update()
     by_target = {a["target"]: a for a in artifacts}
-    for entry in export_rows:
-        row = _step_row(entry["step"], entry["seconds"], {"artifacts": entry["targets"]})
-        if entry["targets"]:
-            first = by_target[entry["targets"][0]]
-            row.update({k: first[k] for k in (*MEASURED, "path")})
-        else:
-            row.update(dict.fromkeys((*MEASURED, "path")))
+    for step, seconds, produced in export_rows:  # an export step's row repeats its first artifact's numbers
+        row = _step_row(step, seconds, {"artifacts": produced})
+        first = by_target.get(produced[0]) if produced else {}
+        row.update({k: first.get(k) for k in (*MEASURED, "path")})
         rows.append(row)
-
     return {
         "format": REPORT_FORMAT,
         "recipe": str(recipe.file),
@@ -239,20 +195,69 @@ def _run(p: Pipeline, bar: Any, started: float) -> dict[str, Any]:
         "baseline": baseline,
         "steps": rows,
         "artifacts": artifacts,
-        "failed": sorted(failed, key=lambda f: f["target"]),
+        "failed": [_failure_row(recipe, f) for f in sorted(failures, key=lambda f: f.target)],
         "host": {"threads": recipe.run.threads, "latency_seconds": recipe.run.latency_seconds},
         "seconds": round(time.perf_counter() - started, 2),
         "config": recipe.to_dict(),
     }
 
 
-def _failure(index: int, target: Target, exc: Exception, step: Step | None) -> dict[str, Any]:
+def _model_steps(p: Pipeline, steps_dir: Path, bar: Any) -> list[dict[str, Any]]:
+    """Run the model steps in order, measuring the model after each."""
+    rows = []
+    for step in p.recipe.model_steps:
+        bar.set_description(f"{step.ctx.path} {step.type}")
+        if not step.trains:
+            p.finalize_sparsifier()
+        t0 = time.perf_counter()
+        details = step.run(p)
+        row = _step_row(step, time.perf_counter() - t0, details)
+        row.update(_measure_model(p, steps_dir / f"{step.ctx.index:02d}-{step.type}.onnx"))
+        rows.append(row)
+        bar.update()
+    p.finalize_sparsifier()
+    return rows
+
+
+def _exports(
+    p: Pipeline, bar: Any
+) -> tuple[list[Artifact], list[Failure], list[tuple[Step, float, list[int]]]]:
+    """Every target's artifact: from the export step that claims it, else a plain fp32/fp16 export.
+    A target that cannot be made is a Failure (the others are still made)."""
+    recipe = p.recipe
+    results: list[Artifact | Failure] = []
+    export_rows = []
+    for step in recipe.export_steps:
+        claimed = [(i, t) for i, t in enumerate(recipe.targets) if step.claims(t)]
+        bar.set_description(f"{step.ctx.path} {step.type}: {', '.join(t.label for _, t in claimed)}")
+        t0 = time.perf_counter()
+        produced = step.export(p, claimed)
+        results += produced
+        export_rows.append(
+            (step, time.perf_counter() - t0, [a.target for a in produced if isinstance(a, Artifact)])
+        )
+        bar.update(len(claimed))
+    for i, target in enumerate(recipe.targets):
+        if recipe.producer(i) is None:
+            bar.set_description(f"targets[{i}] {target.label}")
+            try:
+                results.append(_plain_export(p, i, target))
+            except PocketfleetError as exc:  # e.g. parity out of bounds: no package written
+                results.append(Failure(i, str(exc)))
+            bar.update()
+    made = [r for r in results if isinstance(r, Artifact)]
+    return made, [r for r in results if isinstance(r, Failure)], export_rows
+
+
+def _failure_row(recipe: Recipe, failure: Failure) -> dict[str, Any]:
+    target = recipe.targets[failure.target]
+    producer = recipe.producer(failure.target)
     return {
-        "target": index,
+        "target": failure.target,
         "format": target.format,
         "dtype": target.dtype,
-        "step": step.ctx.path if step is not None else None,
-        "error": str(exc),
+        "step": producer.ctx.path if producer is not None else None,
+        "error": failure.error,
     }
 
 
@@ -266,9 +271,16 @@ def _step_row(step: Step, seconds: float, details: dict[str, Any]) -> dict[str, 
     }
 
 
-def _measure_model(p: Pipeline, path: Path, probe: dict[str, Any]) -> dict[str, Any]:
-    """The current PyTorch model: workload metric (test split), and its fp32 ONNX snapshot's size, MACs
-    and host latency in onnxruntime."""
+def _time_all(rows: list[dict[str, Any]], probe: dict[str, Any], recipe: Recipe) -> None:
+    """Host latency of every row's file, measured together (round-robin) at the end of the run."""
+    files = {str(i): Path(r["path"]) for i, r in enumerate(rows)}
+    for key, stats in host_latencies(files, probe, recipe.run).items():
+        rows[int(key)]["latency_ms"] = stats
+
+
+def _measure_model(p: Pipeline, path: Path) -> dict[str, Any]:
+    """The current PyTorch model: workload metric (test split), and its fp32 ONNX snapshot's size and
+    MACs (latency is measured later, with every other file of the run)."""
     from export.pipeline import convert
 
     convert(p.model, "onnx", "fp32", path)
@@ -279,22 +291,33 @@ def _measure_model(p: Pipeline, path: Path, probe: dict[str, Any]) -> dict[str, 
         "dtype": "fp32",
         "metric": clean_metric(p.model.evaluate()),
         **file_costs(path),
-        "latency_ms": host_latency(path, probe, p.recipe.run),
+        "latency_ms": None,  # filled in by _time_all, with every other file of the run
     }
 
 
 def _plain_export(p: Pipeline, index: int, target: Target) -> Artifact:
-    """An fp32 / fp16 target: export.export_model of the final model (parity checked, packaged)."""
-    from export.pipeline import SUFFIX, export_model
+    """An fp32 / fp16 target of the final model, parity checked and packaged: the fp32 ONNX snapshot of
+    the final model is reused as is (export.package_artifact); other files are converted
+    (export.export_model)."""
+    from export.pipeline import SUFFIX, export_model, package_artifact
 
     stem = f"{target.name}.{target.dtype}"
     p.artifacts_dir.mkdir(parents=True, exist_ok=True)
     model_file = p.artifacts_dir / f"{stem}{SUFFIX[target.format]}"
     package = p.artifacts_dir / f"{stem}.{target.format}.pfpkg"
-    result = export_model(
-        p.model, target.format, target.dtype, out=package, name=target.name, version=target.version,
-        key=target.key, device=_device_name(target), model_out=model_file,
-    )  # fmt: skip
+    common = {
+        "name": target.name,
+        "version": target.version,
+        "key": target.key,
+        "device": _device_name(target),
+    }
+    if (target.format, target.dtype) == ("onnx", "fp32") and p.snapshot is not None:
+        shutil.copyfile(p.snapshot, model_file)
+        result = package_artifact(model_file, p.model, "onnx", "fp32", package, **common)
+    else:
+        result = export_model(
+            p.model, target.format, target.dtype, out=package, model_out=model_file, **common
+        )
     return Artifact(
         target=index, path=model_file, package=package, format=target.format, dtype=target.dtype,
         mode="export", metric=result.metric, parity=result.parity.to_dict(),
@@ -306,7 +329,7 @@ def _device_name(target: Target) -> str | None:
     return Path(target.device).stem if target.device and target.device.endswith(".toml") else target.device
 
 
-def _artifact_row(p: Pipeline, a: Artifact, probe: dict[str, Any]) -> dict[str, Any]:
+def _artifact_row(p: Pipeline, a: Artifact) -> dict[str, Any]:
     target = p.recipe.targets[a.target]
     row: dict[str, Any] = {
         "target": a.target,
@@ -321,7 +344,7 @@ def _artifact_row(p: Pipeline, a: Artifact, probe: dict[str, Any]) -> dict[str, 
         "mode": a.mode,
         "metric": clean_metric(a.metric),
         **file_costs(a.path),
-        "latency_ms": host_latency(a.path, probe, p.recipe.run),
+        "latency_ms": None,
         "parity": a.parity,
         "float_layers": a.float_layers,
         "device": _estimate(a, target) if target.device else None,

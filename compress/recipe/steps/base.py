@@ -47,16 +47,14 @@ class Step:
     config_cls: ClassVar[type]
     extra: ClassVar[Extra] = {}
     excluded: ClassVar[Mapping[str, str]] = {}
-    defaults: ClassVar[Mapping[str, Any]] = {}  # recipe defaults that differ from the config's own
 
     def __init__(self, config: Any, options: dict[str, Any], ctx: StepContext) -> None:
         self.config, self.options, self.ctx = config, options, ctx
 
     @classmethod
     def parse(cls, table: Mapping[str, Any], ctx: StepContext) -> Step:
-        merged = {**cls.defaults, **table}
         config, extras = parse_config(
-            cls.config_cls, merged, ctx.path, cls.extra, cls.excluded, ignore=("type",)
+            cls.config_cls, table, ctx.path, cls.extra, cls.excluded, ignore=("type",)
         )
         step = cls(config, extras, ctx)
         step.check()
@@ -82,7 +80,8 @@ class Step:
         """Whether this export step produces `target`."""
         return False
 
-    def export(self, pipeline: Pipeline, targets: list[tuple[int, Target]]) -> list[Artifact]:
+    def export(self, pipeline: Pipeline, targets: list[tuple[int, Target]]) -> list[Artifact | Failure]:
+        """An Artifact (or, when it cannot be made, e.g. parity out of bounds, a Failure) per target."""
         raise NotImplementedError(f"step {self.type!r} is not an export step")
 
     def check_recipe(self, recipe: Recipe) -> None:
@@ -103,6 +102,14 @@ class Artifact:
     parity: dict[str, Any]
     float_layers: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Failure:
+    """A target whose artifact could not be made, and why."""
+
+    target: int
+    error: str
 
 
 _REGISTRY: dict[str, type[Step]] = {}

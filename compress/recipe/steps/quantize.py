@@ -8,8 +8,9 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from compress.quantize.config import QuantConfig
+from pocketfleet import PocketfleetError
 
-from .base import Artifact, Step, register_step
+from .base import Artifact, Failure, Step, register_step
 
 if TYPE_CHECKING:
     from ..runner import Pipeline
@@ -51,7 +52,7 @@ class QuantizeStep(Step):
         out.pop("calib_samples", None)
         return out
 
-    def export(self, pipeline: Pipeline, targets: list[tuple[int, Target]]) -> list[Artifact]:
+    def export(self, pipeline: Pipeline, targets: list[tuple[int, Target]]) -> list[Artifact | Failure]:
         """One quantize() call per package name and version over the formats it needs; packages of targets
         with a key are signed afterwards."""
         from compress.quantize import quantize
@@ -60,14 +61,18 @@ class QuantizeStep(Step):
         groups: dict[tuple[Any, ...], list[tuple[int, Target]]] = {}
         for index, target in targets:
             groups.setdefault((target.name, target.version), []).append((index, target))
-        artifacts: list[Artifact] = []
+        artifacts: list[Artifact | Failure] = []
         for (name, version), members in groups.items():
             config = dataclasses.replace(self.config, formats=[t.format for _, t in members])
             work = tempfile.mkdtemp(prefix="quantize-", dir=pipeline.work_dir)
-            result = quantize(
-                pipeline.model, config, pipeline.data.calibration(), work, name=name, version=version,
-                latency_runs=pipeline.recipe.run.latency_runs, progress=pipeline.progress,
-            )  # fmt: skip
+            try:
+                result = quantize(
+                    pipeline.model, config, pipeline.data.calibration(), work, name=name, version=version,
+                    latency_runs=pipeline.recipe.run.latency_runs, progress=pipeline.progress,
+                )  # fmt: skip
+            except PocketfleetError as exc:  # e.g. parity out of bounds: quantize writes no package
+                artifacts += [Failure(index, str(exc)) for index, _ in members]
+                continue
             by_format = {a.format: a for a in result.artifacts}
             for index, target in members:
                 qa = by_format[target.format]
