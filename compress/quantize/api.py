@@ -58,7 +58,9 @@ class QuantArtifact:
 class QuantResult:
     model: str
     metric: dict[str, Any]  # {"name", "higher_is_better"}
-    baseline: dict[str, Any]  # fp32: {"metric": {...}, "formats": {fmt: {"path", "size_bytes", "latency_ms"}}}
+    baseline: dict[
+        str, Any
+    ]  # fp32: {"metric": {...}, "formats": {fmt: {"path", "size_bytes", "latency_ms"}}}
     artifacts: list[QuantArtifact]
     config: QuantConfig
     sensitivity: dict[str, SensitivityTable] = field(default_factory=dict)
@@ -82,7 +84,9 @@ class QuantResult:
 class _Target:
     """One (format, mode) quantizer over a fp32 model file: its layers, build() and analysis."""
 
-    def __init__(self, fmt: str, kind: str, fp32: Path, work: Path, cfg: QuantConfig, calib: Mapping[str, np.ndarray]):
+    def __init__(
+        self, fmt: str, kind: str, fp32: Path, work: Path, cfg: QuantConfig, calib: Mapping[str, np.ndarray]
+    ):
         self.format, self.kind, self.fp32, self.work, self.cfg, self.calib = fmt, kind, fp32, work, cfg, calib
         self.counter = 0
         self.unsupported: list[str] = []
@@ -101,10 +105,24 @@ class _Target:
         model = onnx.load(str(self.fp32))
         self.layers = list(compute_layers(model))
         if self.kind == "static":
-            from .onnx_static import calibrate_onnx, io_names, ranges_from_stats
+            from .onnx_static import (
+                calibrate_onnx,
+                canonicalize,
+                int16_overflow_risk,
+                io_names,
+                ranges_from_stats,
+            )
+
+            self.fp32 = canonicalize(self.fp32, self.work / f"canonical-{self.fp32.name}")
+
+            rr = self.cfg.reduce_range
+            self.reduce_range = int16_overflow_risk() if rr == "auto" else bool(rr)
+            self.details["reduce_range"] = self.reduce_range
 
             stats = calibrate_onnx(self.fp32, self.calib, threads=self.cfg.threads, batch_size=8)
-            self.ranges = ranges_from_stats(stats, self.cfg.calibration, self.cfg.percentile, io_names(self.fp32))
+            self.ranges = ranges_from_stats(
+                stats, self.cfg.calibration, self.cfg.percentile, io_names(self.fp32)
+            )
         else:
             self.smooth: dict[str, np.ndarray] = {}
             if self.cfg.smooth_alpha is not None:
@@ -144,7 +162,12 @@ class _Target:
         self.layers = sorted({c["layer"] for c in compute_layers(self.model_bytes)})
         self.stats = None
 
-    def build(self, float_layers: Sequence[str] = (), only_layers: Sequence[str] | None = None, path: Path | None = None) -> Path:
+    def build(
+        self,
+        float_layers: Sequence[str] = (),
+        only_layers: Sequence[str] | None = None,
+        path: Path | None = None,
+    ) -> Path:
         if path is None:
             self.counter += 1
             path = self.work / f"trial{self.counter}{SUFFIX[self.format]}"
@@ -152,7 +175,8 @@ class _Target:
             if self.kind == "static":
                 from .onnx_static import quantize_onnx_static
 
-                return quantize_onnx_static(self.fp32, path, self.ranges, float_layers, only_layers, self.cfg.per_channel)
+                return quantize_onnx_static(self.fp32, path, self.ranges, float_layers, only_layers,
+                                            self.cfg.per_channel, self.reduce_range)  # fmt: skip
             from .onnx_dynamic import quantize_onnx_dynamic
 
             out, self.unsupported = quantize_onnx_dynamic(
@@ -184,7 +208,10 @@ class _OutputFidelity:
     one row at a time in onnxruntime (batch 1, as deployed: dynamic ranges are per call)."""
 
     def __init__(self, fp32: Path, calib: Mapping[str, np.ndarray], threads: int, rows: int = 64) -> None:
-        self.rows = [{k: v[i : i + 1] for k, v in calib.items()} for i in range(min(rows, len(next(iter(calib.values())))))]
+        self.rows = [
+            {k: v[i : i + 1] for k, v in calib.items()}
+            for i in range(min(rows, len(next(iter(calib.values())))))
+        ]
         self.threads = threads
         self.reference = self._outputs(fp32)
 
@@ -228,7 +255,9 @@ def _bounds(cfg: QuantConfig, dtype: str) -> Any:
     from export.parity import ParityBounds
 
     if dtype == "int8":
-        return ParityBounds(max_abs=None, min_agreement=cfg.parity_min_agreement, min_cosine=cfg.parity_min_cosine)
+        return ParityBounds(
+            max_abs=None, min_agreement=cfg.parity_min_agreement, min_cosine=cfg.parity_min_cosine
+        )
     return ParityBounds.for_dtype(dtype)
 
 
@@ -271,7 +300,9 @@ def _with_eval_batch(loaded: Any, batch_size: int) -> Any:
     base = type(loaded)
 
     class _Batched(base):  # type: ignore[valid-type, misc]
-        def evaluate(self, predict: Any = None, batch_size: int = batch_size, split: str = "test") -> dict[str, Any]:
+        def evaluate(
+            self, predict: Any = None, batch_size: int = batch_size, split: str = "test"
+        ) -> dict[str, Any]:
             return base.evaluate(self, predict=predict, batch_size=batch_size, split=split)
 
     return _Batched(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded)})
@@ -313,7 +344,9 @@ def quantize(
     cfg = _config(config)
     lm = _loaded(model)
     wl = lm.workload
-    calib = check_calib_data(calib_data if calib_data is not None else wl.calib_inputs(cfg.calib_samples), wl.inputs)
+    calib = check_calib_data(
+        calib_data if calib_data is not None else wl.calib_inputs(cfg.calib_samples), wl.inputs
+    )
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="pf-quant-"))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="trials-", dir=out))
@@ -361,15 +394,21 @@ def quantize(
             info = t.analyze(path)
             _check_fallback(cfg, t, info, set(floats))
             if t.format == "onnx":
-                from .onnx_graph import strip_debug_info
+                from .onnx_graph import compact
 
-                strip_debug_info(path)
+                compact(path)
+            else:
+                from .tflite_quant import compact_tflite
+
+                compact_tflite(path)
             float_names = sorted({f["name"] for f in info["float_layers"]} | set(floats))
             built.append((t.format, path, {**info, **t.details}, float_names))
 
     # latency: every model of this run, interleaved, batch 1 of real test data
     probe = single_input(wl.eval_inputs())
-    names = {f"fp32.{fmt}": p for fmt, p in fp32_files.items()} | {f"{cfg.mode}.{fmt}": p for fmt, p, _, _ in built}
+    names = {f"fp32.{fmt}": p for fmt, p in fp32_files.items()} | {
+        f"{cfg.mode}.{fmt}": p for fmt, p, _, _ in built
+    }
     latency = measure_latency(names, probe, threads=cfg.threads, runs=latency_runs) if latency_runs else {}
 
     reference = CachedPredict(torch_predict(lm.module, wl))
@@ -387,10 +426,18 @@ def quantize(
         )  # fmt: skip
         artifacts.append(
             QuantArtifact(
-                path=path, format=fmt, dtype=dtype, mode=cfg.mode, metric=result.metric,
-                size_bytes=path.stat().st_size, latency_ms=lat, parity=result.parity.to_dict(),
-                float_layers=float_names, package=result.package,
-                calibration=cfg.calibration if kind == "static" else None, details=info,
+                path=path,
+                format=fmt,
+                dtype=dtype,
+                mode=cfg.mode,
+                metric=result.metric,
+                size_bytes=path.stat().st_size,
+                latency_ms=lat,
+                parity=result.parity.to_dict(),
+                float_layers=float_names,
+                package=result.package,
+                calibration=cfg.calibration if kind == "static" else None,
+                details=info,
             )  # fmt: skip
         )
     baseline_metric = _clean(scored.evaluate(predict=reference))
@@ -428,7 +475,10 @@ def quantization_sensitivity(
     if cfg.mode == "fp16":
         raise QuantizeError("sensitivity needs an int8 mode (static, dynamic or qat), not fp16")
     lm = _loaded(model)
-    calib = check_calib_data(calib_data if calib_data is not None else lm.workload.calib_inputs(cfg.calib_samples), lm.workload.inputs)
+    calib = check_calib_data(
+        calib_data if calib_data is not None else lm.workload.calib_inputs(cfg.calib_samples),
+        lm.workload.inputs,
+    )
     folded, _ = fold_model(lm)
     with tempfile.TemporaryDirectory(prefix="pf-sens-") as tmp:
         work = Path(tmp)
@@ -442,5 +492,3 @@ def quantization_sensitivity(
 
 def _clean(metric: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in metric.items()}
-
-

@@ -50,7 +50,9 @@ class TensorStats:
         self.count += int(finite.size)
         if channels and x.ndim >= 1:
             cmax = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
-            self.channel_absmax = cmax if self.channel_absmax is None else np.maximum(self.channel_absmax, cmax)
+            self.channel_absmax = (
+                cmax if self.channel_absmax is None else np.maximum(self.channel_absmax, cmax)
+            )
 
     def update_hist(self, x: np.ndarray) -> None:
         if not np.isfinite(self.lo):

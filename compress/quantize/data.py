@@ -36,10 +36,14 @@ def check_calib_data(data: CalibData, inputs: Sequence[TensorSpec]) -> dict[str,
         )
     unknown = sorted(set(data) - set(specs))
     if unknown:
-        raise CalibrationDataError(f"calibration data has unknown input {unknown[0]!r}; the model takes {sorted(specs)}")
+        raise CalibrationDataError(
+            f"calibration data has unknown input {unknown[0]!r}; the model takes {sorted(specs)}"
+        )
     missing = sorted(set(specs) - set(data))
     if missing:
-        raise CalibrationDataError(f"calibration data lacks input {missing[0]!r}; the model takes {sorted(specs)}")
+        raise CalibrationDataError(
+            f"calibration data lacks input {missing[0]!r}; the model takes {sorted(specs)}"
+        )
     out: dict[str, np.ndarray] = {}
     for name, spec in specs.items():
         out[name] = _check_one(name, spec, np.asarray(data[name]))
@@ -65,7 +69,9 @@ def _check_one(name: str, spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
     kind = np.dtype(spec.dtype).kind
     if kind == "f":
         if arr.dtype.kind not in "fiu":
-            raise CalibrationDataError(f"calibration input {name!r} has dtype {arr.dtype}, expected {spec.dtype}")
+            raise CalibrationDataError(
+                f"calibration input {name!r} has dtype {arr.dtype}, expected {spec.dtype}"
+            )
         arr = arr.astype(np.dtype(spec.dtype), copy=False)
         bad = ~np.isfinite(arr)
         if bad.any():

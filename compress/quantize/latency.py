@@ -27,7 +27,8 @@ def measure_latency(
     from edge_agent.runtimes import load_runtime
 
     runtimes = {
-        name: load_runtime(path, format=(formats or {}).get(name), threads=threads) for name, path in models.items()
+        name: load_runtime(path, format=(formats or {}).get(name), threads=threads)
+        for name, path in models.items()
     }
     feeds = {name: {s.name: inputs[s.name] for s in rt.inputs} for name, rt in runtimes.items()}
     for _ in range(warmup):

@@ -36,8 +36,9 @@ def _q_int8(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 class _Rewriter:
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, weight_bits: int = 8) -> None:
         self.model = model
+        self.bits = weight_bits  # 7 = "reduce range": no int16 overflow in u8s8 kernels without VNNI
         self.inits = {i.name: i for i in model.graph.initializer}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in model.graph.node:
@@ -68,8 +69,14 @@ class _Rewriter:
             return add, other
         return None
 
-    def matmul(self, node: onnx.NodeProto, per_channel: bool, smooth: np.ndarray | None, x: str,
-               shared: tuple[str, str, str] | None = None) -> None:
+    def matmul(
+        self,
+        node: onnx.NodeProto,
+        per_channel: bool,
+        smooth: np.ndarray | None,
+        x: str,
+        shared: tuple[str, str, str] | None = None,
+    ) -> None:
         """DynamicQuantizeMatMul; with `shared` = (x_q, x_scale, x_zp) from one DynamicQuantizeLinear
         feeding several layers (q, k, v), MatMulIntegerToFloat on the already quantized input."""
         if node.op_type == "Gemm":
@@ -83,7 +90,7 @@ class _Rewriter:
         if smooth is not None:
             w = w * smooth[:, None]
         base = node.input[1]
-        scale = symmetric_weight_scales(w, axis=1 if per_channel else None)
+        scale = symmetric_weight_scales(w, axis=1 if per_channel else None, bits=self.bits)
         q = _q_int8(w, scale if per_channel else scale.reshape(()))
         w_q = self.add_init(q, f"{base}__int8")
         w_s = self.add_init(scale, f"{base}__scale")
@@ -100,12 +107,14 @@ class _Rewriter:
             xq, xs, xzp = shared
             inputs, op = [xq, w_q, xs, w_s, xzp, w_zp] + ([bias] if bias else []), "MatMulIntegerToFloat"
         self.dropped.add(node.input[1])
-        self.replaced[id(node)] = [helper.make_node(op, inputs, outputs, name=f"{node.name}__dyn", domain=MS_DOMAIN)]
+        self.replaced[id(node)] = [
+            helper.make_node(op, inputs, outputs, name=f"{node.name}__dyn", domain=MS_DOMAIN)
+        ]
 
     def conv(self, node: onnx.NodeProto, per_channel: bool) -> None:
         w = self.array(node.input[1]).astype(np.float32)
         base, name, x, out = node.input[1], node.name, node.input[0], node.output[0]
-        scale = symmetric_weight_scales(w, axis=0 if per_channel else None)
+        scale = symmetric_weight_scales(w, axis=0 if per_channel else None, bits=self.bits)
         shape = (-1,) + (1,) * (w.ndim - 1)
         q = _q_int8(w, scale.reshape(shape) if per_channel else scale.reshape(()))
         attrs = [a for a in node.attribute]
@@ -119,7 +128,14 @@ class _Rewriter:
         nodes[1].attribute.extend(attrs)
         if len(node.input) > 2 and node.input[2]:
             b = self.array(node.input[2]).astype(np.float32).reshape(1, -1, *([1] * (w.ndim - 2)))
-            nodes.append(helper.make_node("Add", [f"{out}__nobias", self.add_init(b, f"{node.input[2]}__4d")], [out], name=f"{name}__bias"))
+            nodes.append(
+                helper.make_node(
+                    "Add",
+                    [f"{out}__nobias", self.add_init(b, f"{node.input[2]}__4d")],
+                    [out],
+                    name=f"{name}__bias",
+                )
+            )
             self.dropped.add(node.input[2])
         self.dropped.add(base)
         self.replaced[id(node)] = nodes
@@ -127,15 +143,26 @@ class _Rewriter:
     def gather(self, node: onnx.NodeProto) -> bool:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         table = self.array(node.input[0])
-        if attrs.get("axis", 0) != 0 or table.ndim != 2 or table.size < MIN_GATHER_ELEMENTS or table.dtype != np.float32:
+        if (
+            attrs.get("axis", 0) != 0
+            or table.ndim != 2
+            or table.size < MIN_GATHER_ELEMENTS
+            or table.dtype != np.float32
+        ):
             return False
         base, out, ids = node.input[0], node.output[0], node.input[1]
         scale = symmetric_weight_scales(table, axis=0)[:, None]
         q = _q_int8(table, scale)
         self.replaced[id(node)] = [
-            helper.make_node("Gather", [self.add_init(q, f"{base}__int8"), ids], [f"{out}__q"], name=f"{node.name}__q"),
-            helper.make_node("Gather", [self.add_init(scale, f"{base}__scale"), ids], [f"{out}__s"], name=f"{node.name}__s"),
-            helper.make_node("Cast", [f"{out}__q"], [f"{out}__f"], to=TensorProto.FLOAT, name=f"{node.name}__cast"),
+            helper.make_node(
+                "Gather", [self.add_init(q, f"{base}__int8"), ids], [f"{out}__q"], name=f"{node.name}__q"
+            ),
+            helper.make_node(
+                "Gather", [self.add_init(scale, f"{base}__scale"), ids], [f"{out}__s"], name=f"{node.name}__s"
+            ),
+            helper.make_node(
+                "Cast", [f"{out}__q"], [f"{out}__f"], to=TensorProto.FLOAT, name=f"{node.name}__cast"
+            ),
             helper.make_node("Mul", [f"{out}__f", f"{out}__s"], [out], name=f"{node.name}__dequant"),
         ]
         self.dropped.add(base)
@@ -188,15 +215,16 @@ def quantize_onnx_dynamic(
     per_channel: bool = True,
     smooth: Mapping[str, np.ndarray] | None = None,
     fuse_gelu_ops: bool = True,
+    reduce_range: bool = False,
 ) -> tuple[Path, list[str]]:
     """Write the dynamic int8 model; returns (path, layers that stayed float because no int8 rewrite
     applies to them). `smooth`: activation name -> per-channel SmoothQuant scale s (x/s, s*W).
-    `fuse_gelu_ops`: replace the exporter's erf-GELU subgraph by onnxruntime's fused Gelu kernel."""
+    `reduce_range`: 7-bit weights (see config.QuantConfig.reduce_range). `fuse_gelu_ops`: replace the exporter's erf-GELU subgraph by onnxruntime's fused Gelu kernel."""
     model = onnx.load(str(fp32_path))
     layers = compute_layers(model)
     skip = set(float_layers)
     chosen = set(layers) - skip if only_layers is None else set(only_layers) - skip
-    rw = _Rewriter(model)
+    rw = _Rewriter(model, weight_bits=7 if reduce_range else 8)
     smooth = dict(smooth or {})
     extra_nodes: list[onnx.NodeProto] = []
     unsupported: list[str] = []
@@ -222,7 +250,9 @@ def quantize_onnx_dynamic(
         shared = None
         if len(nodes) > 1:  # quantize the shared input once
             shared = (f"{src}__q", f"{src}__qscale", f"{src}__qzp")
-            extra_nodes.append(helper.make_node("DynamicQuantizeLinear", [src], list(shared), name=f"{src}__dql"))
+            extra_nodes.append(
+                helper.make_node("DynamicQuantizeLinear", [src], list(shared), name=f"{src}__dql")
+            )
         for node in nodes:
             rw.matmul(node, per_channel, s, src, shared)
     if fuse_gelu_ops:
@@ -253,7 +283,10 @@ def fuse_gelu(rw: _Rewriter) -> list[onnx.NodeProto]:
             continue
         x = div.input[0]
         add = rw.consumers[erf.output[0]][0]
-        if add.op_type != "Add" or _scalar(rw, add.input[1] if add.input[0] == erf.output[0] else add.input[0]) != 1.0:
+        if (
+            add.op_type != "Add"
+            or _scalar(rw, add.input[1] if add.input[0] == erf.output[0] else add.input[0]) != 1.0
+        ):
             continue
         chain, value, seen_x, seen_half = [], add.output[0], False, False
         for _ in range(2):

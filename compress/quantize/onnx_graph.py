@@ -18,7 +18,16 @@ from .calibrate import TensorStats, collect
 
 # compute ops whose int8 execution matters for speed and size
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
-_FLOAT_COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NhwcFusedConv"}
+_FLOAT_COMPUTE = {
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "FusedConv",
+    "FusedGemm",
+    "FusedMatMul",
+    "NhwcFusedConv",
+}
 _WEIGHT_SUFFIXES = (".weight", "_weight")
 
 
@@ -92,7 +101,10 @@ def match_layers(patterns: Iterable[str], layers: Iterable[str]) -> tuple[set[st
 def float_value_names(model: onnx.ModelProto) -> list[str]:
     """Names of float32 activations (graph inputs and node outputs; no initializers), in graph order."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    types = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+    }
     inits = initializer_names(model)
     names = [i.name for i in model.graph.input if i.name not in inits]
     names += [o for n in model.graph.node for o in n.output if o]
@@ -177,7 +189,9 @@ def analyze_runtime(path: str | Path, threads: int = 1) -> dict[str, Any]:
     [{"name", "op"}], "float_ops": other ops computing in float [{"name", "op"}]}."""
     model = optimized_model(path, threads)
     inits = initializer_names(model)
-    consts = inits | {o for n in model.graph.node if n.op_type in ("DequantizeLinear", "Cast", "Constant") for o in n.output}
+    consts = inits | {
+        o for n in model.graph.node if n.op_type in ("DequantizeLinear", "Cast", "Constant") for o in n.output
+    }
     ops: dict[str, int] = {}
     float_layers, float_ops = [], []
     for node in model.graph.node:
@@ -223,13 +237,106 @@ def op_histogram(path: str | Path, optimized: bool = True, threads: int = 1) -> 
     return dict(sorted(ops.items()))
 
 
-def strip_debug_info(path: str | Path) -> Path:
-    """Drop exporter debug metadata (per-node name scopes, stack traces, doc strings) and cached
-    value_info from a model file: they are not needed to run it and cost bytes on the device."""
+def compact(path: str | Path) -> Path:
+    """Make a model file smaller without changing what runs: drop exporter debug metadata (name scopes,
+    stack traces, doc strings) and cached value_info, drop all-zero zero-points of DequantizeLinear on
+    stored Conv weights and biases (0 is the default; onnxruntime fuses Gemm only with them), compute QDQ bias scales (= input scale x weight scale) in the graph
+    instead of storing them (onnxruntime folds the Mul when it loads), and give stored tensors, values
+    and nodes short names (graph inputs and outputs keep theirs)."""
+    from onnx import numpy_helper
+
     model = onnx.load(str(path))
-    for node in model.graph.node:
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    for node in graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
-    del model.graph.value_info[:]
+    del graph.value_info[:]
+    new_nodes = []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            zero_zp = (
+                len(node.input) > 2
+                and node.input[2] in inits
+                and not numpy_helper.to_array(inits[node.input[2]]).any()
+            )
+            conv_only = all(
+                u.op_type == "Conv" for u in consumers.get(node.output[0], [None]) if u is not None
+            )
+            if zero_zp and conv_only and not any(a.name == "output_dtype" for a in node.attribute):
+                del node.input[2:]
+            if inits[node.input[0]].data_type == TensorProto.INT32:
+                mul = _bias_scale_mul(node, graph, inits, producers)
+                if mul is not None:
+                    new_nodes.append(mul)
+    if new_nodes:
+        nodes = new_nodes + list(graph.node)  # initializer-only Muls: valid at the front of the graph
+        del graph.node[:]
+        graph.node.extend(nodes)
+    _drop_unused(graph)
+    _shorten_names(graph)
     onnx.save(model, str(path))
     return Path(path)
+
+
+def _bias_scale_mul(
+    dq: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, producers: dict
+) -> onnx.NodeProto | None:
+    """A Mul(x_scale, w_scale) that reproduces the stored bias scale bit for bit, or None."""
+    from onnx import numpy_helper
+
+    users = [n for n in graph.node if dq.output[0] in n.input]
+    if len(users) != 1 or users[0].op_type != "Conv":  # (onnxruntime does not fuse Gemm this way)
+        return None
+    consumer = users[0]
+    x_dq, w_dq = producers.get(consumer.input[0]), producers.get(consumer.input[1])
+    if (
+        x_dq is None
+        or w_dq is None
+        or x_dq.op_type != "DequantizeLinear"
+        or w_dq.op_type != "DequantizeLinear"
+    ):
+        return None
+    x_scale, w_scale, b_scale = x_dq.input[1], w_dq.input[1], dq.input[1]
+    if not all(n in inits for n in (x_scale, w_scale, b_scale)):
+        return None
+    want = numpy_helper.to_array(inits[b_scale])
+    got = numpy_helper.to_array(inits[x_scale]).astype(np.float32) * numpy_helper.to_array(
+        inits[w_scale]
+    ).astype(np.float32)
+    if got.shape != want.shape or not np.array_equal(got.astype(np.float32), want):
+        return None
+    computed = f"{b_scale}__computed"
+    dq.input[1] = computed
+    return helper.make_node("Mul", [x_scale, w_scale], [computed], name=f"{dq.name}__scale")
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _shorten_names(graph: onnx.GraphProto) -> None:
+    fixed = {i.name for i in graph.input} | {o.name for o in graph.output} | {""}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if name in fixed:
+            return name
+        if name not in names:
+            names[name] = f"t{len(names)}"
+        return names[name]
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for i, node in enumerate(graph.node):
+        node.input[:] = [short(x) for x in node.input]
+        node.output[:] = [short(x) for x in node.output]
+        node.name = f"n{i}"

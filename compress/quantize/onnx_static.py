@@ -29,13 +29,30 @@ OP_TYPES = [
 ]  # fmt: skip
 
 
+def int16_overflow_risk() -> bool:
+    """True on x86 CPUs without VNNI: onnxruntime's u8s8 kernels there sum pairs of u8*s8 products in
+    int16 (vpmaddubsw), which saturates with full-range int8 weights. 7-bit weights ("reduce range")
+    avoid it; on VNNI x86 and on ARM the full 8 bits are safe."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def ranges_from_stats(
     stats: Mapping[str, TensorStats], method: str, percentile: float, keep_full: Iterable[str] = ()
 ) -> dict[str, tuple[float, float]]:
     """Ranges by `method`; tensors in `keep_full` (graph inputs and outputs) keep their min-max range: a
     clipped input loses information no later layer can recover, and clipped logits merge the top classes."""
     full = set(keep_full)
-    return {name: compute_range(s, "minmax" if name in full else method, percentile) for name, s in stats.items()}
+    return {
+        name: compute_range(s, "minmax" if name in full else method, percentile) for name, s in stats.items()
+    }
 
 
 def io_names(path: str | Path) -> list[str]:
@@ -50,6 +67,7 @@ def quantize_onnx_static(
     float_layers: Iterable[str] = (),
     only_layers: Iterable[str] | None = None,
     per_channel: bool = True,
+    reduce_range: bool = False,
 ) -> Path:
     """Write the QDQ model: every quantizable node except those of `float_layers` (layer names); with
     `only_layers`, just those layers' compute nodes (used by the sensitivity analysis)."""
@@ -79,6 +97,7 @@ def quantize_onnx_static(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=OP_TYPES,
                 per_channel=per_channel,
+                reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
@@ -87,6 +106,34 @@ def quantize_onnx_static(
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
             )
     return out_path
+
+
+def canonicalize(src: str | Path, dst: str | Path) -> Path:
+    """Rewrite ops onnxruntime has no int8 kernel for into equivalents it has: a ReduceMean over the two
+    spatial axes of a 4-D tensor with keepdims (what exporters emit for AdaptiveAvgPool2d(1)) becomes
+    GlobalAveragePool (QLinearGlobalAveragePool in int8)."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    ranks = {
+        vi.name: len(vi.type.tensor_type.shape.dim)
+        for vi in onnx.shape_inference.infer_shapes(model).graph.value_info
+    }
+    ranks.update({i.name: len(i.type.tensor_type.shape.dim) for i in model.graph.input})
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "ReduceMean" or ranks.get(node.input[0]) != 4:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1] in inits:
+            axes = inits[node.input[1]].tolist()
+        if attrs.get("keepdims", 1) == 1 and axes is not None and sorted(a % 4 for a in axes) == [2, 3]:
+            model.graph.node[i].CopyFrom(
+                helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name)
+            )
+    onnx.save(model, str(dst))
+    return Path(dst)
 
 
 def calibrate_onnx(

@@ -65,12 +65,16 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
-def input_ranges(model: nn.Module, calib: Mapping[str, np.ndarray], order: list[str], cfg: QuantConfig) -> dict[str, tuple[float, float]]:
+def input_ranges(
+    model: nn.Module, calib: Mapping[str, np.ndarray], order: list[str], cfg: QuantConfig
+) -> dict[str, tuple[float, float]]:
     """Our calibrated input range of every Conv/Linear (two passes with forward hooks)."""
     names = _targets(model)
     captured: dict[str, np.ndarray] = {}
     hooks = [
-        model.get_submodule(n).register_forward_hook(lambda m, inp, out, n=n: captured.__setitem__(n, inp[0].detach().numpy()))
+        model.get_submodule(n).register_forward_hook(
+            lambda m, inp, out, n=n: captured.__setitem__(n, inp[0].detach().numpy())
+        )
         for n in names
     ]
     try:

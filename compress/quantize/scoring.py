@@ -19,7 +19,9 @@ Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class Scorer:
-    def __init__(self, loaded: Any, split: str = "val", samples: int = 0, batch_size: int = 32, threads: int = 1):
+    def __init__(
+        self, loaded: Any, split: str = "val", samples: int = 0, batch_size: int = 32, threads: int = 1
+    ):
         self.loaded, self.split, self.batch_size, self.threads = loaded, split, batch_size, threads
         wl = loaded.workload
         inputs, labels = wl.data(split)
@@ -46,7 +48,9 @@ class Scorer:
         if self.metric == "cosine":
             emb = pick_output(run_batched(predict, self.inputs, self.batch_size), self.output)
             return float(embedding_fidelity(emb, self.reference())["value"])
-        return float(self.loaded.workload.evaluate(predict, batch_size=self.batch_size, split=self.split)["value"])
+        return float(
+            self.loaded.workload.evaluate(predict, batch_size=self.batch_size, split=self.split)["value"]
+        )
 
     def __call__(self, path: Path) -> float:
         from edge_agent.runtimes import load_runtime

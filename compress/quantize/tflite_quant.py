@@ -22,7 +22,14 @@ from .calibrate import TensorStats, collect, compute_range
 from .errors import QuantizeError
 
 SIGNATURE = "serving_default"
-COMPUTE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "EMBEDDING_LOOKUP", "TRANSPOSE_CONV")
+COMPUTE_OPS = (
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "FULLY_CONNECTED",
+    "BATCH_MATMUL",
+    "EMBEDDING_LOOKUP",
+    "TRANSPOSE_CONV",
+)
 
 
 def module_path(tensor_name: str) -> str:
@@ -101,7 +108,9 @@ def _float_outputs(model: bytes, float_layers: Iterable[str], only_layers: Itera
     ]
 
 
-def tflite_stats(model: bytes, data: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, TensorStats]:
+def tflite_stats(
+    model: bytes, data: Mapping[str, np.ndarray], names: Iterable[str]
+) -> dict[str, TensorStats]:
     """Two-pass statistics of the named tensors, running the fp32 model one row at a time."""
     it = _interpreter(model, preserve=True)
     index = {d["name"]: d["index"] for d in it.get_tensor_details()}
@@ -159,7 +168,11 @@ def quantize_tflite(
                         qsvs[name] = qsv
                         continue
                     lo, hi = compute_range(s, "minmax" if name in io else method, percentile)
-                    qsvs[name] = {**qsv, "min": np.full_like(qsv["min"], lo), "max": np.full_like(qsv["max"], hi)}
+                    qsvs[name] = {
+                        **qsv,
+                        "min": np.full_like(qsv["min"], lo),
+                        "max": np.full_like(qsv["max"], hi),
+                    }
             result = q.quantize(qsvs, enable_progress_report=False)
         except QuantizeError:
             raise
@@ -199,3 +212,23 @@ def analyze_tflite(model: bytes) -> dict[str, Any]:
         if name not in _NEUTRAL and any(np.dtype(d["dtype"]) == np.float32 for d in ins):
             float_ops.append({"name": module_path(details[op["outputs"][0]]["name"]), "op": name})
     return {"ops": dict(sorted(ops.items())), "float_layers": float_layers_of(model), "float_ops": float_ops}
+
+
+def compact_tflite(path: str | Path) -> Path:
+    """Drop the converter's long tensor names (debug info; each can be hundreds of characters) from a
+    .tflite file; input/output tensors keep theirs, and the signature keeps the workload's names."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    path = Path(path)
+    buf = path.read_bytes()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(buf, 0))
+    for graph in model.subgraphs:
+        keep = set(graph.inputs) | set(graph.outputs)
+        for i, tensor in enumerate(graph.tensors):
+            if i not in keep:
+                tensor.name = b""
+    builder = flatbuffers.Builder(len(buf))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+    return path
