@@ -4,6 +4,8 @@ before any work with the file and the field path named."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -108,9 +110,6 @@ def cnn_run(digits_cnn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> R
 
 
 def _run_cli(argv: list[str]) -> str:
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = pocketfleet.main(argv)
@@ -190,18 +189,31 @@ def test_human_output_is_a_table(cnn_run: Run) -> None:
     assert str(cnn_run.out / "report.png") in text
 
 
-def test_plain_exports_without_steps(digits_cnn_dir: Path, tmp_path: Path) -> None:
-    """No steps: fp32 ONNX is the baseline snapshot packaged as is; fp16 goes through export_model."""
-    from compress.recipe import run_recipe
-
+def test_plain_exports_and_a_failed_target(digits_cnn_dir: Path, tmp_path: Path) -> None:
+    """fp32 ONNX is the final snapshot packaged as is, fp16 goes through export_model; a target that
+    cannot be made (here: a float layer the model does not have, found only once the model is exported)
+    is listed under "failed" with the reason, the others are still made, and the CLI exits 1."""
     doc = {
         "name": "cnn-plain",
         "model": {"path": str(digits_cnn_dir)},
+        "data": {"calibration": {"samples": 16}},
         "run": {"latency_seconds": 0.05, "latency_runs": 5},
-        "targets": [{"format": "onnx"}, {"format": "onnx", "dtype": "fp16", "device": "x86-server"}],
+        "steps": [{"type": "quantize", "mode": "dynamic", "float_layers": ["no_such_layer"]}],
+        "targets": [
+            {"format": "onnx", "dtype": "int8"},
+            {"format": "onnx"},
+            {"format": "onnx", "dtype": "fp16", "device": "x86-server"},
+        ],
     }
-    report = run_recipe(write_recipe(tmp_path / "plain.toml", doc), tmp_path / "out")
-    assert report["steps"] == [] and report["failed"] == []
+    out = tmp_path / "out"
+    argv = ["compress", str(write_recipe(tmp_path / "plain.toml", doc)), "--out", str(out), "--json"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert pocketfleet.main(argv) == 1
+    report = json.loads(buf.getvalue())
+    [failed] = report["failed"]
+    assert failed["target"] == 0 and failed["step"] == "steps[0]" and "no_such_layer" in failed["error"]
+    assert report["steps"][0]["details"]["artifacts"] == [] and report["steps"][0]["metric"] is None
     fp32, fp16 = report["artifacts"]
     base = report["baseline"]
     assert Path(fp32["path"]).read_bytes() == Path(base["path"]).read_bytes()
@@ -210,7 +222,7 @@ def test_plain_exports_without_steps(digits_cnn_dir: Path, tmp_path: Path) -> No
     assert abs(fp16["metric"]["value"] - base["metric"]["value"]) <= 0.01
     assert fp16["device"]["device"] == "x86-server" and fp32["device"] is None
     assert fp16["device"]["estimated_ms"] > 0 and fp16["device"]["storage_needed_bytes"] > fp16["size_bytes"]
-    assert (tmp_path / "out" / "report.png").stat().st_size > 10_000
+    assert (out / "report.png").stat().st_size > 10_000
 
 
 def test_examples_validate() -> None:
