@@ -50,7 +50,7 @@ class PrunePlan:
     def apply(self, data: Iterable[Any] | None = None) -> nn.Module:
         """The pruned model (the plan works on its own copy; the caller's model is untouched). With
         `data` and config.recalibrate_bn its BatchNorm statistics are re-estimated on the batches."""
-        model = apply_keep(self.graph, self.keep)
+        model = apply_keep(self.graph, self.keep, copy.deepcopy(self.graph.model))  # the plan stays reusable
         try:
             with torch.no_grad():
                 was = model.training
