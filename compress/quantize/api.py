@@ -401,7 +401,10 @@ def quantize(
                 from .tflite_quant import compact_tflite
 
                 compact_tflite(path)
-            float_names = sorted({f["name"] for f in info["float_layers"]} | set(floats))
+            float_names = {f["name"] for f in info["float_layers"]} | set(floats)
+            if kind == "static":  # in a full-int8 model every op left in float is a fallback
+                float_names |= {f["name"] for f in info["float_ops"]}
+            float_names = sorted(float_names)
             built.append((t.format, path, {**info, **t.details}, float_names))
 
     # latency: every model of this run, interleaved, batch 1 of real test data

@@ -188,7 +188,14 @@ def analyze_runtime(path: str | Path, threads: int = 1) -> dict[str, Any]:
     """What onnxruntime runs: {"ops": histogram, "float_layers": weighted Conv/Gemm/MatMul still in float
     [{"name", "op"}], "float_ops": other ops computing in float [{"name", "op"}]}."""
     model = optimized_model(path, threads)
+    source = onnx.load(str(path), load_external_data=False)
+    source_inits = initializer_names(source)
+    names = {n.name: layer_name(n, source_inits) for n in source.graph.node if n.name}  # scopes survive here
     inits = initializer_names(model)
+
+    def name_of(node: onnx.NodeProto) -> str:  # the source file still has the exporter's name scopes
+        return names.get(node.name) or layer_name(node, inits)
+
     consts = inits | {
         o for n in model.graph.node if n.op_type in ("DequantizeLinear", "Cast", "Constant") for o in n.output
     }
@@ -200,9 +207,9 @@ def analyze_runtime(path: str | Path, threads: int = 1) -> dict[str, Any]:
             if len(node.input) > 1 and node.input[1] in consts:
                 float_layers.append({"name": _weight_layer(model, node, inits), "op": node.op_type})
             else:  # activation x activation (attention scores)
-                float_ops.append({"name": layer_name(node, inits), "op": node.op_type})
+                float_ops.append({"name": name_of(node), "op": node.op_type})
         elif node.op_type not in _INT8_OR_NEUTRAL and not node.op_type.startswith("Q"):
-            float_ops.append({"name": layer_name(node, inits), "op": node.op_type})
+            float_ops.append({"name": name_of(node), "op": node.op_type})
     return {"ops": dict(sorted(ops.items())), "float_layers": float_layers, "float_ops": float_ops}
 
 
