@@ -327,6 +327,7 @@ def quantize(
     version: int = 1,
     latency_runs: int = 30,
     sensitivity: bool = False,
+    fp32: Mapping[str, str | Path] | None = None,
     progress: bool = False,
 ) -> QuantResult:
     """Quantize a model directory / LoadedModel into deployable artifacts (one per format of the config).
@@ -334,6 +335,8 @@ def quantize(
     calib_data: {input name: array} (or one array, or a list of dicts) of representative inputs; None
     draws `calib_samples` rows from the workload's train split. `sensitivity=True` also computes the
     per-layer table (always done when `max_drop` is set). Packages are signed with `key` when given.
+    `fp32`: {format: file} already exported from this model (skips the export; must be BN-folded or
+    exported with export.convert, which folds BN in both formats). `latency_runs=0` skips latency.
     """
     from compress.zoo.base import torch_predict
     from export.pipeline import convert, package_artifact
@@ -354,7 +357,12 @@ def quantize(
     folded, bns = fold_model(lm)
     details: dict[str, Any] = {"folded_batchnorms": bns}
     # the fp32 baseline files come from the folded model (same function; layer names of the conv, not the BN)
-    fp32_files = {fmt: convert(folded, fmt, "fp32", out / f"{stem}.fp32{SUFFIX[fmt]}") for fmt in cfg.formats}
+    fp32_files = {
+        fmt: Path(fp32[fmt])
+        if fp32 and fmt in fp32
+        else convert(folded, fmt, "fp32", out / f"{stem}.fp32{SUFFIX[fmt]}")
+        for fmt in cfg.formats
+    }
     source = dict(fp32_files)
     if cfg.mode == "qat":
         from .qat import qat_finetune
@@ -369,7 +377,7 @@ def quantize(
     tables: dict[str, SensitivityTable] = {}
     if kind == "fp16":
         for fmt in cfg.formats:
-            path = convert(folded, fmt, "fp16", out / f"{stem}.fp16{SUFFIX[fmt]}")
+            path = _fp16_copy(fp32_files[fmt], out / f"{stem}.fp16{SUFFIX[fmt]}")
             built.append((fmt, path, {}, []))
     else:
         targets = [_Target(fmt, kind, source[fmt], work, cfg, calib) for fmt in cfg.formats]
@@ -491,6 +499,25 @@ def quantization_sensitivity(
         base = scorer.score_predict(CachedPredict(lm.predict))
         return layer_sensitivity(target.layers, target.build, scorer, base, scorer.metric, scorer.higher_is_better,
                                  cfg.sensitivity_split, scorer.samples, progress)  # fmt: skip
+
+
+def _fp16_copy(fp32_file: Path, path: Path) -> Path:
+    """fp16 weights exactly as export does it (weights_to_fp16 of export.onnx / export.tflite), applied
+    to the fp32 file instead of exporting again."""
+    if fp32_file.suffix == ".onnx":
+        import onnx
+
+        from export.onnx import weights_to_fp16
+
+        model = onnx.load(str(fp32_file))
+        weights_to_fp16(model)
+        model.doc_string = "exported by pocketfleet (weights fp16)"
+        onnx.save(model, str(path))
+    else:
+        from export.tflite import weights_to_fp16
+
+        path.write_bytes(weights_to_fp16(fp32_file.read_bytes()))
+    return path
 
 
 def _clean(metric: Mapping[str, Any]) -> dict[str, Any]:
