@@ -23,13 +23,17 @@ _EXPORTS = {
     "layer_sensitivity": "prune",
     "plan_from_sensitivity": "prune",
     "DistillConfig": "distill",
+    "QuantConfig": "quantize",
+    "QuantResult": "quantize",
+    "quantization_sensitivity": "quantize",
     "Recipe": "recipe",
     "RecipeError": "recipe",
     "load_recipe": "recipe",
     "run_recipe": "recipe",
 }
-# callable subpackages: compress.prune(model, PruneConfig(...), example_inputs), compress.distill(...)
-_SUBPACKAGES = {"prune", "distill"}
+# callable subpackages: compress.prune(model, PruneConfig(...), example_inputs), compress.distill(...),
+# compress.quantize(model, QuantConfig(...), calib_data)
+_SUBPACKAGES = {"prune", "distill", "quantize"}
 
 __all__ = sorted(set(_EXPORTS) | _SUBPACKAGES)
 

@@ -1,7 +1,15 @@
 """Quantization: static PTQ (per-channel int8 weights, int8 activations, four calibration methods),
 dynamic int8, fp16, QAT, per-layer sensitivity and accuracy-aware mixed precision, producing ONNX
 (QDQ / dynamic) and TFLite (full-integer / dynamic-range) artifacts with packages. See
-docs/quantization.md."""
+docs/quantization.md.
+
+`compress.quantize(model, QuantConfig(...), calib_data)` calls `compress.quantize.quantize`: the package
+is callable, so the name works both as the package and as the function.
+"""
+
+import sys
+import types
+from typing import Any
 
 from .api import QuantArtifact, QuantResult, fold_model, quantization_sensitivity, quantize
 from .calibrate import TensorStats, compute_range
@@ -34,3 +42,13 @@ __all__ = [
     "quantization_sensitivity",
     "quantize",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """`compress.quantize(...)` calls `compress.quantize.quantize(...)` while staying the package."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return quantize(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
