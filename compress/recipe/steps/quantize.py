@@ -69,6 +69,7 @@ class QuantizeStep(Step):
                 result = quantize(
                     pipeline.model, config, pipeline.data.calibration(), work, name=name, version=version,
                     latency_runs=pipeline.recipe.run.latency_runs, progress=pipeline.progress,
+                    fp32={"onnx": pipeline.snapshot} if pipeline.snapshot is not None else None,
                 )  # fmt: skip
             except PocketfleetError as exc:  # e.g. parity out of bounds: quantize writes no package
                 artifacts += [Failure(index, str(exc)) for index, _ in members]
