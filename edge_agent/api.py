@@ -4,6 +4,8 @@
     POST /v1/models/<name>/predict    the same, naming the model in the path
     GET  /v1/health                   200 when at least one model serves, 503 otherwise
     GET  /v1/models                   the models being served and the store's state
+    POST /v1/samples                  JSON {"inputs": {...}, "labels": [...], "model": NAME?}: labelled
+                                      samples kept for on-device (federated) training
     POST /v1/reload                   (loopback / Unix socket only) swap to the store's active versions
     GET  /metrics                     Prometheus text format
 """
@@ -30,7 +32,7 @@ class Api:
         self.agent = agent
         self.max_batch = agent.config.max_batch
         self._get = {"/v1/health": self.health, "/v1/models": self.models, "/metrics": self.metrics}
-        self._post = {"/v1/predict": self.predict, "/v1/reload": self.reload}
+        self._post = {"/v1/predict": self.predict, "/v1/samples": self.samples, "/v1/reload": self.reload}
 
     def __call__(self, req: Request) -> Response:
         routes = self._post if req.method == "POST" else self._get if req.method == "GET" else None
@@ -94,6 +96,33 @@ class Api:
             if model is not None:
                 extra["model"] = model.ref
             return error_response(exc.status, exc.code, str(exc), **extra)
+
+    # ------------------------------------------------------------------------------------------ samples
+
+    def samples(self, req: Request) -> Response:
+        """Store labelled samples (inputs checked against the served model's specs, like a prediction)."""
+        from edge_agent.training import DatasetError
+
+        try:
+            if (req.content_type or codec.JSON) != codec.JSON:
+                raise RequestError(415, "unsupported_media_type", f"samples are posted as {codec.JSON}")
+            doc = codec.parse_json(req.body)
+            model = self.agent.model(req.query.get("model") or doc.get("model"))
+            inputs = model.runtime.validate(codec.json_inputs(doc, model.runtime.inputs))
+            codec.check_values(inputs, self.max_batch)
+            labels = doc.get("labels")
+            batch = {len(v) for v in inputs.values()}
+            if not isinstance(labels, list) or len(batch) != 1 or len(labels) != batch.pop():
+                raise RequestError(400, "bad_labels", '"labels" must be a list with one integer per input row')
+            store = self.agent.samples
+            ids = [store.add({k: v[i] for k, v in inputs.items()}, label) for i, label in enumerate(labels)]
+        except InputError as exc:
+            return error_response(400, "bad_input", str(exc))
+        except DatasetError as exc:
+            return error_response(400, "bad_sample", str(exc))
+        except RequestError as exc:
+            return error_response(exc.status, exc.code, str(exc), **exc.fields)
+        return json_response(200, {"stored": len(ids), "total": store.count(), "model": model.ref})
 
     # ------------------------------------------------------------------------------------------ others
 

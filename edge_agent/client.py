@@ -181,6 +181,14 @@ class Client:
     def reload(self) -> dict[str, Any]:
         return self._json("POST", "/v1/reload")
 
+    def add_samples(self, inputs: Mapping[str, Any], labels: Any, model: str | None = None) -> dict[str, Any]:
+        """Store labelled samples on the device for federated training (a batch of inputs, one label each)."""
+        doc: dict[str, Any] = {"inputs": {k: np.asarray(v).tolist() for k, v in inputs.items()},
+                               "labels": [int(x) for x in np.asarray(labels).reshape(-1)]}
+        if model is not None:
+            doc["model"] = model
+        return self._json("POST", "/v1/samples", json.dumps(doc).encode(), codec.JSON)
+
     def metrics(self) -> str:
         status, headers, data = self.request("GET", "/metrics")
         if status != 200:

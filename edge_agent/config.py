@@ -29,7 +29,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-PATH_KEYS = ("state_dir", "trust", "unix_socket", "outbox_path")
+PATH_KEYS = ("state_dir", "trust", "unix_socket", "outbox_path", "dataset_dir")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -59,12 +59,16 @@ class AgentConfig:
     sink: str = _opt("none", "where the outbox drains: 'none' (keep until the sync client runs) or 'jsonl:PATH'")
     drain_interval_s: float = _opt(5.0, "seconds between outbox drain attempts")
     log_level: str = _opt("info", "debug, info, warning or error")
-    mqtt: dict[str, Any] = field(default_factory=dict, metadata={"help": "[mqtt] table for the sync client"})
+    samples_max: int = _opt(100_000, "labelled samples kept for on-device training (POST /v1/samples)")
+    dataset_dir: str = _opt("", "local labelled dataset for federated training (default: the posted samples)")
+    mqtt: dict[str, Any] = field(default_factory=dict, metadata={"help": "[mqtt] table: connect to the cloud"})
+    # where the config file was (relative paths of the [mqtt] table are resolved against it); not a key
+    base_dir: str = field(default="", repr=False, metadata={"internal": True})
 
     def check(self) -> None:
         if not self.state_dir:
             raise ConfigError("state_dir is required (state_dir = \"...\" in the config or --state-dir DIR)")
-        for key in ("threads", "keep_versions", "max_body_bytes", "max_batch", "max_connections", "drift_max_features", "outbox_max_bytes"):
+        for key in ("threads", "keep_versions", "max_body_bytes", "max_batch", "max_connections", "drift_max_features", "outbox_max_bytes", "samples_max"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("keepalive_s", "watch_interval_s", "telemetry_interval_s", "drain_interval_s"):
@@ -94,6 +98,10 @@ class AgentConfig:
         return Path(self.state_dir)
 
     @property
+    def samples_file(self) -> Path:
+        return self.state_path / "samples.sqlite"
+
+    @property
     def outbox_file(self) -> Path:
         return Path(self.outbox_path) if self.outbox_path else self.state_path / "outbox.sqlite"
 
@@ -102,7 +110,7 @@ class AgentConfig:
 
 
 _WORDS = {int: "an integer", float: "a number", str: "a string", dict: "a table"}
-_FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
+_FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig) if not f.metadata.get("internal")}
 _HINTS = typing.get_type_hints(AgentConfig)
 
 
@@ -151,6 +159,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
     config = config_from_dict(table, where, base)
+    config.base_dir = str(base or "")
     for name, value in (overrides or {}).items():
         setattr(config, name, _coerce(name, value, f"--{name.replace('_', '-')}"))
     config.check()

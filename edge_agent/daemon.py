@@ -50,6 +50,8 @@ class Agent:
         self.metrics = Metrics()
         self.outbox = Outbox(config.outbox_file, config.outbox_max_bytes)
         self.telemetry = Telemetry(config.device, self.outbox, config.drift_max_features)
+        self._samples: Any = None
+        self.link: Any = None  # cloud_sync.agent_link.AgentLink when the config has an [mqtt] table
         self._models: dict[str, LoadedModel] = {}
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
@@ -151,6 +153,16 @@ class Agent:
         result = self.store.install(package, allow_downgrade=allow_downgrade)
         return {**result.to_dict(), "reload": self.reload()}
 
+    @property
+    def samples(self) -> Any:
+        """Labelled samples for on-device training (edge_agent.training.SampleStore, opened on first use)."""
+        with self._swap_lock:
+            if self._samples is None:
+                from edge_agent.training import SampleStore
+
+                self._samples = SampleStore(self.config.samples_file, max_samples=self.config.samples_max)
+            return self._samples
+
     # ------------------------------------------------------------------------------------------ reports
 
     def served(self) -> dict[str, int]:
@@ -205,6 +217,11 @@ class Agent:
         sink = make_sink(cfg.sink)
         if sink is not None:
             self._threads.append(Drainer(self.outbox, sink, cfg.drain_interval_s).start())
+        if cfg.mqtt:  # the cloud link drains the outbox itself unless a local sink was configured
+            from cloud_sync.agent_link import AgentLink
+
+            self.link = AgentLink(self, drain=sink is None).start()
+            self._threads.append(self.link)
         atomic_write_json(self.store.root / AGENT_FILE, self.address_info())
         for name, m in sorted(self._models.items()):
             log.info("serving %s v%d (%s, loaded in %.3f s)", name, m.version, m.manifest.format, m.load_s)
@@ -238,6 +255,8 @@ class Agent:
             if info.get("pid") == os.getpid():
                 (self.store.root / AGENT_FILE).unlink()
         self.outbox.close()
+        if self._samples is not None:
+            self._samples.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None

@@ -177,10 +177,12 @@ _INT8_OR_NEUTRAL = {
 
 
 def optimized_model(path: str | Path, threads: int = 1) -> onnx.ModelProto:
-    """The graph onnxruntime actually runs after its optimizations (QDQ fusion, constant folding)."""
+    """The graph onnxruntime runs after its precision-relevant optimizations (QDQ fusion, constant
+    folding). Level "extended" on purpose: "all" adds CPU-specific layout rewrites (NCHWc on AVX-512
+    hosts) that rename nodes and weights without changing what runs in int8."""
     with tempfile.TemporaryDirectory(prefix="pf-opt-") as tmp:
         opt = Path(tmp) / "optimized.onnx"
-        session(path, threads=threads, optimized_path=opt)
+        session(path, threads=threads, optimized_path=opt, level="extended")
         return onnx.load(str(opt))
 
 

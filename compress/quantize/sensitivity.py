@@ -35,6 +35,10 @@ class SensitivityTable:
         """How much worse than fp32 `value` is (positive = worse)."""
         return self.baseline - value if self.higher_is_better else value - self.baseline
 
+    def within(self, value: float, max_drop: float) -> bool:
+        """`value` is no more than `max_drop` worse than fp32 (a drop exactly at the budget counts)."""
+        return self.drop(value) <= max_drop + 1e-9
+
     def ranked(self) -> list[str]:
         """Layers, most sensitive first."""
         return [r["layer"] for r in sorted(self.rows, key=lambda r: -r["drop"])]
@@ -96,14 +100,14 @@ def choose_float_layers(
 
     value = evaluate(chosen)
     queue = [x for x in table.ranked() if x not in fixed]
-    while table.drop(value) > max_drop and queue:
+    while not table.within(value, max_drop) and queue:
         chosen.append(queue.pop(0))
         value = evaluate(chosen)
-    met = table.drop(value) <= max_drop
+    met = table.within(value, max_drop)
     if met and len(chosen) > 1:  # try giving each back to int8, least sensitive first
         for layer in reversed(list(chosen)):
             trial = [x for x in chosen if x != layer]
             trial_value = evaluate(trial)
-            if table.drop(trial_value) <= max_drop:
+            if table.within(trial_value, max_drop):
                 chosen, value = trial, trial_value
     return FloatChoice(fixed + chosen, value, met, steps)

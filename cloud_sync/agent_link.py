@@ -1,0 +1,62 @@
+"""What a running agent starts when its config has an [mqtt] table (torch-free).
+
+    link = AgentLink(agent).start()      # done by edge_agent.daemon.Agent.start()
+    ...
+    link.stop()
+
+One MQTT connection (cloud_sync.device.DeviceLink) carries presence, OTA rollouts into the agent's own
+model store (the agent's store watcher swaps to what OTA activates) and the agent's outbox. Federated
+learning rides the same connection: the device checks in for a round when the model it serves declares
+a `trainable_head` and it has labelled data (the `dataset_dir` of the config, else the samples posted to
+`POST /v1/samples`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from cloud_sync.device import DeviceConfig, DeviceLink
+
+log = logging.getLogger("pocketfleet.agent.link")
+
+
+class AgentLink:
+    def __init__(self, agent: Any, drain: bool = True) -> None:
+        cfg = agent.config
+        self.agent = agent
+        device = DeviceConfig.from_agent(cfg, base=Path(cfg.base_dir) if cfg.base_dir else None)
+        self.link = DeviceLink(device, store=agent.store, outbox=agent.outbox if drain else None,
+                               drain_interval_s=cfg.drain_interval_s)
+        self.client = self.link.client
+        from cloud_sync.fl.agent import device_fl
+
+        self.fl = device_fl(self.client, device.device_id, device.group or "default", cfg.state_dir,
+                            self._head_package, self._dataset)
+
+    def _head_package(self) -> Path:
+        """The directory of the served version whose manifest declares a trainable head."""
+        for _, model in sorted(self.agent._models.items()):
+            if model.manifest.trainable_head:
+                return Path(model.path)
+        from edge_agent.training import TrainingError
+
+        raise TrainingError("no served model declares a trainable_head")
+
+    def _dataset(self) -> Any:
+        self._head_package()  # no head to train: no data to offer (the device does not check in)
+        cfg = self.agent.config
+        if cfg.dataset_dir:
+            from edge_agent.training import load_dataset_dir
+
+            return load_dataset_dir(cfg.dataset_dir)
+        return self.agent.samples.dataset()
+
+    def start(self) -> AgentLink:
+        self.link.start()
+        return self
+
+    def stop(self) -> None:
+        self.fl.stop()
+        self.link.stop()
