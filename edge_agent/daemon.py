@@ -88,7 +88,8 @@ class Agent:
         self.metrics.set_active(model.name, model.version)
 
     def _event(self, event: dict[str, Any]) -> None:
-        log.warning("%s", json.dumps(event, sort_keys=True))
+        routine = event.get("event") == "swap"  # failures, fallbacks and set-asides are warnings
+        log.log(logging.INFO if routine else logging.WARNING, "%s", json.dumps(event, sort_keys=True))
         try:
             self.outbox.put("event", {"schema": "pf.agent.event/1", "device": self.config.device, **event}, Priority.EVENT)
         except PocketfleetError as exc:
