@@ -20,8 +20,7 @@ Demo in a few lines:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pocketfleet import lazy_exports
 
 _EXPORTS = {
     # wire
@@ -69,17 +68,5 @@ _EXPORTS.update({name: "cloud_sync.errors" for name in _ERRORS})
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cloud_sync' has no attribute {name!r}")
-    if name == "protocol":
-        value: Any = importlib.import_module("cloud_sync.protocol")
-    else:
-        value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, modules=["protocol"])
 
-
-def __dir__() -> list[str]:
-    return __all__

@@ -5,8 +5,7 @@ This package imports without torch: public names are resolved lazily on first ac
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pocketfleet import lazy_exports
 
 # public name -> submodule that defines it (extend this table; keep heavy imports out of this file)
 _EXPORTS = {
@@ -38,15 +37,5 @@ _SUBPACKAGES = {"prune", "distill", "quantize"}
 __all__ = sorted(set(_EXPORTS) | _SUBPACKAGES)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f".{name}", __name__)
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, modules=sorted(_SUBPACKAGES))
 
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))

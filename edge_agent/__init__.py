@@ -9,8 +9,7 @@ rollback, a local HTTP API, a durable SQLite outbox, and telemetry. Names are re
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pocketfleet import lazy_exports
 
 _EXPORTS = {
     "Agent": "edge_agent.daemon",
@@ -36,7 +35,7 @@ _EXPORTS = {
     "Runtime": "edge_agent.runtimes",
     "InputError": "edge_agent.runtimes",
     "RuntimeLoadError": "edge_agent.runtimes",
-    "FAULT_POINTS": "edge_agent.faults",
+    "FAULT_POINTS": "edge_agent.faults:POINTS",
     "swap_under_load": "edge_agent.demo",
 }
 _ERRORS = ["AgentError", "ConfigError", "StoreError", "DowngradeError", "HealthCheckError", "OutboxFullError", "RequestError"]
@@ -45,14 +44,5 @@ _EXPORTS.update({name: "edge_agent.errors" for name in _ERRORS})
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'edge_agent' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), "POINTS" if name == "FAULT_POINTS" else name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-
-def __dir__() -> list[str]:
-    return __all__

@@ -6,8 +6,7 @@ cryptography only; nothing here imports torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pocketfleet import lazy_exports
 
 _EXPORTS = {
     "CodecConfig": "cloud_sync.fl.codecs",
@@ -66,14 +65,5 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cloud_sync.fl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-
-def __dir__() -> list[str]:
-    return __all__

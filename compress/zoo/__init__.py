@@ -6,8 +6,7 @@ without importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pocketfleet import lazy_exports
 
 _EXPORTS = {
     "Workload": "base",
@@ -32,13 +31,5 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
