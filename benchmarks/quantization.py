@@ -137,7 +137,7 @@ def run_workload(name: str, args: argparse.Namespace, zoo: Path, work: Path) -> 
     wl = lm.workload
     minilm = name == "minilm-l6"
     formats = ["onnx"] if minilm else ["onnx", "tflite"]
-    calib = wl.calib_inputs(64 if (args.quick or minilm) else 256)
+    calib = wl.calib_inputs(64 if args.quick else 128 if minilm else 256)
     folded, _ = fold_model(lm)
     fp32 = {
         fmt: convert(folded, fmt, "fp32", work / f"{name}.fp32{'.onnx' if fmt == 'onnx' else '.tflite'}")

@@ -135,24 +135,32 @@ class _Target:
         groups = smooth_groups(model, self.layers)
         if not groups:
             return {}
-        stats = collect_stats(self.fp32, self.calib, names=list(groups), batch_size=8, threads=self.cfg.threads,
-                              channels=list(groups))  # fmt: skip
-        absmax = {n: s.channel_absmax for n, s in stats.items() if s.channel_absmax is not None}
+        def channel_absmax(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            stats = collect_stats(self.fp32, rows, names=list(groups), batch_size=8, threads=self.cfg.threads,
+                                  channels=list(groups))  # fmt: skip
+            return {n: s.channel_absmax for n, s in stats.items() if s.channel_absmax is not None}
+
         if self.cfg.smooth_alpha != "auto":
             self.details["smooth_alpha"] = self.cfg.smooth_alpha
-            return smooth_scales(groups, absmax, float(self.cfg.smooth_alpha))
-        fidelity = _OutputFidelity(self.fp32, self.calib, self.cfg.threads)
+            return smooth_scales(groups, channel_absmax(self.calib), float(self.cfg.smooth_alpha))
+        # the scales fit one part of the calibration rows and are judged on the rest: judged on the rows they
+        # were fit to, strong smoothing looks better than it is on new inputs
+        n = len(next(iter(self.calib.values())))
+        held = max(1, min(64, n // 3))
+        fit_rows = {k: v[: n - held] for k, v in self.calib.items()}
+        absmax = channel_absmax(fit_rows)
+        fidelity = _OutputFidelity(self.fp32, {k: v[n - held :] for k, v in self.calib.items()}, self.cfg.threads)
         scores: dict[str, float] = {}
-        best: tuple[float, float | None, dict[str, np.ndarray]] = (-np.inf, None, {})
+        best: tuple[float, float | None] = (-np.inf, None)
         for alpha in (None, *ALPHAS):
             self.smooth = {} if alpha is None else smooth_scales(groups, absmax, alpha)
             score = fidelity(self.build())
             scores[str(alpha)] = round(score, 6)
             if score > best[0]:
-                best = (score, alpha, self.smooth)
+                best = (score, alpha)
         self.details["smooth_alpha"] = best[1]
         self.details["smooth_search"] = scores
-        return best[2]
+        return {} if best[1] is None else smooth_scales(groups, channel_absmax(self.calib), best[1])
 
     # --- TFLite
     def _init_tflite(self) -> None:
