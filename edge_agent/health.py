@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import HealthCheckError
+from edge_agent.head_runtime import with_head
 from edge_agent.runtimes import Runtime, load_runtime
 from export.manifest import Manifest
 from export.samples import Samples, check_samples
@@ -62,6 +63,7 @@ def health_check(directory: str | Path, manifest: Manifest, threads: int = 1) ->
         runtime = load_runtime(directory / manifest.model, manifest.format, threads)
     except PocketfleetError as exc:
         raise HealthCheckError(f"{where}: the model does not load: {exc}") from exc
+    runtime = with_head(runtime, manifest, directory)
     want_in = sorted(s.name for s in manifest.inputs)
     got_in = sorted(s.name for s in runtime.inputs)
     if want_in != got_in:

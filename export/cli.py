@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--key", metavar="PRIVATE", help="Ed25519 private key to sign with (unsigned without it)")
     p.add_argument("--device", metavar="PROFILE", help="target device profile name recorded in the manifest")
     p.add_argument("--valid-days", type=int, default=365, help="days until the package expires (default 365)")
+    p.add_argument("--trainable-head", action="store_true",
+                   help="ONNX classifiers: ship the final Linear layer as a trainable head for on-device "
+                   "(federated) training; the model also outputs its input as 'features'")
     add_json_flag(p)
     p.set_defaults(func=_cmd_export)
 
@@ -78,6 +81,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         device=args.device,
         valid_days=args.valid_days,
         progress=True,
+        trainable_head=args.trainable_head,
     )
     emit(result.to_dict(), args.json, _render_export)
     return 0

@@ -121,12 +121,14 @@ def package_artifact(
     valid_days: int | None = None,
     samples: int = 4,
     threads: int = 1,
+    extra_files: dict[str, Path] | None = None,
 ) -> ExportResult:
     """Verify an already-made model file against its source model and package it.
 
     Parity: `reference` (default: the PyTorch module of `loaded_model`) vs the file run by
     edge_agent.runtimes on the workload's evaluation inputs, within `bounds` (default per dtype);
     raises ParityError (no package written) otherwise. `dtype` is recorded as given (fp32, fp16, int8...).
+    `extra_files` ({member: path}) go into the package beside the model (e.g. head weights).
     """
     from edge_agent.runtimes import load_runtime
     from export.package import build_package
@@ -166,7 +168,7 @@ def package_artifact(
         "extra": extra or {},
     }
     manifest = build_package(
-        {f"model{SUFFIX[format]}": model_file},
+        {f"model{SUFFIX[format]}": model_file, **(extra_files or {})},
         fields,
         Samples(dict(sample_inputs), sample_outputs),
         out,
@@ -201,8 +203,12 @@ def export_model(
     extra: dict[str, Any] | None = None,
     progress: bool = False,
     reference: Predict | None = None,
+    trainable_head: bool = False,
 ) -> ExportResult:
     """Convert, check parity in the real runtime, and write the package `out` (signed when `key`).
+
+    `trainable_head` (ONNX classifiers ending in nn.Linear): the file also outputs `features` (the final
+    layer's input) and the package carries that layer as a trainable head (export.head).
 
     `model_out` also keeps the bare model file. With `out=None` only parity and the metric are computed.
     `progress` shows the stages as a tqdm bar on stderr. `reference` replaces the PyTorch predict (pass
@@ -210,6 +216,8 @@ def export_model(
     """
     _check_choice(format, FORMATS, "format")
     _check_choice(dtype, DTYPES, "dtype")
+    if trainable_head and format != "onnx":
+        raise ExportError(f"a trainable head is supported for ONNX exports only, not {format}")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=3, desc="load model", unit="stage", disable=not progress, file=sys.stderr, leave=False)
@@ -220,6 +228,9 @@ def export_model(
         bar.set_description(f"convert to {format}/{dtype}")
         started = time.perf_counter()
         path = convert(lm, format, dtype, work / f"model{SUFFIX[format]}")
+        head: dict[str, Any] = {}
+        if trainable_head:
+            head = _split_head(path, lm.workload.outputs[0].name, work)
         seconds = time.perf_counter() - started
         bar.update()
         bar.set_description("parity + metric in the runtime" + (", package" if out is not None else ""))
@@ -229,7 +240,7 @@ def export_model(
             result = package_artifact(
                 path, lm, format, dtype, out, name=name, version=version, key=key, bounds=bounds,
                 extra_report={"export_seconds": round(seconds, 2)}, device=device, extra=extra,
-                valid_days=valid_days, reference=reference,
+                valid_days=valid_days, reference=reference, **head,
             )  # fmt: skip
         result.export_seconds = seconds
         if model_out is not None:
@@ -243,6 +254,17 @@ def export_model(
     finally:
         bar.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _split_head(path: Path, output: str, work: Path) -> dict[str, Any]:
+    """package_artifact arguments for a trainable head over `output` (the file gains `features`)."""
+    from safetensors.numpy import save_file
+
+    from export.head import HEAD_FILE, head_manifest, split_head
+
+    weights = split_head(path, output)
+    save_file(weights, str(work / HEAD_FILE))
+    return {"trainable_head": head_manifest(weights, output), "extra_files": {HEAD_FILE: work / HEAD_FILE}}
 
 
 def _parity_and_metrics(

@@ -2,6 +2,8 @@
 
 The new package is the base package with only the head weights member replaced and the version bumped:
 the model file's bytes are unchanged, so content-defined chunking moves only the few chunks of the head.
+When the head serves an output (`trainable_head.output`), the samples' expected value of that output is
+recomputed from their `features` with the new weights, so the package passes the agent's health check.
 The lead's release path then ships it (`pocketfleet release PKG --group G`).
 """
 
@@ -55,10 +57,24 @@ def head_release(
         if manifest.samples:
             samples = Samples.from_bytes(reader.read(manifest.samples["path"], manifest.files[manifest.samples["path"]].size),
                                          manifest.samples)
+            _recompute_head_output(samples, head, weights, base)
     fields = {k: v for k, v in manifest.raw.items() if k not in _SKIP}
     fields["version"] = version
     fields["extra"] = {**(manifest.extra or {}), "fl": dict(note or {})}
     return build_package(files, fields, samples, out_path, key=key)
+
+
+def _recompute_head_output(samples: Any, entry: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+                           base: str | Path) -> None:
+    from edge_agent.training import Head
+
+    head = Head.from_manifest(entry)
+    if head.output is None:
+        return
+    if head.features not in samples.outputs:
+        raise FLError(f"{base}: the samples hold no {head.features!r} output to recompute {head.output!r} from")
+    new = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+    samples.outputs[head.output] = head.logits(new, samples.outputs[head.features]).astype(np.float32)
 
 
 def release_hook(

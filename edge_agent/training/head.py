@@ -5,7 +5,11 @@ between them, softmax cross-entropy on the logits. It is described by the packag
 `trainable_head` entry (schema in docs/federated.md):
 
     {"schema": "pf.trainable_head/1", "features": "features", "weights": "head.safetensors",
-     "layers": [{"weight": "classifier.weight", "bias": "classifier.bias", "activation": "none"}]}
+     "layers": [{"weight": "classifier.weight", "bias": "classifier.bias", "activation": "none"}],
+     "output": "logits"}
+
+`output` (optional) names the model output the head computes: the agent then serves that output from the
+`features` output and the package's head weights, so a head-only release changes what a device answers.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ class TrainResult:
 class Head:
     """The architecture of a dense head (the weights travel separately, as a name -> array dict)."""
 
-    def __init__(self, layers: list[DenseLayer], features: str = "features", weights_file: str | None = None):
+    def __init__(self, layers: list[DenseLayer], features: str = "features", weights_file: str | None = None,
+                 output: str | None = None):
         if not layers:
             raise TrainingError("trainable_head: 'layers' is empty")
         for i, layer in enumerate(layers):
@@ -57,6 +62,7 @@ class Head:
         self.layers = layers
         self.features = features
         self.weights_file = weights_file
+        self.output = output
 
     @classmethod
     def from_manifest(cls, entry: Mapping[str, Any]) -> Head:
@@ -73,13 +79,15 @@ class Head:
             if not isinstance(item, Mapping) or not isinstance(item.get("weight"), str):
                 raise TrainingError(f"trainable_head.layers[{i}] needs a 'weight' tensor name")
             layers.append(DenseLayer(item["weight"], item.get("bias"), str(item.get("activation", "none"))))
-        features = entry.get("features", "features")
-        if not isinstance(features, str):
-            raise TrainingError("trainable_head.features must be an output name")
-        return cls(layers, features, entry.get("weights"))
+        features, output = entry.get("features", "features"), entry.get("output")
+        if not isinstance(features, str) or not (output is None or isinstance(output, str)):
+            raise TrainingError("trainable_head.features and .output must be output names")
+        if output == features:
+            raise TrainingError(f"trainable_head.output {output!r} cannot be the features output")
+        return cls(layers, features, entry.get("weights"), output)
 
     def to_manifest(self) -> dict[str, Any]:
-        return {
+        entry = {
             "schema": HEAD_SCHEMA,
             "features": self.features,
             "weights": self.weights_file,
@@ -87,6 +95,7 @@ class Head:
                 {"weight": la.weight, "bias": la.bias, "activation": la.activation} for la in self.layers
             ],
         }
+        return entry if self.output is None else {**entry, "output": self.output}
 
     @property
     def names(self) -> list[str]:

@@ -1,0 +1,79 @@
+"""A trainable head from the normal export path: the package ships the classifier's final Linear, the
+agent serves the logits from the package's head weights, and a head-only release changes what it serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_sync.fl.release import head_release
+from edge_agent.store import ModelStore
+from edge_agent.training import HeadTrainer, LocalDataset, TrainConfig
+from export import ExportError, export_model, extract_package, generate_keys
+
+
+@pytest.fixture(scope="module")
+def exported(digits_cnn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from compress.zoo import load_model_dir
+
+    d = tmp_path_factory.mktemp("head")
+    keys = generate_keys(d / "keys")
+    lm = load_model_dir(digits_cnn_dir)
+    res = export_model(lm, format="onnx", dtype="fp32", out=d / "v1.pfpkg", name="cnn-head", version=1,
+                       key=keys["private_key"], trainable_head=True)
+    return {"dir": d, "keys": keys, "lm": lm, "result": res}
+
+
+def test_export_declares_the_final_linear_as_the_head(exported: dict) -> None:
+    import onnx
+
+    res, lm = exported["result"], exported["lm"]
+    head = res.manifest.trainable_head
+    assert head["output"] == "logits" and head["features"] == "features" and head["weights"] == "head.safetensors"
+    assert [la["weight"] for la in head["layers"]] == ["classifier.weight"]
+    assert "head.safetensors" in res.manifest.files and res.parity.passed
+    out = exported["dir"] / "x"
+    extract_package(res.package, out, trust=exported["keys"]["public_key"])
+    assert [o.name for o in onnx.load(str(out / res.manifest.model)).graph.output] == ["logits", "features"]
+    from safetensors.numpy import load_file
+
+    w = load_file(str(out / "head.safetensors"))
+    assert np.allclose(w["classifier.weight"], lm.module.classifier.weight.detach().numpy())
+
+
+def test_agent_serves_the_package_head_and_a_head_release_changes_it(exported: dict) -> None:
+    d, keys, lm = exported["dir"], exported["keys"], exported["lm"]
+    store = ModelStore(d / "state", keys["public_key"])
+    store.install(exported["result"].package)
+    x = lm.workload.eval_inputs()
+    served = store.load("cnn-head", 1).runtime.run(x)
+    assert np.abs(served["logits"] - lm.predict(x)["logits"]).max() < 1e-4
+
+    # retrain the head on a few labelled samples (as a device would), release it, install it
+    extract_package(exported["result"].package, d / "v1", trust=keys["public_key"])
+    trainer = HeadTrainer.from_package_dir(d / "v1")
+    images, labels = lm.workload.data("train")
+    fit = trainer.fit(None, LocalDataset({"image": images["image"][:200]}, labels[:200]),
+                      TrainConfig.from_dict({"epochs": 2, "lr": 0.05}))
+    new = {k: v * 0.5 if k.endswith("weight") else v for k, v in fit.weights.items()}
+    head_release(exported["result"].package, new, 2, keys["private_key"], d / "v2.pfpkg", trust=keys["public_key"])
+    store.install(d / "v2.pfpkg")  # installs only if v2 passes its health check on the recomputed samples
+    v2 = store.load("cnn-head", 2).runtime.run(x)
+    want = served["features"] @ new["classifier.weight"].T + new["classifier.bias"]
+    assert np.allclose(v2["logits"], want, atol=1e-4) and not np.allclose(v2["logits"], served["logits"], atol=1e-2)
+    assert np.array_equal(v2["features"], served["features"])  # the model file did not change
+
+
+def test_bad_head_requests_are_refused(exported: dict, digits_mbnet_dir: Path) -> None:
+    with pytest.raises(ExportError, match="ONNX exports only"):
+        export_model(exported["lm"], format="tflite", out=exported["dir"] / "t.pfpkg", trainable_head=True)
+    from compress.zoo import load_model_dir
+    from edge_agent.training import Head, TrainingError
+
+    with pytest.raises(TrainingError, match="cannot be the features"):
+        Head.from_manifest({**exported["result"].manifest.trainable_head, "output": "features"})
+    mbnet = load_model_dir(digits_mbnet_dir)  # ends in a Linear too: the head must work there as well
+    res = export_model(mbnet, format="onnx", out=exported["dir"] / "mb.pfpkg", trainable_head=True)
+    assert res.manifest.trainable_head["output"] == "logits" and res.parity.passed
