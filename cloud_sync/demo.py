@@ -25,7 +25,7 @@ EXPORTS = (("onnx", "fp32", 1), ("onnx", "fp16", 2), ("onnx", "int8", 3),
 COLUMNS = ["package", "version", "format", "dtype", "size_kb", "top1", "parity_agree", "max_abs_err", "p50_ms", "verified"]
 SWAP_COLUMNS = ["model", "version", "requests", "p50_ms", "max_ms"]
 ROUND_COLUMNS = ["round", "devices", "test_top1", "bytes_up"]
-DEVICE_COLUMNS = ["device", "version", "test_top1"]
+DEVICE_COLUMNS = ["device", "model", "version", "test_top1"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -188,7 +188,7 @@ def _render(result: dict[str, Any]) -> str:
             f"{canary['state']}\n\nfederated rounds (head retrained from scratch on the agents' local data; "
             f"the shipped head scored {fl['served_head_top1']:.4f}):\n" + table(fl["rounds"], ROUND_COLUMNS)
             + f"\n\nfederated head released as v{max(final['versions'].values())}: rollout {final['state']}, "
-            f"{final['bytes']['received']} bytes received over MQTT, {final['bytes']['reused']} reused on the "
-            "devices; what each agent serves now:\n" + table(fleet["device_rows"], DEVICE_COLUMNS)
+            f"{final['bytes']['received']} bytes received over MQTT, {final['bytes']['reused']} reused from the "
+            "previous version on the devices; what each agent serves now:\n" + table(fleet["device_rows"], DEVICE_COLUMNS)
         )
     return text
