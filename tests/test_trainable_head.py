@@ -77,3 +77,49 @@ def test_bad_head_requests_are_refused(exported: dict, digits_mbnet_dir: Path) -
     mbnet = load_model_dir(digits_mbnet_dir)  # ends in a Linear too: the head must work there as well
     res = export_model(mbnet, format="onnx", out=exported["dir"] / "mb.pfpkg", trainable_head=True)
     assert res.manifest.trainable_head["output"] == "logits" and res.parity.passed
+
+
+def test_cli_fp16_export_serves_the_head_at_any_batch(exported: dict, digits_cnn_dir: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import onnx
+    from safetensors.numpy import load_file
+
+    from pocketfleet import main
+
+    d, keys, lm = exported["dir"], exported["keys"], exported["lm"]
+    assert main(["export", str(digits_cnn_dir), "--format", "onnx", "--dtype", "fp16", "--out", str(d / "h16.pfpkg"),
+                 "--name", "cnn-h16", "--key", str(keys["private_key"]), "--trainable-head", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dtype"] == "fp16" and report["parity"]["passed"]
+    extract_package(d / "h16.pfpkg", d / "h16", trust=keys["public_key"])
+    onnx.checker.check_model(str(d / "h16" / "model.onnx"), full_check=True)
+    w = load_file(str(d / "h16" / "head.safetensors"))
+    assert w["classifier.weight"].dtype == np.float32  # fp16-stored in the model, float32 in the head file
+    store = ModelStore(d / "state16", keys["public_key"])
+    store.install(d / "h16.pfpkg")
+    runtime = store.load("cnn-h16", 1).runtime
+    x = lm.workload.eval_inputs()
+    for n in (1, 7):  # the dynamic batch survives the extra output
+        out = runtime.run({k: v[:n] for k, v in x.items()})
+        assert out["features"].dtype == np.float32 and out["features"].shape == (n, w["classifier.weight"].shape[1])
+        want = out["features"] @ w["classifier.weight"].T + w["classifier.bias"]
+        assert np.allclose(out["logits"], want, atol=1e-4)
+        assert np.abs(out["logits"] - lm.predict({k: v[:n] for k, v in x.items()})["logits"]).max() < 0.05
+
+
+def test_a_model_without_a_final_linear_is_refused(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.head import split_head
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["logits"])], "no_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+    )
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    with pytest.raises(ExportError, match="not from a final Linear layer"):
+        split_head(tmp_path / "m.onnx", "logits")
