@@ -45,7 +45,7 @@ CACHE = Path.home() / ".cache" / "pocketfleet" / "bench"
 @dataclass
 class Setup:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    student_width: float = 0.5
+    student_widths: list[float] = field(default_factory=lambda: [0.5, 0.25])  # narrow digits-mbnet students
     digits: dict[str, Any] = field(
         default_factory=lambda: {
             "epochs": 30, "lr": 3e-3, "weight_decay": 1e-3, "warmup_epochs": 2, "shift": 1, "batch_size": 64,
@@ -83,13 +83,13 @@ def _since(t: tuple[float, float]) -> dict[str, float]:
 # --- narrow digits-mbnet with and without KD ------------------------------------------------------
 
 
-def digits(setup: Setup, model_dir: Path) -> dict[str, Any]:
+def digits(setup: Setup, model_dir: Path, width: float) -> dict[str, Any]:
     lm = load_model_dir(model_dir)
     wl = lm.workload
     x_val, y_val = (torch.from_numpy(a) for a in (wl.data("val")[0]["image"], wl.data("val")[1]))
     train = wl.data("train")
     example = lm.example_inputs(2)
-    config = {**lm.config, "width": setup.student_width}
+    config = {**lm.config, "width": width}
 
     def val_top1(m: nn.Module) -> float:
         with torch.no_grad():
@@ -223,8 +223,7 @@ def minilm(setup: Setup) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     lines = []
-    d = result.get("digits")
-    if d:
+    for d in result.get("digits") or []:
         lines.append(
             f"digits-mbnet teacher: test top-1 {d['teacher']['test_top1']:.4f}, MACs {d['teacher']['macs']:.0f}, "
             f"params {d['teacher']['params']}; student width {d['student']['config']['width']}: "
@@ -278,9 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed, 200 sentences")
     parser.add_argument("--only", choices=["digits", "minilm"])
+    parser.add_argument("--student-widths", type=float, nargs="+", default=None,
+                        help="width multipliers of the narrow digits-mbnet students (default 0.5 0.25)")
     parser.add_argument("--out", type=Path, default=OUT / "distillation.json")
     args = parser.parse_args(argv)
-    setup = Setup()
+    setup = Setup(**({"student_widths": args.student_widths} if args.student_widths else {}))
     if args.quick:
         setup.seeds, setup.digits["epochs"], setup.minilm["epochs"], setup.sentences = [0], 2, 1, 200
     result: dict[str, Any] = {"setup": asdict(setup)}
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"making digits-mbnet in {model_dir} ...", file=sys.stderr)
             make_model_dir("digits-mbnet", model_dir, progress=sys.stderr.isatty())
         torch.set_num_threads(1)
-        result["digits"] = digits(setup, model_dir)
+        result["digits"] = [digits(setup, model_dir, width) for width in setup.student_widths]
     if args.only in (None, "minilm"):
         result["minilm"] = minilm(setup)
     result["seconds"] = round(time.perf_counter() - started, 1)
