@@ -147,7 +147,7 @@ def run_workload(name: str, args: argparse.Namespace, zoo: Path, work: Path) -> 
     if minilm:
         modes = [("dynamic", ["onnx"], {}), ("fp16", ["onnx"], {})]
         if not args.quick:
-            modes.insert(1, ("dynamic", ["onnx"], {"smooth_alpha": None, "name_suffix": "no-smooth"}))
+            modes.insert(1, ("dynamic", ["onnx"], {"per_token": False, "name_suffix": "per-tensor"}))
     else:
         modes = [
             ("static", formats, {"calibration": "mse"}),

@@ -220,7 +220,7 @@ def test_dynamic_int8_onnx_and_dynamic_range_tflite(cnn, tmp_path):
     onnx_art = next(a for a in result.artifacts if a.format == "onnx")
     assert (
         onnx_art.details["ops"].get("ConvInteger") == 4
-        and onnx_art.details["ops"].get("DynamicQuantizeMatMul") == 1
+        and onnx_art.details["ops"].get("MatMulIntegerToFloat") == 1  # per-token activations (the default)
     )
 
 

@@ -188,7 +188,8 @@ class _Target:
             from .onnx_dynamic import quantize_onnx_dynamic
 
             out, self.unsupported = quantize_onnx_dynamic(
-                self.fp32, path, float_layers, only_layers, self.cfg.per_channel, self.smooth
+                self.fp32, path, float_layers, only_layers, self.cfg.per_channel, self.smooth,
+                per_token=self.cfg.per_token,
             )
             return out
         from .tflite_quant import quantize_tflite

@@ -2,7 +2,9 @@
 
 Our rewrite of the fp32 graph (no onnxruntime quantizer involved):
 - MatMul / Gemm by a weight -> com.microsoft DynamicQuantizeMatMul with per-output-column symmetric int8
-  weights, the following bias Add folded in (one fused u8s8 kernel in onnxruntime);
+  weights, the following bias Add folded in (one fused u8s8 kernel in onnxruntime); or, `per_token`,
+  activations quantized per row (symmetric, one scale per token, computed in the graph) into u8s8
+  MatMulIntegerToFloat, then scaled per token: an outlier token no longer coarsens every other token;
 - Conv by a weight -> DynamicQuantizeLinear + ConvInteger with per-output-channel int8 weights and the
   scales applied after (onnxruntime has no fused per-channel dynamic conv);
 - Gather from an embedding table -> Gather over int8 rows + Gather of per-row scales (the table itself
@@ -76,9 +78,11 @@ class _Rewriter:
         smooth: np.ndarray | None,
         x: str,
         shared: tuple[str, str, str] | None = None,
+        token: tuple[str, str] | None = None,
     ) -> None:
         """DynamicQuantizeMatMul; with `shared` = (x_q, x_scale, x_zp) from one DynamicQuantizeLinear
-        feeding several layers (q, k, v), MatMulIntegerToFloat on the already quantized input."""
+        feeding several layers (q, k, v), MatMulIntegerToFloat on the already quantized input; with
+        `token` = (x_q, x_scale) from `_token_quantize`, MatMulInteger on per-token int8 activations."""
         if node.op_type == "Gemm":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             w = self.array(node.input[1]).astype(np.float32)
@@ -92,21 +96,30 @@ class _Rewriter:
         base = node.input[1]
         scale = symmetric_weight_scales(w, axis=1 if per_channel else None, bits=self.bits)
         q = _q_int8(w, scale if per_channel else scale.reshape(()))
+        if token is not None:  # u8u8: no int16 saturation in onnxruntime's x86 kernels (u8s8 has it)
+            q, zp = (q.astype(np.int16) + 128).astype(np.uint8), np.full(scale.shape, 128, np.uint8)
+        else:
+            zp = np.zeros(scale.shape, np.int8)
         w_q = self.add_init(q, f"{base}__int8")
         w_s = self.add_init(scale, f"{base}__scale")
-        w_zp = self.add_init(np.zeros(scale.shape, np.int8), f"{base}__zp")
+        w_zp = self.add_init(zp, f"{base}__zp")
         outputs = list(node.output)
         folded = None if bias else self.bias_add(node, w.shape[1])
         if folded is not None:
             add, bias = folded
             outputs = list(add.output)
             self.removed.add(id(add))
+        self.dropped.add(node.input[1])
+        if token is not None:
+            one = f"{base}__one"
+            self.add_init(np.array(1.0, np.float32), one)
+            self.replaced[id(node)] = _token_matmul(node.name, token, (w_q, w_s, w_zp), bias, outputs, one)
+            return
         if shared is None:
             inputs, op = [x, w_q, w_s, w_zp] + ([bias] if bias else []), "DynamicQuantizeMatMul"
         else:
             xq, xs, xzp = shared
             inputs, op = [xq, w_q, xs, w_s, xzp, w_zp] + ([bias] if bias else []), "MatMulIntegerToFloat"
-        self.dropped.add(node.input[1])
         self.replaced[id(node)] = [
             helper.make_node(op, inputs, outputs, name=f"{node.name}__dyn", domain=MS_DOMAIN)
         ]
@@ -186,6 +199,43 @@ class _Rewriter:
         return _toposort(self.model)
 
 
+def _token_quantize(rw: _Rewriter, x: str) -> tuple[tuple[str, str], list[onnx.NodeProto]]:
+    """Symmetric 8-bit per token (per row of the last axis): x_q = round(x / s) + 128 as uint8 (the fast
+    u8s8 kernels), s = max|x| / 127."""
+    axes = rw.add_init(np.array([-1], np.int64), f"{x}__tok_axes")
+    eps = rw.add_init(np.array(1e-8, np.float32), f"{x}__tok_eps")
+    q_max = rw.add_init(np.array(127.0, np.float32), f"{x}__tok_qmax")
+    offset = rw.add_init(np.array(128.0, np.float32), f"{x}__tok_offset")
+    n = f"{x}__tok"
+    nodes = [
+        helper.make_node("Abs", [x], [f"{n}_abs"], name=f"{n}_abs"),
+        helper.make_node("ReduceMax", [f"{n}_abs", axes], [f"{n}_max"], keepdims=1, name=f"{n}_max"),
+        helper.make_node("Max", [f"{n}_max", eps], [f"{n}_maxe"], name=f"{n}_maxe"),
+        helper.make_node("Div", [f"{n}_maxe", q_max], [f"{n}_scale"], name=f"{n}_scale"),
+        helper.make_node("Div", [x, f"{n}_scale"], [f"{n}_div"], name=f"{n}_div"),
+        helper.make_node("Round", [f"{n}_div"], [f"{n}_round"], name=f"{n}_round"),
+        helper.make_node("Add", [f"{n}_round", offset], [f"{n}_shift"], name=f"{n}_shift"),
+        helper.make_node("Cast", [f"{n}_shift"], [f"{n}_q"], to=TensorProto.UINT8, name=f"{n}_q"),
+    ]
+    rw.add_init(np.array(128, np.uint8), f"{n}_q_zp")
+    return (f"{n}_q", f"{n}_scale"), nodes
+
+
+def _token_matmul(name: str, token: tuple[str, str], weight: tuple[str, str, str], bias: str | None,
+                  outputs: list[str], one: str) -> list[onnx.NodeProto]:
+    """u8s8 MatMulIntegerToFloat scaled per column (w_scale), then per token (x_scale), then + bias."""
+    (xq, xs), (wq, ws, wzp), n = token, weight, f"{name}__tok"
+    last = outputs[0] if bias is None else f"{n}_nobias"
+    nodes = [
+        helper.make_node("MatMulIntegerToFloat", [xq, wq, one, ws, f"{xq}_zp", wzp], [f"{n}_cols"],
+                         name=f"{n}_mm", domain=MS_DOMAIN),
+        helper.make_node("Mul", [f"{n}_cols", xs], [last], name=f"{n}_xs"),
+    ]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", [last, bias], outputs, name=f"{n}_bias"))
+    return nodes
+
+
 def _toposort(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
@@ -216,6 +266,7 @@ def quantize_onnx_dynamic(
     smooth: Mapping[str, np.ndarray] | None = None,
     fuse_gelu_ops: bool = True,
     reduce_range: bool = False,
+    per_token: bool = False,
 ) -> tuple[Path, list[str]]:
     """Write the dynamic int8 model; returns (path, layers that stayed float because no int8 rewrite
     applies to them). `smooth`: activation name -> per-channel SmoothQuant scale s (x/s, s*W).
@@ -247,14 +298,17 @@ def quantize_onnx_dynamic(
             inv = rw.add_init((1.0 / s).astype(np.float32), f"{x}__smooth_inv")
             src = f"{x}__smoothed"
             extra_nodes.append(helper.make_node("Mul", [x, inv], [src], name=f"{x}__smooth"))
-        shared = None
-        if len(nodes) > 1:  # quantize the shared input once
+        shared, token = None, None
+        if per_token:
+            token, token_nodes = _token_quantize(rw, src)
+            extra_nodes += token_nodes
+        elif len(nodes) > 1:  # quantize the shared input once
             shared = (f"{src}__q", f"{src}__qscale", f"{src}__qzp")
             extra_nodes.append(
                 helper.make_node("DynamicQuantizeLinear", [src], list(shared), name=f"{src}__dql")
             )
         for node in nodes:
-            rw.matmul(node, per_channel, s, src, shared)
+            rw.matmul(node, per_channel, s, src, shared, token)
     if fuse_gelu_ops:
         extra_nodes += fuse_gelu(rw)
     out = rw.finish(extra_nodes)  # finish() sorts the graph, so new nodes may be listed first
