@@ -94,12 +94,12 @@ class _Rewriter:
         if smooth is not None:
             w = w * smooth[:, None]
         base = node.input[1]
-        scale = symmetric_weight_scales(w, axis=1 if per_channel else None, bits=self.bits)
-        q = _q_int8(w, scale if per_channel else scale.reshape(()))
-        if token is not None:  # u8u8: no int16 saturation in onnxruntime's x86 kernels (u8s8 has it)
-            q, zp = (q.astype(np.int16) + 128).astype(np.uint8), np.full(scale.shape, 128, np.uint8)
-        else:
-            zp = np.zeros(scale.shape, np.int8)
+        # per-token activations use the whole uint8 range, so x86 u8s8 kernels without VNNI could saturate
+        # their int16 pair sums (255 * 127 * 2 > 32767): 7-bit weights keep them exact (255 * 63 * 2 < 32767)
+        bits = 7 if token is not None else self.bits
+        scale = symmetric_weight_scales(w, axis=1 if per_channel else None, bits=bits)
+        q = _q_int8(w, scale if per_channel else scale.reshape(()))  # within +-(2^(bits-1) - 1)
+        zp = np.zeros(scale.shape, np.int8)
         w_q = self.add_init(q, f"{base}__int8")
         w_s = self.add_init(scale, f"{base}__scale")
         w_zp = self.add_init(zp, f"{base}__zp")
@@ -202,22 +202,21 @@ class _Rewriter:
 def _token_quantize(rw: _Rewriter, x: str) -> tuple[tuple[str, str], list[onnx.NodeProto]]:
     """Symmetric 8-bit per token (per row of the last axis): x_q = round(x / s) + 128 as uint8 (the fast
     u8s8 kernels), s = max|x| / 127."""
-    axes = rw.add_init(np.array([-1], np.int64), f"{x}__tok_axes")
-    eps = rw.add_init(np.array(1e-8, np.float32), f"{x}__tok_eps")
-    q_max = rw.add_init(np.array(127.0, np.float32), f"{x}__tok_qmax")
-    offset = rw.add_init(np.array(128.0, np.float32), f"{x}__tok_offset")
     n = f"{x}__tok"
+    axes = rw.add_init(np.array([-1], np.int64), f"{n}_axes")
+    eps = rw.add_init(np.array(1e-8, np.float32), f"{n}_eps")
+    q_max = rw.add_init(np.array(127.0, np.float32), f"{n}_qmax")
+    one = rw.add_init(np.array(1.0, np.float32), f"{n}_one")
+    rw.add_init(np.array(128, np.uint8), f"{n}_q_zp")
     nodes = [
         helper.make_node("Abs", [x], [f"{n}_abs"], name=f"{n}_abs"),
         helper.make_node("ReduceMax", [f"{n}_abs", axes], [f"{n}_max"], keepdims=1, name=f"{n}_max"),
         helper.make_node("Max", [f"{n}_max", eps], [f"{n}_maxe"], name=f"{n}_maxe"),
         helper.make_node("Div", [f"{n}_maxe", q_max], [f"{n}_scale"], name=f"{n}_scale"),
         helper.make_node("Div", [x, f"{n}_scale"], [f"{n}_div"], name=f"{n}_div"),
-        helper.make_node("Round", [f"{n}_div"], [f"{n}_round"], name=f"{n}_round"),
-        helper.make_node("Add", [f"{n}_round", offset], [f"{n}_shift"], name=f"{n}_shift"),
-        helper.make_node("Cast", [f"{n}_shift"], [f"{n}_q"], to=TensorProto.UINT8, name=f"{n}_q"),
+        # round half to even, + 128, saturate, as uint8, in one op
+        helper.make_node("QuantizeLinear", [f"{n}_div", one, f"{n}_q_zp"], [f"{n}_q"], name=f"{n}_q"),
     ]
-    rw.add_init(np.array(128, np.uint8), f"{n}_q_zp")
     return (f"{n}_q", f"{n}_scale"), nodes
 
 
