@@ -55,7 +55,10 @@ class Setup:
     rounds: int = 30
     devices: int = 50
     per_round: int = 10
-    over_selection: float = 1.3
+    # 1.0 = wait for every selected device, as Flower does: the like-for-like comparison. Over-selection
+    # (1.3: aggregate the first 10 of 13) guards against dropouts, but keeps the devices that finish
+    # first, i.e. those with less data: on Dirichlet(0.5) FedAvg's last-5 mean fell to 0.901 (vs 0.984)
+    over_selection: float = 1.0
     alpha: float = 0.5
     local: dict[str, Any] = field(default_factory=lambda: {"epochs": 2, "batch_size": 10, "lr": 0.05, "momentum": 0.9})
     codec: dict[str, Any] = field(default_factory=lambda: {"topk": 0.2, "int8": True})
@@ -468,6 +471,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT / "federated.json"))
     ap.add_argument("--no-mqtt", action="store_true", help="run everything over the in-process wire")
     ap.add_argument("--only", default="", help="comma list of run groups: main,flower,byz,head")
+    ap.add_argument("--over-selection", type=float, default=None, help="devices selected per round / needed (default 1.0)")
     ap.add_argument("--summarize", default="", help="recompute goals and the plot of an existing JSON result")
     args = ap.parse_args()
     if args.summarize:
@@ -478,6 +482,8 @@ def main() -> None:
         print(json.dumps(_digest(result), indent=1))
         return
     setup = Setup()
+    if args.over_selection is not None:
+        setup.over_selection = args.over_selection
     if args.quick:
         setup.rounds, setup.head_rounds = 8, 6
     groups = set(filter(None, args.only.split(","))) or {"main", "flower", "byz", "head"}
