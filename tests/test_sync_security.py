@@ -13,6 +13,7 @@ import pytest
 
 from cloud_sync.client import Message, MqttClient
 from cloud_sync.cloud import wait_for
+from cloud_sync.config import MqttConfig
 from cloud_sync.errors import ConnectError
 from cloud_sync.protocol import dev_topic
 from tests.mosquitto import Mosquitto, free_port, make_tls, require_mosquitto
@@ -171,6 +172,25 @@ def test_provision_creates_credentials_acl_and_agent_config_the_broker_accepts(t
         client.stop()
         listed = run("cloud", "devices")
         assert [d["device"] for d in listed] == ["dev-new"] and listed[0]["group"] == "lab"
+
+        # the provisioned config, as is, runs a real agent process that comes online under its own id
+        watch = MqttConfig(host="127.0.0.1", port=port, client_id="watch", username="cloud-1",
+                           password_file=str(tmp_path / "w1" / "mqtt.password"))
+        seen: list[dict] = []
+        watcher = MqttClient(watch)
+        watcher.subscribe(dev_topic("dev-new", "status"), lambda m: seen.append(json.loads(m.payload)), qos=1)
+        watcher.start().wait_connected(5)
+        agent = subprocess.Popen([str(Path(sys.executable).parent / "pocketfleet"), "agent", "run", "--config",
+                                  dev["agent_config"], "--listen", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: any(s["online"] for s in seen) or agent.poll() is not None, 30)
+            assert agent.poll() is None, agent.stderr.read() if agent.stderr else ""
+        finally:
+            agent.terminate()
+            agent.wait(20)
+        wait_for(lambda: seen[-1]["online"] is False, 10)  # a clean stop publishes "offline" first
+        assert seen[-1]["device"] == "dev-new" and seen[-1]["reason"] == "shutdown"
+        watcher.stop()
     finally:
         broker.stop()
 
