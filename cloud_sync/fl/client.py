@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -21,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edge_agent.fsutil import atomic_write_bytes
 
 from . import messages as M
 from . import tensors as T
@@ -43,20 +43,6 @@ class LocalResult:
 
 Trainer = Callable[[T.Weights, dict[str, Any]], Any]  # (global weights, train config) -> LocalResult-like
 Send = Callable[[bytes], None]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FLClient:
@@ -97,7 +83,7 @@ class FLClient:
             return {}
 
     def _save_state(self, task: str, state: dict[str, Any]) -> None:
-        _atomic_write(self._paths(task)[0], json.dumps(state).encode())
+        atomic_write_bytes(self._paths(task)[0], json.dumps(state).encode())
 
     # ------------------------------------------------------------------------------------ messages
 
@@ -161,7 +147,7 @@ class FLClient:
         )
         if ef is not None:
             ef.save(ef_path)
-        _atomic_write(update_path, data)
+        atomic_write_bytes(update_path, data)
         state["uploaded"] = [rnd, attempt]
         self._save_state(task, state)
         self.counters["updates"] += 1

@@ -16,8 +16,6 @@ Wire format (one safetensors payload per update, docs/federated.md):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,19 +120,10 @@ class ErrorFeedback:
         """Atomic write (temp file, fsync, rename)."""
         from safetensors.numpy import save
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from edge_agent.fsutil import atomic_write_bytes
+
         data = save({k: np.ascontiguousarray(v, np.float32) for k, v in self.residuals.items()}) if self.residuals else b""
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, data)
 
     @classmethod
     def load(cls, path: str | Path) -> ErrorFeedback:
