@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -261,19 +260,11 @@ def _write_zip(
     out_path: Path, members: Sequence[tuple[str, Content]], sizes: Mapping[str, int] | None = None
 ) -> None:
     """Write members STORED, in order, to a temp file then rename over out_path (atomic)."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
-                for name, src in members:
-                    _write_member(zf, name, src, (sizes or {}).get(name))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from edge_agent.fsutil import atomic_file
+
+    with atomic_file(out_path) as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, src in members:
+            _write_member(zf, name, src, (sizes or {}).get(name))
 
 
 def build_package(
