@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from compress.config_util import config_from_dict
 from pocketfleet import PocketfleetError
 
 OUTPUT_LOSSES = ("auto", "kl", "mse", "cosine")
@@ -59,12 +59,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> DistillConfig:
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DistillError(f"DistillConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data).validate()
+        return config_from_dict(cls, data, "DistillConfig", DistillError)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

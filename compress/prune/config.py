@@ -6,9 +6,10 @@ out-of-range fields.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any
+
+from compress.config_util import config_from_dict
 
 from .errors import PruneError
 
@@ -16,18 +17,6 @@ IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "random")
 SCOPES = ("layer", "global")
 SCHEDULES = ("oneshot", "iterative", "polynomial")
 
-T = TypeVar("T")
-
-
-def _from_dict(cls: type[T], data: dict[str, Any] | None, what: str) -> T:
-    data = dict(data or {})
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise PruneError(f"{what}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-    obj = cls(**data)
-    obj.validate()  # type: ignore[attr-defined]
-    return obj
 
 
 def check_ratio(value: Any, what: str) -> float:
@@ -73,7 +62,7 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> PruneConfig:
-        return _from_dict(cls, data, "PruneConfig")
+        return config_from_dict(cls, data, "PruneConfig", PruneError)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,7 +123,7 @@ class SparsityConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> SparsityConfig:
-        return _from_dict(cls, data, "SparsityConfig")
+        return config_from_dict(cls, data, "SparsityConfig", PruneError)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

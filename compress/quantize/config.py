@@ -6,9 +6,10 @@ or out-of-range fields before any work starts.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from compress.config_util import config_from_dict
 
 from .errors import QuantizeError
 
@@ -78,17 +79,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> QuantConfig:
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise QuantizeError(f"quantize: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        try:
-            cfg = cls(**data)
-        except TypeError as exc:  # pragma: no cover - guarded by the unknown-field check
-            raise QuantizeError(f"quantize: {exc}") from None
-        cfg.validate()
-        return cfg
+        return config_from_dict(cls, data, "quantize", QuantizeError)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
