@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,6 +54,16 @@ def lazy_exports(
         return sorted(set(vars(sys.modules[package])) | set(exports) | set(modules))
 
     return getattr_, dir_
+
+
+def callable_package(package: str, fn: Callable[..., Any]) -> None:
+    """Make `import pkg; pkg(...)` call `fn` while `pkg` stays the package (`compress.quantize(...)`)."""
+
+    class _CallablePackage(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+    sys.modules[package].__class__ = _CallablePackage
 
 
 def emit(result: Any, as_json: bool, render: Callable[[Any], str] | None = None) -> None:

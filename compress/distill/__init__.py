@@ -1,9 +1,7 @@
 """Knowledge distillation: logit KD (temperature, alpha), feature KD through learned projections, and
 plain fine-tuning (teacher=None) with the same schedule. See docs/pruning.md."""
 
-import sys
-import types
-from typing import Any
+from pocketfleet import callable_package
 
 from .config import DistillConfig, DistillError
 from .trainer import Distiller, as_tensors, distill
@@ -11,11 +9,4 @@ from .trainer import Distiller, as_tensors, distill
 __all__ = ["DistillConfig", "DistillError", "Distiller", "as_tensors", "distill"]
 
 
-class _CallableModule(types.ModuleType):
-    """`compress.distill(...)` calls `compress.distill.distill(...)` while `compress.distill` stays the package."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return distill(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_package(__name__, distill)

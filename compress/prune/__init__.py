@@ -2,9 +2,7 @@
 graph, unstructured and N:M magnitude sparsity with schedules, per-layer sensitivity and MACs-budgeted
 plans, and honest storage accounting. See docs/pruning.md."""
 
-import sys
-import types
-from typing import Any
+from pocketfleet import callable_package
 
 from .api import PrunePlan, as_inputs, count_macs, count_params, plan_pruning, prune, recalibrate_bn
 from .config import PruneConfig, SparsityConfig
@@ -45,11 +43,4 @@ __all__ = [
 ]
 
 
-class _CallableModule(types.ModuleType):
-    """`compress.prune(...)` calls `compress.prune.prune(...)` while `compress.prune` stays the package."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return prune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_package(__name__, prune)

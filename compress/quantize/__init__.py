@@ -7,9 +7,7 @@ docs/quantization.md.
 is callable, so the name works both as the package and as the function.
 """
 
-import sys
-import types
-from typing import Any
+from pocketfleet import callable_package
 
 from .api import QuantArtifact, QuantResult, fold_model, quantization_sensitivity, quantize
 from .calibrate import TensorStats, compute_range
@@ -44,11 +42,4 @@ __all__ = [
 ]
 
 
-class _CallableModule(types.ModuleType):
-    """`compress.quantize(...)` calls `compress.quantize.quantize(...)` while staying the package."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return quantize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_package(__name__, quantize)
