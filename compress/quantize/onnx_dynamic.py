@@ -78,11 +78,11 @@ class _Rewriter:
         smooth: np.ndarray | None,
         x: str,
         shared: tuple[str, str, str] | None = None,
-        token: tuple[str, str] | None = None,
+        token: Token | None = None,
     ) -> None:
         """DynamicQuantizeMatMul; with `shared` = (x_q, x_scale, x_zp) from one DynamicQuantizeLinear
         feeding several layers (q, k, v), MatMulIntegerToFloat on the already quantized input; with
-        `token` = (x_q, x_scale) from `_token_quantize`, MatMulInteger on per-token int8 activations."""
+        `token` from `_token_quantize`, MatMulIntegerToFloat on per-token 8-bit activations."""
         if node.op_type == "Gemm":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             w = self.array(node.input[1]).astype(np.float32)
@@ -111,9 +111,7 @@ class _Rewriter:
             self.removed.add(id(add))
         self.dropped.add(node.input[1])
         if token is not None:
-            one = f"{base}__one"
-            self.add_init(np.array(1.0, np.float32), one)
-            self.replaced[id(node)] = _token_matmul(node.name, token, (w_q, w_s, w_zp), bias, outputs, one)
+            self.replaced[id(node)] = _token_matmul(node.name, token, (w_q, w_s, w_zp), bias, outputs)
             return
         if shared is None:
             inputs, op = [x, w_q, w_s, w_zp] + ([bias] if bias else []), "DynamicQuantizeMatMul"
@@ -199,7 +197,10 @@ class _Rewriter:
         return _toposort(self.model)
 
 
-def _token_quantize(rw: _Rewriter, x: str) -> tuple[tuple[str, str], list[onnx.NodeProto]]:
+Token = tuple[str, str, str, str]  # per-token quantized activation: (x_q, x_scale, x_zero_point, one)
+
+
+def _token_quantize(rw: _Rewriter, x: str) -> tuple[Token, list[onnx.NodeProto]]:
     """Symmetric 8-bit per token (per row of the last axis): x_q = round(x / s) + 128 as uint8 (the fast
     u8s8 kernels), s = max|x| / 127."""
     n = f"{x}__tok"
@@ -207,7 +208,7 @@ def _token_quantize(rw: _Rewriter, x: str) -> tuple[tuple[str, str], list[onnx.N
     eps = rw.add_init(np.array(1e-8, np.float32), f"{n}_eps")
     q_max = rw.add_init(np.array(127.0, np.float32), f"{n}_qmax")
     one = rw.add_init(np.array(1.0, np.float32), f"{n}_one")
-    rw.add_init(np.array(128, np.uint8), f"{n}_q_zp")
+    zp = rw.add_init(np.array(128, np.uint8), f"{n}_q_zp")
     nodes = [
         helper.make_node("Abs", [x], [f"{n}_abs"], name=f"{n}_abs"),
         helper.make_node("ReduceMax", [f"{n}_abs", axes], [f"{n}_max"], keepdims=1, name=f"{n}_max"),
@@ -215,18 +216,18 @@ def _token_quantize(rw: _Rewriter, x: str) -> tuple[tuple[str, str], list[onnx.N
         helper.make_node("Div", [f"{n}_maxe", q_max], [f"{n}_scale"], name=f"{n}_scale"),
         helper.make_node("Div", [x, f"{n}_scale"], [f"{n}_div"], name=f"{n}_div"),
         # round half to even, + 128, saturate, as uint8, in one op
-        helper.make_node("QuantizeLinear", [f"{n}_div", one, f"{n}_q_zp"], [f"{n}_q"], name=f"{n}_q"),
+        helper.make_node("QuantizeLinear", [f"{n}_div", one, zp], [f"{n}_q"], name=f"{n}_q"),
     ]
-    return (f"{n}_q", f"{n}_scale"), nodes
+    return (f"{n}_q", f"{n}_scale", zp, one), nodes
 
 
-def _token_matmul(name: str, token: tuple[str, str], weight: tuple[str, str, str], bias: str | None,
-                  outputs: list[str], one: str) -> list[onnx.NodeProto]:
+def _token_matmul(name: str, token: Token, weight: tuple[str, str, str], bias: str | None,
+                  outputs: list[str]) -> list[onnx.NodeProto]:
     """u8s8 MatMulIntegerToFloat scaled per column (w_scale), then per token (x_scale), then + bias."""
-    (xq, xs), (wq, ws, wzp), n = token, weight, f"{name}__tok"
+    (xq, xs, xzp, one), (wq, ws, wzp), n = token, weight, f"{name}__tok"
     last = outputs[0] if bias is None else f"{n}_nobias"
     nodes = [
-        helper.make_node("MatMulIntegerToFloat", [xq, wq, one, ws, f"{xq}_zp", wzp], [f"{n}_cols"],
+        helper.make_node("MatMulIntegerToFloat", [xq, wq, one, ws, xzp, wzp], [f"{n}_cols"],
                          name=f"{n}_mm", domain=MS_DOMAIN),
         helper.make_node("Mul", [f"{n}_cols", xs], [last], name=f"{n}_xs"),
     ]
