@@ -33,25 +33,37 @@ class AgentLink:
         from cloud_sync.fl.agent import device_fl
 
         self.fl = device_fl(self.client, device.device_id, device.group or "default", cfg.state_dir,
-                            self._head_package, self._dataset)
+                            self._package, self._dataset, self._count)
 
-    def _head_package(self) -> Path:
-        """The directory of the served version whose manifest declares a trainable head."""
-        for _, model in sorted(self.agent._models.items()):
+    def _head_package(self) -> Path | None:
+        """The directory of the served version whose manifest declares a trainable head, if any."""
+        for name in self.agent.served():
+            model = self.agent.model(name)
             if model.manifest.trainable_head:
                 return Path(model.path)
-        from edge_agent.training import TrainingError
+        return None
 
-        raise TrainingError("no served model declares a trainable_head")
+    def _package(self) -> Path:
+        path = self._head_package()
+        if path is None:
+            from edge_agent.training import TrainingError
+
+            raise TrainingError("no served model declares a trainable_head")
+        return path
 
     def _dataset(self) -> Any:
-        self._head_package()  # no head to train: no data to offer (the device does not check in)
         cfg = self.agent.config
         if cfg.dataset_dir:
             from edge_agent.training import load_dataset_dir
 
             return load_dataset_dir(cfg.dataset_dir)
         return self.agent.samples.dataset()
+
+    def _count(self) -> int:
+        """Samples on offer; 0 (no check-in) while no served model has a head to train."""
+        if self._head_package() is None:
+            return 0
+        return len(self._dataset()) if self.agent.config.dataset_dir else self.agent.samples.count()
 
     def start(self) -> AgentLink:
         self.link.start()

@@ -19,11 +19,12 @@ log = logging.getLogger("pocketfleet.fl.agent")
 
 def device_fl(
     client: Any, device: str, group: str, state_dir: str | Path,
-    package_dir: Callable[[], Path], dataset: Callable[[], Any],
+    package_dir: Callable[[], Path], dataset: Callable[[], Any], count: Callable[[], int] | None = None,
 ) -> MqttDeviceTransport:
     """Start FL on a device: head training on the active package (re-read when its path changes) with
-    the data `dataset()` returns (e.g. SampleStore(...).dataset or load_dataset_dir). Returns the link
-    (call .stop() on shutdown). `client` is the agent's cloud_sync.client.MqttClient."""
+    the data `dataset()` returns (e.g. SampleStore(...).dataset or load_dataset_dir). `count()` says how
+    many samples there are without loading them (default: len(dataset())); 0 = do not check in. Returns
+    the link (call .stop() on shutdown). `client` is the agent's cloud_sync.client.MqttClient."""
     from edge_agent.training import HeadTrainer, TrainConfig
 
     cache: dict[str, Any] = {}
@@ -34,14 +35,14 @@ def device_fl(
             cache.update(path=path, trainer=HeadTrainer.from_package_dir(path))
         return cache["trainer"].fit(weights, dataset(), TrainConfig.from_dict(train))
 
-    def count() -> int:
+    def samples() -> int:
         try:
-            return len(dataset())
+            return count() if count is not None else len(dataset())
         except Exception:  # noqa: BLE001 - no data yet: do not check in
             return 0
 
     link = MqttDeviceTransport(client, device, group)
-    link.bind(FLClient(device, trainer, count, Path(state_dir) / "fl", link.send_checkin, link.send_update,
+    link.bind(FLClient(device, trainer, samples, Path(state_dir) / "fl", link.send_checkin, link.send_update,
                        send_secagg=link.send_secagg))
     return link
 
