@@ -51,6 +51,7 @@ class Agent:
         self.outbox = Outbox(config.outbox_file, config.outbox_max_bytes)
         self.telemetry = Telemetry(config.device, self.outbox, config.drift_max_features)
         self._samples: Any = None
+        self._samples_lock = threading.Lock()
         self.link: Any = None  # cloud_sync.agent_link.AgentLink when the config has an [mqtt] table
         self._models: dict[str, LoadedModel] = {}
         self._swap_lock = threading.Lock()
@@ -157,7 +158,7 @@ class Agent:
     @property
     def samples(self) -> Any:
         """Labelled samples for on-device training (edge_agent.training.SampleStore, opened on first use)."""
-        with self._swap_lock:
+        with self._samples_lock:  # not the swap lock: a swap in progress must not hold up samples
             if self._samples is None:
                 from edge_agent.training import SampleStore
 
