@@ -45,13 +45,14 @@ def with_head(runtime: Runtime, manifest: Any, directory: Path) -> Runtime:
 
     try:
         head = Head.from_manifest(entry)
-        names = {s.name for s in runtime.outputs}
-        if not {head.output, head.features} <= names:
-            raise TrainingError(f"the model's outputs {sorted(names)} lack {head.output!r} or {head.features!r}")
+        specs = {s.name: s for s in runtime.outputs}
+        if not {head.output, head.features} <= set(specs):
+            raise TrainingError(f"the model's outputs {sorted(specs)} lack {head.output!r} or {head.features!r}")
         if not head.weights_file:
             raise TrainingError("trainable_head.weights names no file")
         weights = {k: v.astype(np.float32) for k, v in load_file(str(directory / head.weights_file)).items()}
-        head.check(weights)
+        width = specs[head.features].shape[-1] if specs[head.features].shape else None
+        head.check(weights, in_dim=width if isinstance(width, int) and width > 0 else None)
     except (TrainingError, OSError, ValueError) as exc:
         raise HealthCheckError(f"{manifest.name} v{manifest.version}: bad trainable head: {exc}") from exc
     return HeadRuntime(runtime, head, weights)

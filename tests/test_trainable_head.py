@@ -123,3 +123,29 @@ def test_a_model_without_a_final_linear_is_refused(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     with pytest.raises(ExportError, match="not from a final Linear layer"):
         split_head(tmp_path / "m.onnx", "logits")
+
+
+def test_a_signed_package_whose_head_does_not_fit_never_serves(exported: dict) -> None:
+    """A correctly signed package whose head weights do not match the features fails its health check."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from edge_agent.errors import HealthCheckError
+    from export.package import build_package
+    from export.samples import Samples
+
+    d, keys = exported["dir"], exported["keys"]
+    src = d / "bad-src"
+    extract_package(exported["result"].package, src, trust=keys["public_key"])
+    manifest = json.loads((src / "manifest.json").read_text())
+    save_file({"classifier.weight": np.zeros((10, 7), np.float32), "classifier.bias": np.zeros(10, np.float32)},
+              str(d / "bad-head.safetensors"))
+    fields = {k: v for k, v in manifest.items() if k not in ("format_version", "files", "samples", "created", "expires")}
+    samples = Samples.from_bytes((src / manifest["samples"]["path"]).read_bytes(), manifest["samples"])
+    build_package({"model.onnx": src / manifest["model"], "head.safetensors": d / "bad-head.safetensors"},
+                  {**fields, "version": 5}, samples, d / "bad.pfpkg", key=keys["private_key"])
+    store = ModelStore(d / "bad-state", keys["public_key"])
+    with pytest.raises(HealthCheckError, match="bad trainable head"):
+        store.install(d / "bad.pfpkg")
+    assert store.read_state().get("cnn-head") is None or store.read_state()["cnn-head"].active != 5
