@@ -50,8 +50,14 @@ def test_agent_rolls_out_over_mqtt_drains_its_outbox_and_keeps_posted_samples(tm
                     client.add_samples({"image": x}, [1, 2])
                 with pytest.raises(AgentError, match="image"):
                     client.add_samples({"image": x[:, :10]}, [1, 2, 3])
+                with pytest.raises(AgentError, match="NaN"):
+                    client.add_samples({"image": np.full((1, 64), np.nan, np.float32)}, [1])
+                with pytest.raises(AgentError, match="label"):
+                    client.add_samples({"image": x[:1]}, [-1])
+                assert client.request("POST", "/v1/samples", b"1,2", "text/csv")[0] == 415
+                assert client.add_samples({"image": x[:1]}, [4])["total"] == 4  # still taking samples
             data = agent.samples.dataset()
-            assert data.labels.tolist() == [1, 2, 3] and np.allclose(data.arrays["image"], x)
+            assert data.labels.tolist() == [1, 2, 3, 4] and np.allclose(data.arrays["image"], np.vstack([x, x[:1]]))
             reg = fleet.registry()
             try:  # telemetry and the swap event went through the outbox, over MQTT, into the registry
                 wait_for(lambda: any(r["kind"] == "event" for r in reg.telemetry("edge-1")), 20)
