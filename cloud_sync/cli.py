@@ -71,11 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _config_arg(prov)
     add_json_flag(prov)
     prov.set_defaults(func=_cmd_provision)
-    devs = csub.add_parser("devices", help="list the fleet registry (presence, versions, last seen)")
-    devs.add_argument("--group")
-    _config_arg(devs)
-    add_json_flag(devs)
-    devs.set_defaults(func=_cmd_devices)
+    from cloud_sync.ops_cli import register_ops
+
+    register_ops(csub, _config_arg)
     cloud.set_defaults(func=lambda args: cloud.print_help() or 2)
 
     rel = subparsers.add_parser(
@@ -203,24 +201,6 @@ def _cmd_provision(args: argparse.Namespace) -> int:
         return "\n".join(lines)
 
     emit(result, args.json, render)
-    return 0
-
-
-def _cmd_devices(args: argparse.Namespace) -> int:
-    import time
-
-    config = _load(args)
-    registry = config.open_registry()
-    try:
-        rows = [
-            {"device": d["id"], "group": d["grp"], "online": bool(d["online"]),
-             "model": d["active_name"], "version": d["active_version"],
-             "last_seen_s": None if d["last_seen"] is None else round(time.time() - d["last_seen"], 1)}
-            for d in registry.devices(args.group)
-        ]
-    finally:
-        registry.close()
-    emit(rows, args.json, lambda r: table(r))
     return 0
 
 

@@ -141,9 +141,12 @@ class Fleet:
         ota: OtaSettings | None = None,
         device_prefix: str = "dev",
         device_dirs: dict[str, str | Path] | None = None,
+        traffic: Any = None,
     ) -> None:
         """`device_dirs` binds devices to existing agent state directories (device id -> dir); by default
-        `devices` ids named `<device_prefix>-NNN` get fresh directories under `workdir/devices/`."""
+        `devices` ids named `<device_prefix>-NNN` get fresh directories under `workdir/devices/`.
+        `traffic` (cloud_sync.fleet_traffic.TrafficSettings): every device also serves requests with its
+        active version and sends the agent's telemetry through a durable outbox."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.group = group
@@ -159,6 +162,9 @@ class Fleet:
         self.ota_settings = ota or OtaSettings(window=16, chunk_timeout_s=10.0)
         self.workers: list[Cloud] = []
         self.devices: dict[str, DeviceLink] = {}
+        self.traffic_settings = traffic
+        self.traffic: dict[str, Any] = {}
+        self._inputs: Any = None
         self.cloud_config: CloudConfig | None = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -234,7 +240,20 @@ class Fleet:
     def start_device(self, device: str) -> DeviceLink:
         cfg = DeviceConfig(device_id=device, state_dir=str(self.state_dir(device)), trust=str(self.trust),
                            group=self.group, mqtt=self.mqtt_for(device), ota=self.ota_settings)
-        link = DeviceLink(cfg, store=self.store(device)).start()
+        store = self.store(device)
+        outbox = None
+        if self.traffic_settings is not None:
+            from cloud_sync.fleet_traffic import DeviceTraffic, digits_inputs
+
+            if self._inputs is None:
+                self._inputs = digits_inputs()
+            self.state_dir(device).mkdir(parents=True, exist_ok=True)
+            tr = DeviceTraffic(device, store, self.state_dir(device), self.traffic_settings, self._inputs,
+                               seed=len(self.traffic)).start()
+            self.traffic[device] = tr
+            outbox = tr.outbox
+        link = DeviceLink(cfg, store=store, outbox=outbox,
+                          drain_interval_s=self.traffic_settings.drain_interval_s if outbox else 2.0).start()
         self.devices[device] = link
         return link
 
@@ -242,6 +261,9 @@ class Fleet:
         link = self.devices.pop(device, None)
         if link is not None:
             link.stop(clean=clean)
+        tr = self.traffic.pop(device, None)
+        if tr is not None:
+            tr.stop()
 
     def install_everywhere(self, package: str | Path) -> None:
         """Seed every device's store directly (as `pocketfleet agent install` would), then announce it."""
