@@ -35,7 +35,7 @@ from cloud_sync.rollout import RolloutConfig
 
 log = logging.getLogger("pocketfleet.fleet")
 
-FINAL_STATES = ("complete", "failed", "superseded")
+FINAL_STATES = ("complete", "failed", "superseded", "aborted")
 MqttFor = Callable[[str], MqttConfig]
 
 
@@ -287,7 +287,7 @@ class Fleet:
     # --------------------------------------------------------------------------------------- rollouts
 
     def release(self, package: str | Path, canary: str | float = "10%", gates: list[str] | None = None,
-                rollback: bool = False) -> dict[str, Any]:
+                rollback: bool = False, plan: Any = None, abort: list[str] | None = None) -> dict[str, Any]:
         from cloud_sync.releases import create_release, parse_canary
 
         assert self.cloud_config is not None
@@ -295,7 +295,7 @@ class Fleet:
         try:
             return create_release(reg, self.cloud_config.artifacts_dir, package, self.group, str(self.trust),
                                   parse_canary(canary), gates or [], rollback=rollback,
-                                  rollback_key=self.key if rollback else None)
+                                  rollback_key=self.key if rollback else None, plan=plan, abort=abort)
         finally:
             reg.close()
 

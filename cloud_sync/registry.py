@@ -51,7 +51,7 @@ CREATE INDEX IF NOT EXISTS rollouts_state ON rollouts(state);
 CREATE INDEX IF NOT EXISTS devices_grp ON devices(grp);
 """
 
-ACTIVE_ROLLOUT_STATES = ("canary", "promoted", "rolling_back")
+ACTIVE_ROLLOUT_STATES = ("canary", "promoted", "rolling_back", "staged", "paused")  # superseded by a new one
 # device states in a rollout: pending -> sent -> accepted/downloading -> installed | failed | refused;
 # after a failed canary: rollback_sent -> rolled_back
 DEVICE_TERMINAL = ("installed", "failed", "refused", "rolled_back")

@@ -244,7 +244,10 @@ def summary(registry: Registry, since_s: float = 3600.0, device: str | None = No
     sql = (f"SELECT {cols + ', ' if cols else ''}{_SUM_COLS} "
            f"FROM telemetry_rollup r LEFT JOIN devices d ON d.id = r.device WHERE {' AND '.join(where)}"
            + (f" GROUP BY {cols} ORDER BY {cols}" if cols else ""))
-    rows = registry.query(sql, tuple(args))
+    try:
+        rows = registry.query(sql, tuple(args))
+    except sqlite3.OperationalError:  # no cloud worker has created the rollup tables yet
+        return []
     out = []
     for r in rows:
         acc = dict(r)
