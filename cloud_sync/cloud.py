@@ -239,11 +239,18 @@ class Cloud:
             t = threading.Thread(target=target, name=f"{self.config.cloud.worker_id}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.config.console.listen:
+            from cloud_sync.console.server import ConsoleServer
+
+            self.console = ConsoleServer(self, self.config.console).start()
         log.info("cloud worker %s running (state %s)", self.config.cloud.worker_id, self.config.state_dir)
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self.console is not None:
+            self.console.stop()
+            self.console = None
         self._requests.put(None)
         for t in self._threads:
             t.join(10)

@@ -142,6 +142,7 @@ class Fleet:
         device_prefix: str = "dev",
         device_dirs: dict[str, str | Path] | None = None,
         traffic: Any = None,
+        console: Any = None,
     ) -> None:
         """`device_dirs` binds devices to existing agent state directories (device id -> dir); by default
         `devices` ids named `<device_prefix>-NNN` get fresh directories under `workdir/devices/`.
@@ -163,6 +164,7 @@ class Fleet:
         self.workers: list[Cloud] = []
         self.devices: dict[str, DeviceLink] = {}
         self.traffic_settings = traffic
+        self.console_settings = console  # cloud_sync.console.ConsoleSettings for the first worker
         self.traffic: dict[str, Any] = {}
         self._inputs: Any = None
         self.cloud_config: CloudConfig | None = None
@@ -221,8 +223,11 @@ class Fleet:
         assert self.cloud_config is not None
         wid = f"cloud-{i + 1}"
         base = self.cloud_config
-        return CloudConfig(cloud=CloudSettings(**{**base.cloud.__dict__, "worker_id": wid}),
-                           mqtt=self.mqtt_for(wid), rollout=base.rollout)
+        cfg = CloudConfig(cloud=CloudSettings(**{**base.cloud.__dict__, "worker_id": wid}),
+                          mqtt=self.mqtt_for(wid), rollout=base.rollout)
+        if i == 0 and self.console_settings is not None:
+            cfg.console = self.console_settings
+        return cfg
 
     def start_worker(self, i: int = 0) -> Cloud:
         cloud = Cloud(self.worker_config(i)).start()
