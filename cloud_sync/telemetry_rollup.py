@@ -10,8 +10,9 @@ p50/p95 latency, per-feature input mean/variance) is folded, in the same transac
   the first `reference_samples` inputs the fleet served with it, frozen after that.
 
 The drift score of one record is, per input, the mean over features of |mean - reference mean| divided by
-(reference std + 0.1 x the input's average reference std), the largest over the record's inputs: 0 is
-the reference distribution, 1 means the features moved by about one standard deviation on average.
+(reference std + 0.1 x the input's average reference std), less the sampling noise expected of a window
+of n inputs (0.8 / sqrt(n)), the largest over the record's inputs: about 0 on the reference distribution,
+1 when the features moved by about one standard deviation on average.
 
 The raw records are pruned after `raw_retention_s` (they only serve as the redelivery de-duplication
 key by then), so storage grows with the number of devices and models, not with time.
@@ -91,10 +92,12 @@ def drift_score(ref: dict[str, tuple[int, list[float], list[float]]], inputs: di
         std = [math.sqrt(max(m2 / count, 0.0)) for m2 in rm2]
         floor = 0.1 * (sum(std) / len(std)) + 1e-9
         try:
-            scores.append(sum(abs(float(m) - rm) / (s + floor) for m, rm, s in zip(mean, rmean, std, strict=True))
-                          / len(mean))
+            raw = sum(abs(float(m) - rm) / (s + floor) for m, rm, s in zip(mean, rmean, std, strict=True)) / len(mean)
         except (TypeError, ValueError):
             continue
+        n = stats.get("count")
+        noise = 0.8 / math.sqrt(n) if isinstance(n, int) and n > 0 else 0.0  # E|mean - mu| / sigma of n samples
+        scores.append(max(0.0, raw - noise))
     return max(scores) if scores else None
 
 

@@ -121,11 +121,11 @@ function chart(title, rows, key, x, y, xLabel) {
   s.append(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#c6cbd4" }));
   s.append(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#c6cbd4" }));
   for (const frac of [0, 0.5, 1]) {
-    const t = svg("text", { x: L - 4, y: py(frac * y1) + 3, "text-anchor": "end" });
+    const t = svg("text", { x: L - 4, y: py(frac * y1) + 3, "text-anchor": "end", class: "axis" });
     t.textContent = (frac * y1).toPrecision(2);
     s.append(t);
   }
-  const xl = svg("text", { x: W - R, y: H - 6, "text-anchor": "end" });
+  const xl = svg("text", { x: W - R, y: H - 6, "text-anchor": "end", class: "axis" });
   xl.textContent = xLabel || "time";
   s.append(xl);
   Object.entries(lines).forEach(([k, pts], i) => {
@@ -136,7 +136,6 @@ function chart(title, rows, key, x, y, xLabel) {
     for (const p of pts) s.append(svg("circle", { cx: px(p[x]), cy: py(p[y]), r: 2.5, fill: color }));
     const lab = svg("text", { x: L + 6 + 48 * i, y: T + 10, fill: color });
     lab.textContent = key === "version" ? "v" + k : k;
-    lab.setAttribute("style", `fill:${color}`);
     s.append(lab);
   });
   return box;
