@@ -43,9 +43,9 @@ def test_metrics_count_devices_messages_per_kind_rollouts_and_chunks(tmp_path: P
     from prometheus_client.parser import text_string_to_metric_families
 
     from cloud_sync.client import MqttClient
-    from cloud_sync.fleet import Fleet, make_digits_package
-    from cloud_sync.fleet_traffic import TrafficSettings
     from cloud_sync.protocol import dev_topic
+    from pocketfleet.sim.fleet import Fleet, make_digits_package
+    from pocketfleet.sim.traffic import TrafficSettings
     from tests.mosquitto import Mosquitto
 
     ids = ["dev-000", "dev-001"]

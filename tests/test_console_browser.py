@@ -88,10 +88,10 @@ def _page_rollout(driver: Any, rollout_id: str) -> dict[str, Any] | None:
 
 def test_the_console_shows_the_registry_and_follows_a_rollout_that_advances_and_one_that_stops(
         tmp_path: Path, browser: Any) -> None:
-    from cloud_sync.fleet import Fleet, make_digits_package
-    from cloud_sync.fleet_traffic import TrafficSettings
     from cloud_sync.fleet_view import device_rows
     from cloud_sync.rollout import RolloutConfig
+    from pocketfleet.sim.fleet import Fleet, make_digits_package
+    from pocketfleet.sim.traffic import TrafficSettings
     from tests.mosquitto import Mosquitto
 
     ids = ["edge-0", "edge-1", "edge-2"]

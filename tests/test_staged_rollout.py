@@ -44,9 +44,9 @@ def test_criteria_need_their_minimum_device_count() -> None:
 @pytest.mark.timeout(400)
 def test_a_slow_or_erroring_release_is_stopped_by_telemetry_at_5_percent_and_a_good_one_completes(
         tmp_path: Path) -> None:
-    from cloud_sync.fleet import Fleet, make_digits_package
-    from cloud_sync.fleet_traffic import TrafficSettings
     from cloud_sync.rollout import RolloutConfig
+    from pocketfleet.sim.fleet import Fleet, make_digits_package
+    from pocketfleet.sim.traffic import TrafficSettings
     from tests.mosquitto import Mosquitto
 
     ids = [f"dev-{i:03d}" for i in range(N)]

@@ -87,8 +87,8 @@ def test_retention_deletes_old_buckets_and_raw_records(reg: Registry) -> None:
 @pytest.mark.mosquitto
 def test_cloud_status_devices_and_telemetry_commands_show_the_live_fleet(tmp_path: Path) -> None:
     from cloud_sync.cloud import wait_for
-    from cloud_sync.fleet import Fleet, make_digits_package
-    from cloud_sync.fleet_traffic import TrafficSettings
+    from pocketfleet.sim.fleet import Fleet, make_digits_package
+    from pocketfleet.sim.traffic import TrafficSettings
     from tests.mosquitto import Mosquitto
 
     ids = [f"dev-{i:03d}" for i in range(3)]

@@ -1,6 +1,6 @@
 """Serving traffic for the simulated fleet: each device answers requests with the model its store has
 active, and reports through the agent's own telemetry (edge_agent.telemetry) into its own durable outbox,
-which its DeviceLink drains to the cloud. Used by Fleet(traffic=...), the operations tests and
+drained to the cloud through its DeviceLink's MQTT sink. Used by Fleet(traffic=...), the operations tests and
 benchmarks/fleet_scale.py.
 
 Requests are rows of scikit-learn's digits, run through the real runtime (onnxruntime) of the installed
@@ -50,6 +50,7 @@ class DeviceTraffic:
         self.served = 0
         self._model: Any = None
         self._stamp: Any = None
+        self._drainer: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{device}-traffic", daemon=True)
 
@@ -99,7 +100,11 @@ class DeviceTraffic:
                                    None if error else {"image": x}, error)
             self.served += 1
 
-    def start(self) -> DeviceTraffic:
+    def start(self, sink: Any) -> DeviceTraffic:
+        """Start serving; the outbox drains through `sink` (the DeviceLink's MqttSink)."""
+        from edge_agent.outbox import Drainer
+
+        self._drainer = Drainer(self.outbox, sink, interval_s=self.settings.drain_interval_s).start()
         self._loop.start()
         self._thread.start()
         return self
@@ -108,6 +113,8 @@ class DeviceTraffic:
         self._stop.set()
         self._thread.join(5)
         self._loop.stop(flush=False)
+        if self._drainer is not None:
+            self._drainer.stop()
         self.outbox.close()
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,15 +41,6 @@ MqttFor = Callable[[str], MqttConfig]
 
 
 # ------------------------------------------------------------------------------------------- packages
-
-
-def _digits() -> tuple[Any, Any]:
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    return x, bunch.target.astype(np.int64)
 
 
 def make_digits_package(
@@ -77,7 +69,10 @@ def make_digits_package(
     from export.package import build_package
     from export.samples import Samples
 
-    x, y = _digits()
+    from compress.zoo.digits_data import digits_all
+
+    images, y = digits_all()
+    x = images.reshape(len(images), -1)
     rng = np.random.default_rng(seed)
     w1 = (rng.standard_normal((64, hidden)) / 4).astype(np.float32)
     b1 = (rng.standard_normal(hidden) / 4).astype(np.float32)
@@ -146,7 +141,7 @@ class Fleet:
     ) -> None:
         """`device_dirs` binds devices to existing agent state directories (device id -> dir); by default
         `devices` ids named `<device_prefix>-NNN` get fresh directories under `workdir/devices/`.
-        `traffic` (cloud_sync.fleet_traffic.TrafficSettings): every device also serves requests with its
+        `traffic` (pocketfleet.sim.traffic.TrafficSettings): every device also serves requests with its
         active version and sends the agent's telemetry through a durable outbox."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +163,8 @@ class Fleet:
         self.traffic: dict[str, Any] = {}
         self._inputs: Any = None
         self.cloud_config: CloudConfig | None = None
+        # every simulated device shares this process: at most two installs or probes hold a model at once
+        self.install_slots = threading.BoundedSemaphore(2)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -246,29 +243,26 @@ class Fleet:
         cfg = DeviceConfig(device_id=device, state_dir=str(self.state_dir(device)), trust=str(self.trust),
                            group=self.group, mqtt=self.mqtt_for(device), ota=self.ota_settings)
         store = self.store(device)
-        outbox = None
+        link = DeviceLink(cfg, store=store, install_slots=self.install_slots)
         if self.traffic_settings is not None:
-            from cloud_sync.fleet_traffic import DeviceTraffic, digits_inputs
+            from pocketfleet.sim.traffic import DeviceTraffic, digits_inputs
 
             if self._inputs is None:
                 self._inputs = digits_inputs()
             self.state_dir(device).mkdir(parents=True, exist_ok=True)
-            tr = DeviceTraffic(device, store, self.state_dir(device), self.traffic_settings, self._inputs,
-                               seed=len(self.traffic)).start()
-            self.traffic[device] = tr
-            outbox = tr.outbox
-        link = DeviceLink(cfg, store=store, outbox=outbox,
-                          drain_interval_s=self.traffic_settings.drain_interval_s if outbox else 2.0).start()
+            self.traffic[device] = DeviceTraffic(device, store, self.state_dir(device), self.traffic_settings,
+                                                 self._inputs, seed=len(self.traffic)).start(link.sink)
+        link.start()
         self.devices[device] = link
         return link
 
     def stop_device(self, device: str, clean: bool = True) -> None:
-        link = self.devices.pop(device, None)
-        if link is not None:
-            link.stop(clean=clean)
         tr = self.traffic.pop(device, None)
         if tr is not None:
             tr.stop()
+        link = self.devices.pop(device, None)
+        if link is not None:
+            link.stop(clean=clean)
 
     def install_everywhere(self, package: str | Path) -> None:
         """Seed every device's store directly (as `pocketfleet agent install` would), then announce it."""
