@@ -31,6 +31,7 @@ class TrafficSettings:
     telemetry_interval_s: float = 1.0
     drain_interval_s: float = 0.5
     input_shift: float = 0.0  # added to the inputs of every device (drift), on top of a package's own
+    fold_s: float = 0.25  # how often the telemetry thread folds observations into the window
 
 
 class DeviceTraffic:
@@ -44,7 +45,7 @@ class DeviceTraffic:
         self.device, self.store, self.settings = device, store, settings
         self.outbox = Outbox(Path(state_dir) / "outbox.sqlite")
         self.telemetry = Telemetry(device, self.outbox, max_features=64)
-        self._loop = TelemetryLoop(self.telemetry, settings.telemetry_interval_s, fold_s=0.2)
+        self._loop = TelemetryLoop(self.telemetry, settings.telemetry_interval_s, fold_s=settings.fold_s)
         self.inputs = inputs
         self.rng = random.Random(seed)
         self.served = 0
