@@ -14,7 +14,7 @@ The drift score of one record is, per input, the mean over features of |mean - r
 of n inputs (0.8 / sqrt(n)), the largest over the record's inputs: about 0 on the reference distribution,
 1 when the features moved by about one standard deviation on average.
 
-The raw records are pruned after `raw_retention_s` (they only serve as the redelivery de-duplication
+The raw records are pruned after `raw_retention_s` (an hour; they only serve as the redelivery de-duplication
 key by then), so storage grows with the number of devices and models, not with time.
 Percentiles of a bucket are request-weighted means of the devices' window percentiles, not exact
 percentiles of the merged requests (the agents send percentiles, not histograms).
@@ -58,7 +58,7 @@ class RollupSettings:
     fine_keep_s: float = 86400.0
     coarse_s: int = 3600
     coarse_keep_s: float = 30 * 86400.0
-    raw_retention_s: float = 86400.0
+    raw_retention_s: float = 3600.0  # raw records only de-duplicate redeliveries by then
     reference_samples: int = 2000
     prune_every_s: float = 60.0
 
