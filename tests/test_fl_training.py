@@ -77,7 +77,7 @@ def test_train_head_rejects_bad_inputs():
         train_head(MLP, w0, x[:10, :32], y[:10], TrainConfig())
     with pytest.raises(TrainingError, match="lr"):
         TrainConfig.from_dict({"lr": -1})
-    with pytest.raises(TrainingError, match="unknown field"):
+    with pytest.raises(TrainingError, match="train config.learning_rate: unknown key"):
         TrainConfig.from_dict({"learning_rate": 0.1})
     with pytest.raises(HeadError, match="schema"):
         Head.from_manifest({"schema": "other", "layers": []})
