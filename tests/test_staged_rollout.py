@@ -118,3 +118,52 @@ def test_a_slow_or_erroring_release_is_stopped_by_telemetry_at_5_percent_and_a_g
                 reg.close()
         finally:
             fleet.stop()
+
+
+def test_release_rate_and_rollout_pause_resume_abort_from_the_command_line(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from cloud_sync.registry import Registry
+    from export.signing import generate_keys
+    from pocketfleet.sim.fleet import make_digits_package
+
+    root = Path(__file__).resolve().parent.parent
+    generate_keys(tmp_path / "keys")
+    pkg = make_digits_package(tmp_path / "v1.pfpkg", 1, tmp_path / "keys" / "pocketfleet.key", hidden=16)
+    state = tmp_path / "state"
+    reg = Registry(state / "registry.sqlite")
+    for i in range(10):
+        reg.ensure_device(f"d{i}", "lab")
+    reg.close()
+    conf = tmp_path / "cloud.toml"
+    conf.write_text(f'[cloud]\nstate_dir = "{state}"\ntrust = "{tmp_path / "keys" / "pocketfleet.pub"}"\n')
+
+    def cli(*argv: str, ok: bool = True) -> subprocess.CompletedProcess:
+        out = subprocess.run([str(Path(sys.executable).parent / "pocketfleet"), *argv, "--config", str(conf)],
+                             capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(root)})
+        assert (out.returncode == 0) == ok, out.stdout + out.stderr
+        return out
+
+    started = json.loads(cli("release", str(pkg), "--group", "lab", "--rate", "2,2", "--soak", "30s",
+                             "--abort", "error_rate>0.05@2", "--json").stdout)
+    assert started["stages"] == [2, 6, 10] and started["abort"] == ["error_rate>0.05@2"]
+    rid = started["rollout_id"]
+    assert json.loads(cli("rollout", "pause", rid, "--json").stdout)["state"] == "paused"
+    assert "only a staged rollout can be paused" in cli("rollout", "pause", rid, ok=False).stderr
+    assert json.loads(cli("rollout", "resume", rid, "--json").stdout)["state"] == "staged"
+    out = json.loads(cli("rollout", "abort", rid, "--reason", "field reports", "--json").stdout)
+    assert out["state"] == "aborting"
+    status = json.loads(cli("rollout", "status", rid, "--json").stdout)
+    assert status["abort"]["by"] == "operator" and "field reports" in status["reason"]
+    from cloud_sync.releases import create_release
+
+    reg = Registry(state / "registry.sqlite")
+    try:
+        with pytest.raises(ReleaseError, match="--abort needs a staged rollout"):
+            create_release(reg, state / "artifacts", pkg, "lab", str(tmp_path / "keys" / "pocketfleet.pub"),
+                           abort=["drift>1"])
+    finally:
+        reg.close()
