@@ -9,8 +9,8 @@ fleet of full devices, and a telemetry abort.
     many per process (asyncio, `--light-procs` processes): CONNECT with the retained last will, SUBSCRIBE to
     their cmd topic, a retained pf.status/1, then a pf.outbox/1 telemetry record (a pf.telemetry/1 body
     with 16-feature input statistics) every `--interval` s (10) for `--hold` s (300), QoS 1, each
-    acknowledged by the broker. One `pocketfleet cloud run` worker stores presence and telemetry (and
-    folds the rollups). Measured: connect-storm time, time until the registry shows every device online,
+    acknowledged by the broker. `--light-workers` (2) `pocketfleet cloud run` workers on MQTT 5 shared
+    subscriptions store presence and telemetry (and fold the rollups). Measured: connect-storm time, time until the registry shows every device online,
     broker and cloud RSS and CPU, messages/s, records acknowledged vs stored (lost), bytes per device.
 (b) `--full N` full devices (default 1,000): real `DeviceLink`s with a real model store (verify, unpack,
     health check on onnxruntime), in `--full-procs` processes, each also serving requests with its active
@@ -387,23 +387,29 @@ def pct(values: list[float], q: float) -> float:
 # -------------------------------------------------------------------------------------- scenarios
 
 
-def scenario_light(work: Path, trust: Path, n: int, procs: int, hold: float, interval: float) -> dict[str, Any]:
+def _sum_stats(pids: list[int]) -> dict[str, float]:
+    stats = [proc_stats(p) for p in pids]
+    return {"cpu_s": sum(s["cpu_s"] for s in stats), "rss_mb": sum(s["rss_mb"] for s in stats)}
+
+
+def scenario_light(work: Path, trust: Path, n: int, procs: int, hold: float, interval: float,
+                   n_workers: int = 1) -> dict[str, Any]:
     devices = [f"l{i:05d}" for i in range(n)]
     t = time.monotonic()
-    broker = start_broker(work, devices, 1)
+    broker = start_broker(work, devices, n_workers)
     setup_s = time.monotonic() - t
     state = work / "cloud"
     reg = open_registry(state, devices)
-    workers = cloud_workers(work, state, broker.port, trust, 1, shared=False)
+    workers = cloud_workers(work, state, broker.port, trust, n_workers, shared=n_workers > 1)
     time.sleep(3)
-    bpid, cpid = broker.proc.pid, workers[0].pid
-    b0, c0 = proc_stats(bpid), proc_stats(cpid)
+    bpid, cpids = broker.proc.pid, [w.pid for w in workers]
+    b0, c0 = proc_stats(bpid), _sum_stats(cpids)
     start = time.time()
     stop_at = start + hold
     runners = Procs(work, "light", devices, procs, {"port": broker.port, "interval": interval, "stop_at": stop_at,
                                                      "concurrent_connects": 500})
     res: dict[str, Any] = {"devices": n, "processes": procs, "hold_s": hold, "interval_s": interval,
-                           "broker_setup_s": round(setup_s, 1)}
+                           "cloud_workers": n_workers, "broker_setup_s": round(setup_s, 1)}
     try:
         online_at = None
         peak_b, peak_c = b0["rss_mb"], c0["rss_mb"]
@@ -414,12 +420,12 @@ def scenario_light(work: Path, trust: Path, n: int, procs: int, hold: float, int
                 row = reg.query("SELECT COUNT(*) AS n FROM devices WHERE grp=? AND online=1", (GROUP,))[0]
                 if row["n"] >= n:
                     online_at = now
-            b, c = proc_stats(bpid), proc_stats(cpid)
+            b, c = proc_stats(bpid), _sum_stats(cpids)
             peak_b, peak_c = max(peak_b, b["rss_mb"]), max(peak_c, c["rss_mb"])
             if mid is None and now > start + hold / 2:
                 mid = b
             time.sleep(1.0)
-        b1, c1 = proc_stats(bpid), proc_stats(cpid)
+        b1, c1 = proc_stats(bpid), _sum_stats(cpids)
         outs = [json.loads(p.read_text()) for p in runners.outs if p.exists()]
         sent = sum(o["sent"] for o in outs)
         acked = sum(o["acked"] for o in outs)
@@ -462,6 +468,8 @@ def scenario_light(work: Path, trust: Path, n: int, procs: int, hold: float, int
             "registry_bytes": os.path.getsize(state / "registry.sqlite")
             + (os.path.getsize(state / "registry.sqlite-wal") if (state / "registry.sqlite-wal").exists() else 0),
         })
+        log = broker.log.read_text(errors="replace") if broker.log.exists() else ""
+        res["broker_dropped_warnings"] = log.count("Outgoing messages are being dropped")
         rows = reg.query("SELECT COUNT(*) AS n FROM telemetry_rollup")
         res["rollup_rows"] = rows[0]["n"]
         with contextlib.suppress(Exception):  # bytes per table (SQLite's dbstat, where compiled in)
@@ -605,6 +613,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--light", type=int, default=10_000, help="lightweight connected devices (a)")
     ap.add_argument("--light-procs", type=int, default=4)
+    ap.add_argument("--light-workers", type=int, default=2, help="cloud workers (shared subscriptions) for (a)")
     ap.add_argument("--hold", type=float, default=300.0, help="seconds the light devices stay connected")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between telemetry records per device")
     ap.add_argument("--full", type=int, default=1000, help="full devices for the staged rollout and abort (b)")
@@ -640,7 +649,8 @@ def main() -> int:
     try:
         if "light" not in args.skip:
             print(f"(a) {args.light} light devices in {args.light_procs} processes for {args.hold:g} s", flush=True)
-            res["light"] = scenario_light(work / "light", trust, args.light, args.light_procs, args.hold, args.interval)
+            res["light"] = scenario_light(work / "light", trust, args.light, args.light_procs, args.hold, args.interval,
+                                          args.light_workers)
         if not {"rollout", "abort"} <= set(args.skip) and args.full:
             print(f"(b) {args.full} full devices in {args.full_procs} processes", flush=True)
             res["full"] = scenario_full(work / "full", key, trust, args.full, args.full_procs, args.skip)

@@ -161,13 +161,14 @@ def fl_tasks(state_dir: str | Path) -> list[dict[str, Any]]:
 def fleet_status(registry: Registry, state_dir: str | Path | None = None) -> dict[str, Any]:
     """The fleet at a glance: devices online/offline by group and version, active rollouts, FL tasks."""
     groups: dict[str, dict[str, Any]] = {}
-    for d in registry.devices():
+    for d in registry.query("SELECT grp, online, active_name, active_version, COUNT(*) AS n FROM devices "
+                            "GROUP BY grp, online, active_name, active_version"):
         g = groups.setdefault(d["grp"], {"group": d["grp"], "devices": 0, "online": 0, "offline": 0, "versions": {}})
-        g["devices"] += 1
-        g["online" if d["online"] else "offline"] += 1
+        state = "online" if d["online"] else "offline"
+        g["devices"] += d["n"]
+        g[state] += d["n"]
         key = f"{d['active_name']} v{d['active_version']}" if d["active_name"] else "(none)"
-        v = g["versions"].setdefault(key, {"online": 0, "offline": 0})
-        v["online" if d["online"] else "offline"] += 1
+        g["versions"].setdefault(key, {"online": 0, "offline": 0})[state] += d["n"]
     active = []
     for r in registry.rollouts(ACTIVE_STATES):
         from cloud_sync.rollout import describe_rollout

@@ -55,6 +55,9 @@ function renderDevices(state) {
     return tr;
   });
   body.replaceChildren(...rows);
+  const total = state.status.devices;
+  document.getElementById("devices-note").textContent =
+    state.devices.length < total ? `showing the ${state.devices.length} least healthy of ${total}` : "";
 }
 
 function renderRollouts(state) {
