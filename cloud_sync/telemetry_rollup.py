@@ -78,21 +78,33 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def drift_score(ref: dict[str, tuple[int, list[float], list[float]]], inputs: dict[str, Any]) -> float | None:
-    """The record's drift against the reference {input: (count, mean, m2)}; None without a usable reference."""
+Prepared = dict[str, tuple[list[float], list[float], float]]  # input -> (mean, std, floor)
+
+
+def prepare(ref: dict[str, tuple[int, list[float], list[float]]]) -> Prepared:
+    """Reference {input: (count, mean, M2)} -> {input: (mean, std, floor)} for drift_score."""
+    out: Prepared = {}
+    for iname, (count, mean, m2) in ref.items():
+        if count < 2 or not mean:
+            continue
+        std = [math.sqrt(max(v / count, 0.0)) for v in m2]
+        out[iname] = (mean, std, 0.1 * (sum(std) / len(std)) + 1e-9)
+    return out
+
+
+def drift_score(ref: Prepared, inputs: dict[str, Any]) -> float | None:
+    """The record's drift against the prepared reference; None without a usable reference."""
     scores = []
     for iname, stats in inputs.items():
         r = ref.get(iname)
-        if not r or r[0] < 2 or not isinstance(stats, dict):
+        if r is None or not isinstance(stats, dict):
             continue
-        count, rmean, rm2 = r
+        rmean, std, floor = r
         mean = stats.get("mean")
         if not isinstance(mean, list) or len(mean) != len(rmean):
             continue
-        std = [math.sqrt(max(m2 / count, 0.0)) for m2 in rm2]
-        floor = 0.1 * (sum(std) / len(std)) + 1e-9
         try:
-            raw = sum(abs(float(m) - rm) / (s + floor) for m, rm, s in zip(mean, rmean, std, strict=True)) / len(mean)
+            raw = sum(abs(float(m) - rm) / (sd + floor) for m, rm, sd in zip(mean, rmean, std, strict=True)) / len(mean)
         except (TypeError, ValueError):
             continue
         n = stats.get("count")
@@ -109,11 +121,15 @@ class Rollups:
         self.settings = settings or RollupSettings()
         ensure_schema(registry)
         self._last_prune = 0.0
+        self._frozen: dict[str, Prepared] = {}  # references that reached reference_samples never change
 
     # ------------------------------------------------------------------------------------------ ingest
 
-    def _reference(self, db: sqlite3.Connection, name: str, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Load the reference of `name` and fold these inputs into it while it has fewer than the target."""
+    def _reference(self, db: sqlite3.Connection, name: str, inputs: dict[str, Any]) -> Prepared:
+        """The reference of `name`, these inputs folded into it while it has fewer than the target."""
+        frozen = self._frozen.get(name)
+        if frozen is not None and all(i in frozen for i in inputs):
+            return frozen
         ref: dict[str, tuple[int, list[float], list[float]]] = {}
         for row in db.execute("SELECT * FROM telemetry_ref WHERE name=?", (name,)):
             ref[row["input"]] = (row["count"], json.loads(row["mean"]), json.loads(row["m2"]))
@@ -143,7 +159,10 @@ class Rollups:
             db.execute("INSERT INTO telemetry_ref(name, input, count, mean, m2) VALUES(?,?,?,?,?) ON CONFLICT(name, input) "
                        "DO UPDATE SET count=excluded.count, mean=excluded.mean, m2=excluded.m2",
                        (name, iname, new[0], json.dumps(new[1]), json.dumps(new[2])))
-        return ref
+        prepared = prepare(ref)
+        if ref and all(r[0] >= target for r in ref.values()) and all(i in ref for i in inputs):
+            self._frozen[name] = prepared
+        return prepared
 
     def fold(self, db: sqlite3.Connection, device: str, msg: dict[str, Any], now: float) -> None:
         """Fold one newly stored outbox record (inside the storing transaction); non-telemetry is ignored."""
