@@ -103,11 +103,11 @@ def test_the_console_shows_the_registry_and_follows_a_rollout_that_advances_and_
                       console=ConsoleSettings(listen="127.0.0.1:0", refresh_s=0.5))
         try:
             fleet.start(start_devices=False)
-            sim = {"service_ms": 4.0}
+            sim = {"service_ms": 10.0}
             v1 = make_digits_package(tmp_path / "v1.pfpkg", 1, fleet.key, hidden=32, extra={"sim": sim})
             v2 = make_digits_package(tmp_path / "v2.pfpkg", 2, fleet.key, hidden=32, head_seed=1, extra={"sim": sim})
             slow = make_digits_package(tmp_path / "v3.pfpkg", 3, fleet.key, hidden=32, head_seed=2,
-                                       extra={"sim": {"service_ms": 12.0}})
+                                       extra={"sim": {"service_ms": 30.0}})
             for d in ids:
                 fleet.store(d).install(v1)
             fleet.start_devices()
@@ -127,7 +127,7 @@ def test_the_console_shows_the_registry_and_follows_a_rollout_that_advances_and_
                 assert "3/3 devices online" in browser.find_element("id", "summary").text
 
                 # a good staged release: the page follows it from stage 1 to complete
-                out = fleet.release(v2, plan=parse_stages("34%", soak_s=2.5), abort=["p95_ratio>1.6@1"])
+                out = fleet.release(v2, plan=parse_stages("34%", soak_s=2.5), abort=["p95_ratio>2@1"])
                 assert out["stages"] == [2, 3]
                 seen = wait_for(lambda: (r := _page_rollout(browser, out["rollout_id"])) and r["stage"] == 1 and r, 30,
                                 0.2)
@@ -137,12 +137,12 @@ def test_the_console_shows_the_registry_and_follows_a_rollout_that_advances_and_
                 wait_for(lambda: {p["version"] for p in _page_devices(browser).values()} == {"2"}, 20, 0.3)
 
                 # a 3x slower release stops itself on its first device; the page says why
-                bad = fleet.release(slow, plan=parse_rate("1,2", soak_s=8.0), abort=["p95_ratio>1.6@1"])
+                bad = fleet.release(slow, plan=parse_rate("1,2", soak_s=8.0), abort=["p95_ratio>2@1"])
                 page = wait_for(lambda: (r := _page_rollout(browser, bad["rollout_id"])) and r["state"] == "aborted"
                                 and r, 60, 0.3)
                 final = fleet.rollout(bad["rollout_id"])
                 assert final["state"] == "aborted" and len(final["devices"]) == 1
-                assert "p95_ratio = " in page["text"] and "abort if p95_ratio>1.6@1" in page["text"]
+                assert "p95_ratio = " in page["text"] and "abort if p95_ratio>2@1" in page["text"]
                 wait_for(lambda: {p["version"] for p in _page_devices(browser).values()} == {"2"}, 30, 0.3)
                 time.sleep(1.5)  # one more telemetry bucket in the charts
                 series = browser.execute_script(

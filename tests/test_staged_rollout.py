@@ -14,7 +14,7 @@ from cloud_sync.errors import ReleaseError, RolloutError
 from cloud_sync.staged import AbortCriterion, breaches, parse_criterion, parse_rate, parse_stages
 
 N = 40
-SERVICE_MS = 4.0
+SERVICE_MS = 10.0
 
 
 def test_rate_stages_grow_by_the_factor_and_share_stages_cover_the_group() -> None:
@@ -70,7 +70,7 @@ def test_a_slow_or_erroring_release_is_stopped_by_telemetry_at_5_percent_and_a_g
             for d in ids:
                 fleet.store(d).install(pk["v1"])
             fleet.start_devices()
-            abort = ["error_rate>0.04@2", "p95_ratio>1.6@2", "failure_rate>0.2@1"]
+            abort = ["error_rate>0.04@2", "p95_ratio>2@2", "failure_rate>0.2@1"]
 
             # a good release goes through its share stages to the whole group
             good = fleet.release(pk["v2"], plan=parse_stages("5%,50%", soak_s=3.0), abort=abort)
