@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "when --tls-cert/--tls-key/--tls-ca are given.")
     _config_arg(conf)
     conf.add_argument("--port", type=int, default=1883)
-    conf.add_argument("--host", default="0.0.0.0", help="listener address (default 0.0.0.0)")
+    conf.add_argument("--host", default=None,
+                      help="listener address (default 127.0.0.1; 0.0.0.0 or another address only with TLS, "
+                      "or with --allow-plaintext)")
+    conf.add_argument("--allow-plaintext", action="store_true",
+                      help="allow a non-loopback listener without TLS (passwords travel in clear)")
     conf.add_argument("--tls-ca", help="CA certificate (PEM)")
     conf.add_argument("--tls-cert", help="server certificate (PEM)")
     conf.add_argument("--tls-key", help="server private key (PEM)")
@@ -68,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prov.add_argument("--group", help="the device's group (required for devices)")
     prov.add_argument("--cloud-worker", action="store_true", help="a cloud worker account (read/write pf/v1/#)")
     prov.add_argument("--out", help="directory for agent.toml and mqtt.password (default STATE/provisioned/NAME)")
+    prov.add_argument("--change-role", action="store_true",
+                      help="allow turning an existing device into a cloud worker or back (refused otherwise)")
     _config_arg(prov)
     add_json_flag(prov)
     prov.set_defaults(func=_cmd_provision)
@@ -145,26 +151,45 @@ def _cmd_broker_run(args: argparse.Namespace) -> int:
 def _cmd_mosquitto_conf(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cloud_sync.broker_files import mosquitto_conf, write_files
+    import ipaddress
+
+    from cloud_sync.broker_files import broker_owner, mosquitto_conf
     from cloud_sync.errors import ConfigError
-    from cloud_sync.provision import broker_paths
+    from cloud_sync.provision import write_broker_files
 
     config = _load(args)
-    passwd, acl = broker_paths(config)
-    if not passwd.exists():
-        registry = config.open_registry()
-        try:
-            write_files(registry.accounts(), passwd, acl)
-        finally:
-            registry.close()
     tls_parts = (args.tls_ca, args.tls_cert, args.tls_key)
     if any(tls_parts) and not all(tls_parts):
         raise ConfigError("--tls-ca, --tls-cert and --tls-key go together")
     tls = tuple(Path(p).resolve() for p in tls_parts) if all(tls_parts) else None
-    text = mosquitto_conf(args.port, passwd.resolve(), acl.resolve(), host=args.host, tls=tls,  # type: ignore[arg-type]
-                          persistence_dir=Path(args.persistence_dir).resolve() if args.persistence_dir else None)
+    host = args.host or "127.0.0.1"
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and tls is None and not args.allow_plaintext:
+        raise ConfigError(f"--host {host} without TLS would take passwords in clear from the network: "
+                          "give --tls-ca/--tls-cert/--tls-key, or --allow-plaintext")
+    registry = config.open_registry()
+    try:
+        files = write_broker_files(config, registry.accounts())
+    finally:
+        registry.close()
+    persistence = Path(args.persistence_dir).resolve() if args.persistence_dir else None
+    owner = broker_owner()
+    if persistence is not None and owner is not None:  # mosquitto writes it after dropping to its user
+        persistence.mkdir(parents=True, exist_ok=True)
+        os.chown(persistence, *owner)
+    try:
+        text = mosquitto_conf(args.port, files["passwd"].resolve(), files["acl"].resolve(), host=host,
+                              tls=tls, persistence_dir=persistence,  # type: ignore[arg-type]
+                              dynsec_path=files["dynsec"].resolve())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     Path(args.out).write_text(text)
-    emit({"path": args.out, "passwd": str(passwd), "acl": str(acl), "tls": bool(tls)}, args.json,
+    passwd, acl = files["passwd"], files["acl"]
+    emit({"path": args.out, "passwd": str(passwd), "acl": str(acl), "dynsec": str(files["dynsec"]),
+          "host": host, "tls": bool(tls)}, args.json,
          lambda r: f"wrote {r['path']} (passwords {r['passwd']}, ACL {r['acl']}, TLS {'on' if r['tls'] else 'off'})")
     return 0
 
@@ -191,13 +216,18 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     from cloud_sync.provision import provision
 
     config = _load(args)
-    result = provision(config, args.name, args.group, args.out, role="cloud" if args.cloud_worker else "device")
+    result = provision(config, args.name, args.group, args.out, role="cloud" if args.cloud_worker else "device",
+                       allow_role_change=args.change_role)
 
     def render(r: dict[str, Any]) -> str:
         lines = [f"{r['role']} {r['name']}" + (f" in group {r['group']}" if r["group"] else ""),
                  f"  password file  {r['password_file']} (shown nowhere else; the registry keeps a hash)",
                  f"  broker files   {r['broker_passwd']}, {r['broker_acl']}"
-                 + (" (broker reloaded)" if r["reloaded"] else " (reload the broker: kill -HUP <mosquitto pid>)")]
+                 + (" (broker reloaded)" if r["reloaded"] else " (restart the broker, or set [broker] pid_file)")]
+        if r.get("role_changed"):
+            lines.append(f"  role changed   {r['role_changed']} (new password)")
+        if r.get("reload_error"):
+            lines.append(f"  not applied    {r['reload_error']}")
         if r.get("agent_config"):
             lines.append(f"  agent config   {r['agent_config']}")
         return "\n".join(lines)

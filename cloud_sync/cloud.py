@@ -77,6 +77,7 @@ class CloudSettings:
 class BrokerSettings:
     passwd_file: str = ""
     acl_file: str = ""
+    dynsec_file: str = ""  # mosquitto's dynamic-security plugin file (default: beside the ACL, in dynsec/)
     pid_file: str = ""
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_sync.broker_files import Account, hash_password, mosquitto_conf, write_files
+from cloud_sync.broker_files import DYNSEC_ADMIN, Account, hash_password, mosquitto_conf, write_files
 from cloud_sync.config import MqttConfig
 
 BINARY = "/usr/sbin/mosquitto"
@@ -109,9 +109,13 @@ class Mosquitto:
         max_inflight_messages: int = 64,
         max_packet_size: int = 4 * 1024 * 1024,
         port: int | None = None,
-        files: tuple[Path, Path] | None = None,
+        files: tuple[Path, Path] | tuple[Path, Path, Path] | None = None,
+        run_as_root: bool = True,
     ) -> None:
-        """`files`: (passwd, acl) maintained by someone else (e.g. `pocketfleet cloud provision`)."""
+        """`files`: (passwd, acl[, dynamic-security file]) maintained by someone else (`pocketfleet cloud
+        provision`). With accounts, devices live in mosquitto's dynamic-security plugin (see broker_files).
+        `run_as_root=False`: a root test lets mosquitto drop to its `mosquitto` user, as the packaged service
+        does (the work folder must then be reachable by that user)."""
         self.binary = require_mosquitto()
         self.dir = Path(workdir) / f"mosquitto-{id(self):x}"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +125,8 @@ class Mosquitto:
         self.external = files is not None
         self.passwd = files[0] if files else self.dir / "passwd" if accounts is not None else None
         self.acl = files[1] if files else self.dir / "acl" if accounts is not None else None
+        self.dynsec = (files[2] if files and len(files) > 2 else None) if files else (
+            self.dir / "dynsec" / "dynamic-security.json" if accounts is not None else None)
         self.log = self.dir / "mosquitto.log"
         self.conf = self.dir / "mosquitto.conf"
         self.persistence = self.dir / "data" if persistence else None
@@ -131,8 +137,8 @@ class Mosquitto:
             mosquitto_conf(
                 self.port, self.passwd, self.acl, tls=self.tls, persistence_dir=self.persistence,
                 max_queued_messages=max_queued_messages, max_inflight_messages=max_inflight_messages,
-                max_packet_size=max_packet_size, log_path=self.log,
-                extra=["user root"] if os.geteuid() == 0 else [],  # else mosquitto drops to 'mosquitto'
+                max_packet_size=max_packet_size, log_path=self.log, dynsec_path=self.dynsec,
+                extra=["user root"] if os.geteuid() == 0 and run_as_root else [],  # else it drops to 'mosquitto'
             )
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -148,15 +154,21 @@ class Mosquitto:
             Account(name, role, hash_password(self.password(name)), group)
             for name, (role, group) in self.accounts.items()
         ]
-        write_files(accounts, self.passwd, self.acl)
+        write_files(accounts, self.passwd, self.acl, self.dynsec, hash_password(self.password(DYNSEC_ADMIN)))
 
     def add_account(self, username: str, role: str = "device", group: str | None = None) -> None:
-        """Add an account and make the running broker reload its password and ACL files (SIGHUP)."""
+        """Add an account and make the running broker reload its password and ACL files (SIGHUP); a device
+        is added to the dynamic-security plugin through its control topic."""
+        from cloud_sync import dynsec
+
         self.accounts[username] = (role, group)
         self._write_accounts()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGHUP)
             time.sleep(0.3)
+            if role == "device":
+                dynsec.apply(self.mqtt_config(), self.password(DYNSEC_ADMIN),
+                             dynsec.device_commands(username, self.password(username)))
 
     def mqtt_config(self, username: str | None = None, **overrides: object) -> MqttConfig:
         cfg = MqttConfig(
