@@ -149,9 +149,8 @@ def _cmd_broker_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_mosquitto_conf(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import ipaddress
+    from pathlib import Path
 
     from cloud_sync.broker_files import broker_owner, mosquitto_conf
     from cloud_sync.errors import ConfigError
