@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -315,19 +316,60 @@ class Cloud:
                     batch.append(self._telemetry.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            while not self._stop.is_set():
-                try:
-                    new = self.registry.add_telemetry_batch([(d, b) for d, b, _ in batch])
-                    break
-                except Exception:  # noqa: BLE001 - not acknowledged: retried here, redelivered if we die
-                    log.exception("telemetry commit failed; retrying")
-                    self._stop.wait(1.0)
-            else:
+            new = self._commit_telemetry(batch)
+            if new is None:
                 return
             self.counters.add("telemetry_stored", new)
-            self.counters.add("telemetry_duplicates", len(batch) - new)
             for _, _, msg in batch:
                 self.client.ack(msg)
+
+    def _commit_telemetry(self, batch: list[tuple[str, dict[str, Any], Message]]) -> int | None:
+        """Store a batch; returns how many records were new (None: stopping with the batch unacknowledged).
+
+        A batch that fails is committed one record at a time: a record SQLite refuses for what it holds
+        (a poison message: it passed validation, it can never be stored) is set aside in the dead-letter
+        table, counted and logged, and then acknowledged like the others, so it is never redelivered.
+        Only an operational error (database locked, disk full) is retried, since it can pass.
+        """
+        while not self._stop.is_set():
+            try:
+                new = self.registry.add_telemetry_batch([(d, b) for d, b, _ in batch])
+                self.counters.add("telemetry_duplicates", len(batch) - new)
+                return new
+            except sqlite3.OperationalError:
+                log.exception("telemetry commit failed; retrying")
+                self._stop.wait(1.0)
+                continue
+            except Exception:  # noqa: BLE001 - one of the records is poison: find it below
+                break
+        else:
+            return None
+        new = 0
+        for device, body, msg in batch:
+            while not self._stop.is_set():
+                try:
+                    added = self.registry.add_telemetry_batch([(device, body)])
+                    new += added
+                    self.counters.add("telemetry_duplicates", 1 - added)
+                    break
+                except sqlite3.OperationalError:
+                    log.exception("telemetry commit failed; retrying")
+                    self._stop.wait(1.0)
+                except Exception as exc:  # noqa: BLE001 - poison: dead-letter, count, log, acknowledge
+                    self._dead_letter(msg, device, f"{type(exc).__name__}: {exc}")
+                    break
+            else:
+                return None
+        return new
+
+    def _dead_letter(self, msg: Message, device: str | None, error: str) -> None:
+        self.counters.add(f"{parse_dev_topic(msg.topic)[1]}_dead_letter")
+        log.warning("message on %s from %s cannot be stored (%s); set aside in dead_letters", msg.topic, device, error)
+        try:
+            self.registry.add_dead_letter(msg.topic, device, msg.payload, error)
+        except Exception:  # noqa: BLE001 - counted and logged above; the message is still acknowledged
+            self.counters.add("dead_letter_errors")
+            log.exception("could not record the dead letter from %s", device)
 
     def _on_request(self, msg: Message) -> None:
         device, body = self._device_msg(msg, ("pf.chunk.request/1",))

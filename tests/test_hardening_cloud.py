@@ -1,0 +1,84 @@
+"""Cloud-worker hardening (issue 12, cases 1, 7 and 10): poison telemetry is set aside and acknowledged,
+chunk requests are rate-limited per device, protocol fields are full-match and bounded."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from cloud_sync.client import MqttClient
+from cloud_sync.cloud import Cloud, CloudConfig, CloudSettings, wait_for
+from cloud_sync.errors import ProtocolError
+from cloud_sync.protocol import check_id, decode, dev_topic, encode, valid_id
+from tests.mosquitto import Mosquitto
+
+ACCOUNTS = {"dev-c": ("device", "lab"), "dev-d": ("device", "lab"), "cloud-1": ("cloud", None)}
+
+
+def _cloud(tmp_path: Path, broker: Mosquitto, **settings: object) -> Cloud:
+    cfg = CloudConfig(cloud=CloudSettings(state_dir=str(tmp_path / "cloud"), worker_id="cloud-1", **settings),
+                      mqtt=broker.mqtt_config("cloud-1"))
+    return Cloud(cfg).start()
+
+
+def _record(i: int, **over: object) -> dict:
+    return {"schema": "pf.outbox/1", "device": "dev-c", "id": i, "kind": "telemetry", "created": 1.7e9,
+            "body": {"n": i}, **over}
+
+
+@pytest.mark.mosquitto
+def test_poison_telemetry_is_dead_lettered_acknowledged_and_never_stops_other_messages(tmp_path: Path) -> None:
+    """Before: `created` = 10**30 raised OverflowError in the registry; the worker retried that batch forever,
+    never acknowledged it, and no later telemetry was stored (nor after a restart)."""
+    with Mosquitto(tmp_path, accounts=dict(ACCOUNTS)) as broker:
+        cloud = _cloud(tmp_path, broker)
+        dev = MqttClient(broker.mqtt_config("dev-c")).start().wait_connected()
+        acks: list[bool] = []
+        poison = [
+            json.dumps(_record(1, created=10**30)).encode(),  # the attack of the report: refused as malformed
+            json.dumps(_record(2, id=2**70)).encode(),
+            # valid JSON and schema, but SQLite cannot store it (lone surrogate): dead-lettered
+            b'{"schema":"pf.outbox/1","device":"dev-c","id":3,"kind":"\\ud800","created":1.0,"body":{}}',
+        ]
+        for raw in poison:
+            dev.publish(dev_topic("dev-c", "telemetry"), raw, on_ack=lambda ok, _: acks.append(ok))
+        for i in range(10, 30):
+            dev.publish(dev_topic("dev-c", "telemetry"), json.dumps(_record(i)).encode(),
+                        on_ack=lambda ok, _: acks.append(ok))
+        wait_for(lambda: len(acks) == 23, 10)
+        wait_for(lambda: cloud.counters.get("telemetry_stored") == 20, 15)
+        wait_for(lambda: cloud.counters.get("telemetry_dead_letter") == 1, 5)
+        counters = cloud.counters()
+        assert counters["malformed"] == 2, counters
+        letters = cloud.registry.dead_letters()
+        assert len(letters) == 1 and "surrogate" in letters[0]["error"] and letters[0]["device"] == "dev-c"
+        time.sleep(0.3)  # the last PUBACKs on the wire
+        cloud.stop()
+        # everything was acknowledged: a restarted worker is given nothing again and keeps working
+        cloud = _cloud(tmp_path, broker)
+        time.sleep(1.0)
+        assert cloud.counters.get("received") == 0, cloud.counters()
+        dev.publish(dev_topic("dev-c", "telemetry"), json.dumps(_record(99)).encode())
+        wait_for(lambda: cloud.counters.get("telemetry_stored") == 1, 10)
+        assert len(cloud.registry.telemetry("dev-c")) == 21
+        dev.stop()
+        cloud.stop()
+
+
+def test_protocol_ids_are_full_match_and_integers_are_bounded() -> None:
+    """Before: `^...$` accepted a trailing newline, and integers of any size passed validation."""
+    assert valid_id("dev-a") and not valid_id("dev-a\n") and not valid_id("dev-a\n\n")
+    with pytest.raises(ProtocolError):
+        check_id("grp\n", "group")
+    with pytest.raises(ProtocolError, match="release_id"):
+        encode("pf.chunk.request/1", release_id="ab" * 8 + "\n", idx=[0])
+    for field, value in (("created", 10**30), ("id", 2**70), ("created", -(2**64))):
+        with pytest.raises(ProtocolError, match=field):
+            decode(json.dumps(_record(1, **{field: value})).encode(), ("pf.outbox/1",))
+    status = {"schema": "pf.status/1", "device": "dev-c", "online": True, "ts": 1.0, "seq": 2**63}
+    with pytest.raises(ProtocolError, match="seq"):
+        decode(json.dumps(status).encode(), ("pf.status/1",))
+    assert decode(json.dumps(_record(1, created=1.7e9)).encode(), ("pf.outbox/1",))["created"] == 1.7e9
