@@ -65,6 +65,8 @@ class CloudSettings:
     chunk_inflight: int = 256
     chunk_ttl_s: int = 600
     recent_s: float = 30.0  # a plain repeat of a request for a chunk sent this recently is a redelivery
+    again_min_s: float = 2.0  # a chunk asked for `again` is sent to a device at most once per this many seconds
+    device_rate_bps: int = 4 << 20  # chunk bytes per second per device (token bucket holding 4 s); 0 = no limit
     lease_s: float = 5.0
 
     def check(self, where: str) -> None:
@@ -198,6 +200,7 @@ class Cloud:
         self._queued: set[tuple[str, str, int]] = set()  # chunks waiting to be sent: repeats are dropped
         self._recent: dict[tuple[str, str, int], float] = {}  # chunks sent lately (request redeliveries)
         self._queued_lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens in bytes, monotonic time)
         self._telemetry: queue.Queue[tuple[str, dict[str, Any], Message]] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -372,20 +375,39 @@ class Cloud:
             log.exception("could not record the dead letter from %s", device)
 
     def _on_request(self, msg: Message) -> None:
+        """Queue the chunks a device asks for, each at most once: repeats within a request, chunks already
+        queued, plain repeats of chunks sent within `recent_s` (redeliveries) and `again` repeats within
+        `again_min_s` are dropped and counted (a device cannot make the cloud send one chunk many times)."""
         device, body = self._device_msg(msg, ("pf.chunk.request/1",))
         rid = body["release_id"]
         now = time.monotonic()
-        window = self.config.cloud.recent_s
+        cfg = self.config.cloud
+        gap = cfg.again_min_s if body.get("again") else cfg.recent_s
+        asked = list(dict.fromkeys(body["idx"][:MAX_REQUEST_IDX]))
         with self._queued_lock:
-            fresh = [i for i in body["idx"][:MAX_REQUEST_IDX] if (device, rid, i) not in self._queued and (
-                body.get("again") or now - self._recent.get((device, rid, i), -window) >= window)]
+            fresh = [i for i in asked if (device, rid, i) not in self._queued
+                     and now - self._recent.get((device, rid, i), -gap) >= gap]
             self._queued.update((device, rid, i) for i in fresh)
             if len(self._recent) > 100_000:
-                self._recent = {k: t for k, t in self._recent.items() if now - t < window}
+                self._recent = {k: t for k, t in self._recent.items() if now - t < max(cfg.recent_s, cfg.again_min_s)}
         if len(fresh) < len(body["idx"]):
             self.counters.add("duplicate_requests", len(body["idx"]) - len(fresh))
         if fresh or body.get("index"):
             self._requests.put((device, {**body, "idx": fresh}))
+
+    def _take(self, device: str, nbytes: int) -> bool:
+        """Per-device token bucket over chunk bytes: False (the chunk is not sent) when the device is over its rate."""
+        rate = self.config.cloud.device_rate_bps
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        tokens, last = self._buckets.get(device, (4.0 * rate, now))
+        tokens = min(4.0 * rate, tokens + (now - last) * rate)
+        if tokens < nbytes:
+            self._buckets[device] = (tokens, now)
+            return False
+        self._buckets[device] = (tokens - nbytes, now)
+        return True
 
     # ------------------------------------------------------------------------------------ chunk service
 
@@ -395,8 +417,9 @@ class Cloud:
             if item is None:
                 return
             device, req = item
+            sent: list[int] = []
             try:
-                self._answer(device, req)
+                self._answer(device, req, sent)
             except Exception:  # noqa: BLE001 - a bad request must not stop the service
                 self.counters.add("request_errors")
                 log.exception("chunk request from %s failed", device)
@@ -404,11 +427,11 @@ class Cloud:
                 now = time.monotonic()
                 with self._queued_lock:
                     for i in req["idx"]:
-                        key = (device, req["release_id"], i)
-                        self._queued.discard(key)
-                        self._recent[key] = now
+                        self._queued.discard((device, req["release_id"], i))
+                    for i in sent:
+                        self._recent[(device, req["release_id"], i)] = now
 
-    def _answer(self, device: str, req: dict[str, Any]) -> None:
+    def _answer(self, device: str, req: dict[str, Any], sent: list[int]) -> None:
         rid = req["release_id"]
         if (device, rid) not in self._allowed:
             if not self.registry.device_release_allowed(device, rid):
@@ -425,17 +448,26 @@ class Cloud:
         ttl = self.config.cloud.chunk_ttl_s
         if req.get("index"):
             self.client.publish(topic, encode_frame(FRAME_INDEX, rid, 0, 0, index_raw), qos=1, expiry_s=ttl)
+        limited = 0
         for i in req["idx"][:MAX_REQUEST_IDX]:
             if i >= len(offsets):
                 self.counters.add("requests_refused")
+                continue
+            if not self._take(device, sizes[i]):
+                limited += 1
                 continue
             data = os.pread(fd, sizes[i], offsets[i])
             if self.chunk_filter is not None:
                 data = self.chunk_filter(rid, i, data)
             self.client.wait_capacity(self.config.cloud.chunk_inflight, timeout=30)
             self.client.publish(topic, encode_frame(FRAME_CHUNK, rid, i, offsets[i], data), qos=1, expiry_s=ttl)
+            sent.append(i)
             self.counters.add("chunks_sent")
             self.counters.add("chunk_bytes_sent", len(data))
+        if limited:
+            self.counters.add("chunks_rate_limited", limited)
+            log.warning("device %s is over its chunk rate (%d B/s): %d chunk(s) not sent", device,
+                        self.config.cloud.device_rate_bps, limited)
 
     # ---------------------------------------------------------------------------------------- controller
 

@@ -82,3 +82,72 @@ def test_protocol_ids_are_full_match_and_integers_are_bounded() -> None:
     with pytest.raises(ProtocolError, match="seq"):
         decode(json.dumps(status).encode(), ("pf.status/1",))
     assert decode(json.dumps(_record(1, created=1.7e9)).encode(), ("pf.outbox/1",))["created"] == 1.7e9
+
+
+@pytest.mark.mosquitto
+def test_repeated_again_chunk_requests_do_not_amplify(tmp_path: Path) -> None:
+    """Before: 20 requests with `again: true` and 64 indexes (6.7 KB) brought back 5.6 MB (838x)."""
+    from cloud_sync.fleet import make_digits_package
+    from cloud_sync.releases import create_release
+    from export.signing import generate_keys, load_trust
+
+    keys = tmp_path / "keys"
+    generate_keys(keys)
+    pkg = make_digits_package(tmp_path / "v1.pfpkg", 1, keys / "pocketfleet.key")
+    with Mosquitto(tmp_path, accounts=dict(ACCOUNTS)) as broker:
+        cloud = _cloud(tmp_path, broker)
+        cloud.registry.ensure_device("dev-c", "lab")
+        rel = create_release(cloud.registry, cloud.config.artifacts_dir, pkg, "lab",
+                             load_trust(keys / "pocketfleet.pub"), canary=0)
+        size, chunks = rel["size"], rel["chunks"]
+        got: list[int] = []
+        dev = MqttClient(broker.mqtt_config("dev-c"))
+        dev.subscribe(dev_topic("dev-c", "chunk"), lambda m: got.append(len(m.payload)), qos=1)
+        dev.start().wait_connected()
+        idx = [i % chunks for i in range(64)]  # every chunk, several times over, in each request
+        request = encode("pf.chunk.request/1", release_id=rel["release_id"], idx=idx, again=True)
+        sent = 0
+        for _ in range(20):
+            dev.publish(dev_topic("dev-c", "req"), request)
+            sent += len(request)
+        wait_for(lambda: cloud.counters.get("duplicate_requests") >= 20 * 64 - chunks, 10)
+        time.sleep(1.0)
+        received = sum(got)
+        assert received <= 1.2 * size + 32 * chunks, (received, size, sent)  # each chunk once, not 20x
+        assert cloud.counters.get("chunks_sent") == chunks
+        # a genuine retry (again, a little later) is still answered
+        time.sleep(cloud.config.cloud.again_min_s)
+        dev.publish(dev_topic("dev-c", "req"), encode("pf.chunk.request/1", release_id=rel["release_id"], idx=[0],
+                                                      again=True))
+        wait_for(lambda: cloud.counters.get("chunks_sent") == chunks + 1, 10)
+        dev.stop()
+        cloud.stop()
+
+
+@pytest.mark.mosquitto
+def test_a_device_over_its_chunk_rate_is_throttled(tmp_path: Path) -> None:
+    from cloud_sync.fleet import make_digits_package
+    from cloud_sync.releases import create_release
+    from export.signing import generate_keys, load_trust
+
+    keys = tmp_path / "keys"
+    generate_keys(keys)
+    pkg = make_digits_package(tmp_path / "v1.pfpkg", 1, keys / "pocketfleet.key")
+    with Mosquitto(tmp_path, accounts=dict(ACCOUNTS)) as broker:
+        cloud = _cloud(tmp_path, broker, device_rate_bps=8192, again_min_s=0.0)
+        cloud.registry.ensure_device("dev-c", "lab")
+        rel = create_release(cloud.registry, cloud.config.artifacts_dir, pkg, "lab",
+                             load_trust(keys / "pocketfleet.pub"), canary=0)
+        dev = MqttClient(broker.mqtt_config("dev-c")).start().wait_connected()
+        request = encode("pf.chunk.request/1", release_id=rel["release_id"], idx=list(range(rel["chunks"])),
+                         again=True)
+        t0 = time.monotonic()
+        for _ in range(10):
+            dev.publish(dev_topic("dev-c", "req"), request)
+            time.sleep(0.05)
+        wait_for(lambda: cloud.counters.get("chunks_rate_limited") > 0, 10)
+        time.sleep(0.5)
+        elapsed = time.monotonic() - t0
+        assert cloud.counters.get("chunk_bytes_sent") <= 4 * 8192 + elapsed * 8192 + 70_000  # burst + rate + 1 chunk
+        dev.stop()
+        cloud.stop()
