@@ -38,7 +38,8 @@ _EXPORTS = {
     "FAULT_POINTS": "edge_agent.faults:POINTS",
     "swap_under_load": "edge_agent.demo",
 }
-_ERRORS = ["AgentError", "ConfigError", "StoreError", "DowngradeError", "HealthCheckError", "OutboxFullError", "RequestError"]
+_ERRORS = ["AgentError", "ConfigError", "StoreError", "DowngradeError", "HealthCheckError", "OutboxFullError", "RequestError",
+           "TrustConfigError", "VersionConflictError"]
 _EXPORTS.update({name: "edge_agent.errors" for name in _ERRORS})
 
 __all__ = sorted(_EXPORTS)

@@ -113,7 +113,23 @@ def _notify(config: Any, want: dict[str, int]) -> dict[str, Any] | None:
             result["serving"] = served
     except PocketfleetError as exc:
         result["error"] = str(exc)
+    if result.get("serving") is not None and any(result["serving"].get(n) != v for n, v in want.items()):
+        failed = [f"{f['model']} v{f['version']}: {f['error']}" for f in (result.get("reload") or {}).get("failed", [])]
+        result["error"] = "; ".join(failed) or "it did not switch within 30 s"
     return result
+
+
+def _check_served(agent: dict[str, Any] | None, want: dict[str, int]) -> None:
+    """Exit non-zero when a running agent does not end up serving what was installed (and say why)."""
+    from edge_agent.errors import AgentError
+
+    if agent is None:
+        return  # no agent runs on this state directory: it serves the version when it starts
+    serving = agent.get("serving")
+    if serving is None or any(serving.get(n) != v for n, v in want.items()):
+        wanted = ", ".join(f"{n} v{v}" for n, v in want.items())
+        raise AgentError(f"the running agent (pid {agent.get('pid')}) does not serve {wanted}: it serves "
+                         f"{serving if serving is not None else 'nothing we could see'} ({agent.get('error', 'no answer')})")
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -133,6 +149,8 @@ def _install(args: argparse.Namespace) -> int:
         return line
 
     emit(out, args.json, render)
+    if not args.no_activate:
+        _check_served(out["agent"], {res.name: res.version})
     return 0
 
 
@@ -143,6 +161,7 @@ def _rollback(args: argparse.Namespace) -> int:
     out = _store(config, must_exist=True).rollback(args.model, args.to)
     out["agent"] = _notify(config, {out["model"]: out["version"]})
     emit(out, args.json, lambda r: f"rolled back {r['model']}: v{r['previous']} -> v{r['version']}")
+    _check_served(out["agent"], {out["model"]: out["version"]})
     return 0
 
 
