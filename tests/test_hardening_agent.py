@@ -4,6 +4,7 @@ bytes, 400 instead of 500, `agent install` that must see the agent serve, the MQ
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -15,7 +16,6 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edge_agent import codec
@@ -184,10 +184,8 @@ def test_idle_and_trickling_connections_do_not_lock_clients_out(tmp_path: Path, 
         def trickle() -> None:
             while not stop.wait(0.3):
                 for s in socks:
-                    try:
+                    with contextlib.suppress(OSError):
                         s.send(b"a")
-                    except OSError:
-                        pass
 
         t = threading.Thread(target=trickle, daemon=True)
         t.start()
@@ -230,8 +228,8 @@ def test_a_deleted_state_json_is_rebuilt_from_the_versions_on_disk(tmp_path: Pat
 
 def test_the_same_version_with_other_bytes_is_refused(tmp_path: Path, packages: Packages) -> None:
     """Before: after a rollback from v3, a different v3 reported "resumed" and re-activated the old v3 bytes."""
-    from export import Samples, build_package
     from edge_agent.runtimes import load_runtime
+    from export import Samples, build_package
 
     state = tmp_path / "state"
     store = ModelStore(state, packages.public_key)
