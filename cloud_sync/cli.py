@@ -77,6 +77,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _config_arg(prov)
     add_json_flag(prov)
     prov.set_defaults(func=_cmd_provision)
+    cnt = csub.add_parser("counters", help="each worker's counters (received, malformed, dead letters, refused ...)",
+                          description="What every cloud worker counted (saved by the worker every 2 s and when it "
+                          "stops): messages received, malformed, dead-lettered, duplicate or rate-limited chunk "
+                          "requests, refused publishes, ... and the dead letters kept in the registry.")
+    _config_arg(cnt)
+    add_json_flag(cnt)
+    cnt.set_defaults(func=_cmd_counters)
     devs = csub.add_parser("devices", help="list the fleet registry (presence, versions, last seen)")
     devs.add_argument("--group")
     _config_arg(devs)
@@ -232,6 +239,40 @@ def _cmd_provision(args: argparse.Namespace) -> int:
         return "\n".join(lines)
 
     emit(result, args.json, render)
+    return 0
+
+
+def _cmd_counters(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    config = _load(args)
+    workers = []
+    for path in sorted((config.state_dir / "workers").glob("*.json")):
+        try:
+            workers.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    registry = config.open_registry()
+    try:
+        letters = [{"ts": r["ts"], "topic": r["topic"], "device": r["device"], "error": r["error"]}
+                   for r in registry.dead_letters(20)]
+        total = registry.query("SELECT COUNT(*) AS n FROM dead_letters")[0]["n"]
+    finally:
+        registry.close()
+    out = {"workers": workers, "dead_letters": total, "recent_dead_letters": letters}
+
+    def render(r: dict[str, Any]) -> str:
+        names = sorted({k for w in r["workers"] for k in w["counters"]})
+        rows = [{"counter": k, **{w["worker"]: w["counters"].get(k, 0) for w in r["workers"]}} for k in names]
+        head = [f"{w['worker']}: {'connected' if w['connected'] else 'DISCONNECTED'}"
+                f"{', leader' if w['leader'] else ''}, saved {round(time.time() - w['ts'], 1)} s ago"
+                for w in r["workers"]] or ["no worker has saved counters yet"]
+        lines = head + ([table(rows)] if rows else []) + [f"dead letters: {r['dead_letters']}"]
+        lines += [f"  {d['device']} {d['topic']}: {d['error']}" for d in r["recent_dead_letters"][:5]]
+        return "\n".join(lines)
+
+    emit(out, args.json, render)
     return 0
 
 

@@ -21,6 +21,8 @@ cloud.toml:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import queue
@@ -226,6 +228,20 @@ class Cloud:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
+    @property
+    def counters_path(self) -> Path:
+        return self.config.state_dir / "workers" / f"{self.config.cloud.worker_id}.json"
+
+    def write_counters(self) -> None:
+        """Save this worker's counters (received, malformed, dead letters, ...) for `pocketfleet cloud counters`."""
+        doc = {"worker": self.config.cloud.worker_id, "pid": os.getpid(), "ts": time.time(),
+               "connected": self.client.connected, "leader": self.is_leader, "counters": self.counters()}
+        path = self.counters_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc, sort_keys=True))
+        os.replace(tmp, path)
+
     def start(self, wait_s: float | None = 10.0) -> Cloud:
         """Connect and start the threads; with wait_s=None it does not wait for the broker (it keeps trying)."""
         self.client.start()
@@ -246,6 +262,9 @@ class Cloud:
             t.join(10)
         if self.is_leader:
             self.registry.release_lease(LEASE, self.config.cloud.worker_id)
+        with contextlib.suppress(OSError):
+            self.write_counters()
+        log.info("worker %s counters: %s", self.config.cloud.worker_id, json.dumps(self.counters(), sort_keys=True))
         self.client.stop()
         self._artifacts.close()
         self.registry.close()
@@ -476,7 +495,14 @@ class Cloud:
 
     def _control_loop(self) -> None:
         cfg = self.config
+        saved = 0.0
         while not self._stop.is_set():
+            if time.monotonic() - saved >= 2.0:
+                saved = time.monotonic()
+                try:
+                    self.write_counters()
+                except OSError:
+                    log.exception("could not save the counters")
             try:
                 self.is_leader = self.registry.try_lease(LEASE, cfg.cloud.worker_id, cfg.cloud.lease_s)
                 if self.is_leader and self.client.connected:

@@ -4,6 +4,8 @@ chunk requests are rate-limited per device, protocol fields are full-match and b
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +68,14 @@ def test_poison_telemetry_is_dead_lettered_acknowledged_and_never_stops_other_me
         assert len(cloud.registry.telemetry("dev-c")) == 21
         dev.stop()
         cloud.stop()
+    # what the worker counted is visible from the command line
+    toml = tmp_path / "cloud.toml"
+    toml.write_text(f'[cloud]\nstate_dir = "{tmp_path / "cloud"}"\nworker_id = "cloud-1"\n')
+    out = subprocess.run([str(Path(sys.executable).parent / "pocketfleet"), "cloud", "counters", "--config", str(toml),
+                          "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["dead_letters"] == 1 and shown["workers"][0]["counters"]["telemetry_stored"] == 1
 
 
 def test_protocol_ids_are_full_match_and_integers_are_bounded() -> None:
