@@ -65,6 +65,7 @@ _ERRORS = [
     "FileMismatchError",
     "UnsafePathError",
     "OversizeError",
+    "DowngradeError",
 ]
 _EXPORTS.update({name: "export.errors" for name in _ERRORS})
 

@@ -97,9 +97,9 @@ def test_protocol_ids_are_full_match_and_integers_are_bounded() -> None:
 @pytest.mark.mosquitto
 def test_repeated_again_chunk_requests_do_not_amplify(tmp_path: Path) -> None:
     """Before: 20 requests with `again: true` and 64 indexes (6.7 KB) brought back 5.6 MB (838x)."""
-    from cloud_sync.fleet import make_digits_package
     from cloud_sync.releases import create_release
     from export.signing import generate_keys, load_trust
+    from pocketfleet.sim.fleet import make_digits_package
 
     keys = tmp_path / "keys"
     generate_keys(keys)
@@ -136,9 +136,9 @@ def test_repeated_again_chunk_requests_do_not_amplify(tmp_path: Path) -> None:
 
 @pytest.mark.mosquitto
 def test_a_device_over_its_chunk_rate_is_throttled(tmp_path: Path) -> None:
-    from cloud_sync.fleet import make_digits_package
     from cloud_sync.releases import create_release
     from export.signing import generate_keys, load_trust
+    from pocketfleet.sim.fleet import make_digits_package
 
     keys = tmp_path / "keys"
     generate_keys(keys)
