@@ -11,6 +11,7 @@ binary FAILS the test (CI installs it); elsewhere the test is skipped.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import ipaddress
 import os
@@ -18,12 +19,20 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from cloud_sync.broker_files import DYNSEC_ADMIN, Account, hash_password, mosquitto_conf, write_files
+from cloud_sync.broker_files import (
+    DYNSEC_ADMIN,
+    Account,
+    broker_owner,
+    hash_password,
+    mosquitto_conf,
+    write_files,
+)
 from cloud_sync.config import MqttConfig
 
 BINARY = "/usr/sbin/mosquitto"
@@ -110,15 +119,25 @@ class Mosquitto:
         max_packet_size: int = 4 * 1024 * 1024,
         port: int | None = None,
         files: tuple[Path, Path] | tuple[Path, Path, Path] | None = None,
-        run_as_root: bool = True,
+        run_as_root: bool | None = None,
     ) -> None:
         """`files`: (passwd, acl[, dynamic-security file]) maintained by someone else (`pocketfleet cloud
         provision`). With accounts, devices live in mosquitto's dynamic-security plugin (see broker_files).
-        `run_as_root=False`: a root test lets mosquitto drop to its `mosquitto` user, as the packaged service
-        does (the work folder must then be reachable by that user)."""
+
+        A root test runs mosquitto as the packaged service does: it drops to the `mosquitto` user, so the
+        broker's folder is made under /tmp (pytest's tmp_path is not reachable by that user) and given to
+        it. Only with `files` kept elsewhere (or `run_as_root=True`) does the config say `user root`."""
         self.binary = require_mosquitto()
-        self.dir = Path(workdir) / f"mosquitto-{id(self):x}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.run_as_root = (files is not None) if run_as_root is None else run_as_root
+        self.owner = broker_owner() if not self.run_as_root else None
+        if self.owner is not None:
+            self.dir = Path(tempfile.mkdtemp(prefix="pf-mosquitto-", dir="/tmp"))
+            self.dir.chmod(0o755)
+            os.chown(self.dir, *self.owner)
+            atexit.register(shutil.rmtree, self.dir, True)
+        else:
+            self.dir = Path(workdir) / f"mosquitto-{id(self):x}"
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.accounts = dict(accounts or {})
         self.tls = make_tls(self.dir / "tls") if tls else None
@@ -132,13 +151,17 @@ class Mosquitto:
         self.persistence = self.dir / "data" if persistence else None
         if self.persistence:
             self.persistence.mkdir(exist_ok=True)
+        if self.owner is not None:
+            for path in [p for p in (self.persistence,) if p] + ([self.dir / "tls", *self.dir.glob("tls/*")]
+                                                               if self.tls else []):
+                os.chown(path, *self.owner)
         self._write_accounts()
         self.conf.write_text(
             mosquitto_conf(
                 self.port, self.passwd, self.acl, tls=self.tls, persistence_dir=self.persistence,
                 max_queued_messages=max_queued_messages, max_inflight_messages=max_inflight_messages,
                 max_packet_size=max_packet_size, log_path=self.log, dynsec_path=self.dynsec,
-                extra=["user root"] if os.geteuid() == 0 and run_as_root else [],  # else it drops to 'mosquitto'
+                extra=["user root"] if os.geteuid() == 0 and self.run_as_root else [],  # else: drops to 'mosquitto'
             )
         )
         self.proc: subprocess.Popen[bytes] | None = None
