@@ -13,6 +13,8 @@ cloud.toml:
     trust = "keys/pocketfleet.pub"     # releases must verify against these keys
     shared_group = "pfcloud"           # "" = plain subscriptions (single worker, MQTT 3.1.1 brokers)
     auto_register = false              # accept devices that announce a group without being provisioned
+    again_min_s = 2.0                  # chunk requests: an `again` repeat of a chunk at most once per 2 s
+    device_rate_bps = 4194304          # ... and at most this many chunk bytes per second per device
     [mqtt]                             # cloud_sync.config.MqttConfig
     [rollout]                          # cloud_sync.rollout.RolloutConfig
     [broker]                           # files `cloud provision` maintains, and the broker to reload
