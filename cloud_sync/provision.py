@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.broker_files import Account, admin_password, hash_password, new_password, write_files
+from cloud_sync.broker_files import DYNSEC_ADMIN, Account, admin_password, hash_password, new_password, write_files
 from cloud_sync.cloud import CloudConfig
 from cloud_sync.errors import ConfigError
 from cloud_sync.protocol import check_id
@@ -77,6 +77,8 @@ def provision(config: CloudConfig, name: str, group: str | None, out_dir: str | 
               role: str = "device", reload_broker: bool = True, allow_role_change: bool = False) -> dict[str, Any]:
     """Create or renew the account `name`; returns what was written (never the password itself)."""
     check_id(name, "device id" if role == "device" else "worker id")
+    if name == DYNSEC_ADMIN:
+        raise ConfigError(f"{name!r} is reserved for the broker's dynamic-security administrator")
     if role == "device":
         if not group:
             raise ConfigError("--group is required for a device")
