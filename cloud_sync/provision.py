@@ -16,7 +16,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.broker_files import DYNSEC_ADMIN, Account, admin_password, hash_password, new_password, write_files
+from cloud_sync.broker_files import (
+    DYNSEC_ADMIN,
+    Account,
+    admin_password,
+    hash_password,
+    new_password,
+    write_files,
+)
 from cloud_sync.cloud import CloudConfig
 from cloud_sync.errors import ConfigError
 from cloud_sync.protocol import check_id
