@@ -228,8 +228,8 @@ def test_a_deleted_state_json_is_rebuilt_from_the_versions_on_disk(tmp_path: Pat
 
 def test_the_same_version_with_other_bytes_is_refused(tmp_path: Path, packages: Packages) -> None:
     """Before: after a rollback from v3, a different v3 reported "resumed" and re-activated the old v3 bytes."""
-    from edge_agent.runtimes import load_runtime
     from export import Samples, build_package
+    from export.runtimes import load_runtime
 
     state = tmp_path / "state"
     store = ModelStore(state, packages.public_key)
