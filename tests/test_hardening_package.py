@@ -74,7 +74,17 @@ def test_member_paths_and_names_are_full_match() -> None:
         assert not safe_member_path(bad), bad
 
 
-def test_crafted_packages_exit_4_with_one_line_everywhere(packages: Packages, tmp_path: Path) -> None:
+def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """`pocketfleet ARGV` in this process (a traceback would fail the test as an exception)."""
+    from pocketfleet.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_crafted_packages_exit_4_with_one_line_everywhere(packages: Packages, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """Before: tracebacks (RuntimeError 'File is encrypted', RecursionError, OverflowError) and a version 2**64
     or a name ending in a newline that installed."""
     crafted = _crafted(packages, tmp_path)
@@ -83,13 +93,21 @@ def test_crafted_packages_exit_4_with_one_line_everywhere(packages: Packages, tm
     failures = []
     for case, pkg in crafted.items():
         runs = {
-            "verify": cli("verify", str(pkg), "--trust", packages.public_key),
-            "inspect": cli("inspect", str(pkg), "--trust", packages.public_key),
-            "install": cli("agent", "install", str(pkg), "--state-dir", str(tmp_path / f"state-{pkg.stem}"),
-                           "--trust", packages.public_key),
-            "release": cli("release", str(pkg), "--group", "lab", "--config", str(cloud)),
+            "verify": ("verify", str(pkg), "--trust", packages.public_key),
+            "inspect": ("inspect", str(pkg), "--trust", packages.public_key),
+            "install": ("agent", "install", str(pkg), "--state-dir", str(tmp_path / f"state-{pkg.stem}"),
+                        "--trust", packages.public_key),
+            "release": ("release", str(pkg), "--group", "lab", "--config", str(cloud)),
         }
-        for command, out in runs.items():
-            if out.returncode != 4 or "Traceback" in out.stderr or len(out.stderr.strip().splitlines()) != 1:
-                failures.append((case, command, out.returncode, out.stderr.strip()[-300:]))
+        for command, argv in runs.items():
+            try:
+                code, err = _main(capsys, *argv)
+            except Exception as exc:  # noqa: BLE001 - what the user would have seen as a traceback
+                failures.append((case, command, "traceback", repr(exc)[:200]))
+                continue
+            if code != 4 or len(err.strip().splitlines()) != 1:
+                failures.append((case, command, code, err.strip()[-300:]))
     assert failures == [], failures
+    # and in a fresh process, as a user runs it: one line, exit 4
+    out = cli("verify", str(crafted["encrypted flag"]), "--trust", packages.public_key)
+    assert out.returncode == 4 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
