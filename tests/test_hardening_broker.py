@@ -8,7 +8,6 @@ import os
 import pwd
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,11 +72,19 @@ def test_a_device_cannot_join_the_clouds_shared_group(tmp_path: Path, leaf: str)
 
 
 def _cli(cfg: Path, *argv: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run([str(Path(sys.executable).parent / "pocketfleet"), *argv, "--config", str(cfg), "--json"],
-                         capture_output=True, text=True, timeout=60)
+    """`pocketfleet ARGV --config CFG --json` in this process (what a subprocess would print and return)."""
+    import contextlib
+    import io
+
+    from pocketfleet.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*argv, "--config", str(cfg), "--json"])
+    done = subprocess.CompletedProcess(["pocketfleet", *argv], code, out.getvalue(), err.getvalue())
     if ok:
-        assert out.returncode == 0, out.stderr
-    return out
+        assert code == 0, done.stderr
+    return done
 
 
 def test_provision_refuses_to_change_an_accounts_role_without_the_flag(tmp_path: Path) -> None:

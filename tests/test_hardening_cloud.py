@@ -20,6 +20,17 @@ from tests.mosquitto import Mosquitto
 ACCOUNTS = {"dev-c": ("device", "lab"), "dev-d": ("device", "lab"), "cloud-1": ("cloud", None)}
 
 
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(keys folder, a signed digits package), made once for the module."""
+    from export.signing import generate_keys
+    from pocketfleet.sim.fleet import make_digits_package
+
+    keys = tmp_path_factory.mktemp("keys")
+    generate_keys(keys)
+    return keys, make_digits_package(keys / "v1.pfpkg", 1, keys / "pocketfleet.key")
+
+
 def _cloud(tmp_path: Path, broker: Mosquitto, **settings: object) -> Cloud:
     cfg = CloudConfig(cloud=CloudSettings(state_dir=str(tmp_path / "cloud"), worker_id="cloud-1", **settings),
                       mqtt=broker.mqtt_config("cloud-1"))
@@ -95,15 +106,12 @@ def test_protocol_ids_are_full_match_and_integers_are_bounded() -> None:
 
 
 @pytest.mark.mosquitto
-def test_repeated_again_chunk_requests_do_not_amplify(tmp_path: Path) -> None:
+def test_repeated_again_chunk_requests_do_not_amplify(tmp_path: Path, signed: tuple[Path, Path]) -> None:
     """Before: 20 requests with `again: true` and 64 indexes (6.7 KB) brought back 5.6 MB (838x)."""
     from cloud_sync.releases import create_release
-    from export.signing import generate_keys, load_trust
-    from pocketfleet.sim.fleet import make_digits_package
+    from export.signing import load_trust
 
-    keys = tmp_path / "keys"
-    generate_keys(keys)
-    pkg = make_digits_package(tmp_path / "v1.pfpkg", 1, keys / "pocketfleet.key")
+    keys, pkg = signed
     with Mosquitto(tmp_path, accounts=dict(ACCOUNTS)) as broker:
         cloud = _cloud(tmp_path, broker)
         cloud.registry.ensure_device("dev-c", "lab")
@@ -135,14 +143,11 @@ def test_repeated_again_chunk_requests_do_not_amplify(tmp_path: Path) -> None:
 
 
 @pytest.mark.mosquitto
-def test_a_device_over_its_chunk_rate_is_throttled(tmp_path: Path) -> None:
+def test_a_device_over_its_chunk_rate_is_throttled(tmp_path: Path, signed: tuple[Path, Path]) -> None:
     from cloud_sync.releases import create_release
-    from export.signing import generate_keys, load_trust
-    from pocketfleet.sim.fleet import make_digits_package
+    from export.signing import load_trust
 
-    keys = tmp_path / "keys"
-    generate_keys(keys)
-    pkg = make_digits_package(tmp_path / "v1.pfpkg", 1, keys / "pocketfleet.key")
+    keys, pkg = signed
     with Mosquitto(tmp_path, accounts=dict(ACCOUNTS)) as broker:
         cloud = _cloud(tmp_path, broker, device_rate_bps=8192, again_min_s=0.0)
         cloud.registry.ensure_device("dev-c", "lab")
