@@ -131,7 +131,7 @@ class ModelStore:
         try:
             data = json.loads(self.state_path.read_text())
         except FileNotFoundError:
-            if self.names():  # versions on disk but no state: deleted, not new (recover() rebuilds it)
+            if any(self.installed(n) for n in self.names()):  # versions but no state: deleted (recover() rebuilds)
                 raise StoreError(f"{self.state_path} is missing while {self.versions} holds versions") from None
             return {}
         except (OSError, ValueError) as exc:
