@@ -53,6 +53,7 @@ from cloud_sync.protocol import (
 )
 from cloud_sync.registry import Registry, Release
 from cloud_sync.rollout import RolloutConfig, RolloutController
+from pocketfleet.fs import atomic_write_json
 
 log = logging.getLogger("pocketfleet.cloud")
 
@@ -238,11 +239,7 @@ class Cloud:
         """Save this worker's counters (received, malformed, dead letters, ...) for `pocketfleet cloud counters`."""
         doc = {"worker": self.config.cloud.worker_id, "pid": os.getpid(), "ts": time.time(),
                "connected": self.client.connected, "leader": self.is_leader, "counters": self.counters()}
-        path = self.counters_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_json(self.counters_path, doc)
 
     def start(self, wait_s: float | None = 10.0) -> Cloud:
         """Connect and start the threads; with wait_s=None it does not wait for the broker (it keeps trying)."""
