@@ -23,6 +23,7 @@ percentiles of the merged requests (the agents send percentiles, not histograms)
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
 import time
@@ -48,6 +49,7 @@ CREATE INDEX IF NOT EXISTS telemetry_received ON telemetry(received);
 """
 
 TELEMETRY_SCHEMA = "pf.telemetry/1"
+log = logging.getLogger("pocketfleet.telemetry")
 
 
 @dataclass
@@ -122,6 +124,7 @@ class Rollups:
         ensure_schema(registry)
         self._last_prune = 0.0
         self._frozen: dict[str, Prepared] = {}  # references that reached reference_samples never change
+        self.fold_errors = 0
 
     # ------------------------------------------------------------------------------------------ ingest
 
@@ -165,7 +168,20 @@ class Rollups:
         return prepared
 
     def fold(self, db: sqlite3.Connection, device: str, msg: dict[str, Any], now: float) -> None:
-        """Fold one newly stored outbox record (inside the storing transaction); non-telemetry is ignored."""
+        """Fold one newly stored outbox record (inside the storing transaction); non-telemetry is ignored.
+
+        A record the rollups cannot fold is still stored: its partial rollup writes are undone (a
+        savepoint), it is counted in `fold_errors` and logged, never raised into the storing transaction."""
+        db.execute("SAVEPOINT rollup_fold")
+        try:
+            self._fold(db, device, msg, now)
+        except Exception:  # noqa: BLE001 - the record itself is fine: keep it, skip its rollup
+            db.execute("ROLLBACK TO rollup_fold")
+            self.fold_errors += 1
+            log.exception("telemetry record %s of %s not rolled up", msg.get("id"), device)
+        db.execute("RELEASE rollup_fold")
+
+    def _fold(self, db: sqlite3.Connection, device: str, msg: dict[str, Any], now: float) -> None:
         body = msg.get("body")
         if msg.get("kind") != "telemetry" or not isinstance(body, dict) or body.get("schema") != TELEMETRY_SCHEMA:
             return
