@@ -138,3 +138,14 @@ def test_cloud_status_devices_and_telemetry_commands_show_the_live_fleet(tmp_pat
             assert "dev-000" in cli("cloud", "devices")  # type: ignore[operator]
         finally:
             fleet.stop()
+
+
+def test_a_record_the_rollups_cannot_fold_is_still_stored(reg: Registry) -> None:
+    roll = Rollups(reg)
+    bad = _rec(1, "a", 1, 10, 0, 1, 2)
+    bad["body"]["model"]["version"] = 10**30  # SQLite cannot hold it: the rollup upsert fails
+    good = _rec(2, "a", 1, 10, 0, 1, 2)
+    assert reg.add_telemetry_batch([("a", bad), ("a", good)], on_new=roll.fold) == 2
+    assert roll.fold_errors == 1
+    assert sorted(r["record_id"] for r in reg.telemetry()) == ["1", "2"]
+    assert [(r["version"], r["requests"]) for r in summary(reg, 600)] == [(1, 10)]
