@@ -188,7 +188,7 @@ def mosquitto_conf(
     host: str = "127.0.0.1",
     tls: tuple[Path, Path, Path] | None = None,
     persistence_dir: Path | None = None,
-    max_queued_messages: int = 100_000,
+    max_queued_messages: int = 0,
     max_inflight_messages: int = 64,
     max_packet_size: int = 4 * 1024 * 1024,
     log_path: Path | None = None,
@@ -198,9 +198,16 @@ def mosquitto_conf(
 ) -> str:
     """A mosquitto 2.x config for a pocketfleet broker.
 
-    `max_queued_messages` is raised from mosquitto's default of 1000, which silently drops QoS 1
-    messages for a slow subscriber (the cloud during a burst, or an offline device's queued commands).
+    `max_queued_messages` 0 (and `max_queued_bytes` 0) means no limit: mosquitto's default of 1000, or any
+    limit, silently drops QoS 1 messages for a slow subscriber once its queue is full - telemetry the broker
+    has already acknowledged to the device (which then deleted it from its outbox). mosquitto has no
+    per-client queue limit, so the only setting under which the cloud's shared-subscription sessions never
+    lose acknowledged data is no limit; back-pressure is the cloud's flow control instead (MQTT 5 receive
+    maximum plus acknowledging telemetry only after its commit), and the bound is the broker's memory
+    (measured ~1 KB per queued telemetry record, docs/scale.md). A limit > 0 trades that loss for memory.
     """
+    if max_queued_messages < 0:
+        raise ValueError("max_queued_messages must be >= 0 (0: no limit, never drop)")
     lines = [
         "per_listener_settings false",
         f"listener {port} {host}",
