@@ -264,7 +264,8 @@ def full_runner(spec_path: str) -> None:
         cfg = DeviceConfig(device_id=d, state_dir=str(state), trust=spec["trust"], group=GROUP, mqtt=mqtt,
                            ota=OtaSettings(window=16, chunk_timeout_s=20.0))
         link = DeviceLink(cfg, store=store, install_slots=slots)
-        served[d] = DeviceTraffic(d, store, state, traffic, inputs, seed=i).start(link.sink)
+        if traffic.rate_hz > 0:  # 0: rollout-only devices (the lightest full device: link + store, no serving)
+            served[d] = DeviceTraffic(d, store, state, traffic, inputs, seed=i).start(link.sink)
         links[d] = link.start()
     deadline = time.monotonic() + 300
     while not all(link.client.connected for link in links.values()) and time.monotonic() < deadline:
@@ -276,7 +277,8 @@ def full_runner(spec_path: str) -> None:
         "rss_mb": proc_stats(os.getpid())["rss_mb"], "cpu_s": proc_stats(os.getpid())["cpu_s"],
         "devices": len(links), "served": sum(t.served for t in served.values())}))
     for d in links:
-        served[d].stop()
+        if d in served:
+            served[d].stop()
         links[d].stop()
 
 
@@ -498,7 +500,8 @@ def wait_rollout(reg: Any, rollout_id: str, timeout: float, states: tuple[str, .
         time.sleep(0.5)
 
 
-def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: list[str]) -> dict[str, Any]:
+def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: list[str],
+                  traffic_hz: float = 1.0) -> dict[str, Any]:
     from cloud_sync.releases import create_release
     from cloud_sync.staged import parse_rate, parse_stages
     from pocketfleet.sim.fleet import make_digits_package
@@ -518,15 +521,17 @@ def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: 
     t0 = time.monotonic()
     runners = Procs(work, "full", devices, procs, {
         "port": broker.port, "root": str(work / "devices"), "trust": str(trust), "seed": str(v1),
-        "traffic": {"rate_hz": 1.0, "telemetry_interval_s": 2.0, "drain_interval_s": 1.0, "fold_s": 1.0}})
-    res: dict[str, Any] = {"devices": n, "processes": procs, "cloud_workers": 2}
+        "traffic": {"rate_hz": traffic_hz, "telemetry_interval_s": 2.0, "drain_interval_s": 1.0, "fold_s": 1.0}})
+    res: dict[str, Any] = {"devices": n, "processes": procs, "cloud_workers": 2, "traffic_hz": traffic_hz}
+    if traffic_hz <= 0 and "abort" not in skip:
+        raise SystemExit("--full-traffic-hz 0 serves no requests, so there is no telemetry to abort on: add --skip abort")
     try:
         runners.wait_ready()
         res["startup_s"] = round(time.monotonic() - t0, 1)
         time.sleep(8)  # v1 telemetry: the p95 baseline of every device
         abort = ["error_rate>0.05@5", "failure_rate>0.2@3"]
         if "rollout" not in skip:
-            t = time.monotonic()
+            t, load0 = time.monotonic(), os.getloadavg()
             out = create_release(reg, state / "artifacts", v2, GROUP, str(trust), plan=parse_stages("1%,10%", 1.0),
                                  abort=abort)
             final = wait_rollout(reg, out["rollout_id"], 1800, ("complete", "aborted", "failed"))
@@ -537,6 +542,7 @@ def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: 
                 "seconds": round(elapsed, 1), "stages": final["stages"],
                 "stage_done_at_s": [round(e["ts"] - final["created"], 1) for e in stages],
                 "installed": final["counts"].get("installed", 0), "goal_s": 45,
+                "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(),
                 "bytes_rx_mean": round(sum((d["progress"] or {}).get("bytes_rx", 0) for d in final["devices"])
                                        / max(1, len(final["devices"]))),
             }
@@ -618,6 +624,8 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between telemetry records per device")
     ap.add_argument("--full", type=int, default=1000, help="full devices for the staged rollout and abort (b)")
     ap.add_argument("--full-procs", type=int, default=8)
+    ap.add_argument("--full-traffic-hz", type=float, default=1.0,
+                    help="requests/s each full device serves (0: rollout-only devices, no serving, no telemetry)")
     ap.add_argument("--skip", action="append", default=[], choices=["light", "rollout", "abort"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fleet_scale.json"))
     ap.add_argument("--update", action="store_true",
@@ -653,7 +661,8 @@ def main() -> int:
                                           args.light_workers)
         if not {"rollout", "abort"} <= set(args.skip) and args.full:
             print(f"(b) {args.full} full devices in {args.full_procs} processes", flush=True)
-            res["full"] = scenario_full(work / "full", key, trust, args.full, args.full_procs, args.skip)
+            res["full"] = scenario_full(work / "full", key, trust, args.full, args.full_procs, args.skip,
+                                       args.full_traffic_hz)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
