@@ -204,7 +204,8 @@ def mosquitto_conf(
     per-client queue limit, so the only setting under which the cloud's shared-subscription sessions never
     lose acknowledged data is no limit; back-pressure is the cloud's flow control instead (MQTT 5 receive
     maximum plus acknowledging telemetry only after its commit), and the bound is the broker's memory
-    (measured ~1 KB per queued telemetry record, docs/scale.md). A limit > 0 trades that loss for memory.
+    (docs/scale.md: 343 MB peak for 10,000 devices and a backlog the cloud took 285 s to drain, 0 lost).
+    A limit > 0 trades that loss for memory.
     """
     if max_queued_messages < 0:
         raise ValueError("max_queued_messages must be >= 0 (0: no limit, never drop)")

@@ -109,6 +109,21 @@ def packet_bytes(topic: str, payload_len: int, qos: int, props: int = 0) -> int:
     return 1 + varint + remaining
 
 
+def filter_matches(filter_levels: tuple[str, ...], topic_levels: list[str]) -> bool:
+    """MQTT topic-filter matching on pre-split levels ('+' one level, a last '#' the rest, the parent included;
+    a wildcard at the first level never matches a `$` topic). paho's `topic_matches_sub` builds a matcher
+    tree for every call: it was the largest single cost of the cloud's message path (profiled, docs/scale.md)."""
+    if topic_levels and topic_levels[0].startswith("$") and filter_levels and filter_levels[0] in ("+", "#"):
+        return False
+    n = len(topic_levels)
+    for i, f in enumerate(filter_levels):
+        if f == "#":
+            return True
+        if i >= n or (f != "+" and f != topic_levels[i]):
+            return False
+    return len(filter_levels) == n
+
+
 def topic_kind(topic: str) -> str:
     """The leaf kind of a pf/v1 topic for per-kind counters: status, ota, req, telemetry, cmd, chunk, fl, ..."""
     parts = topic.split("/")
@@ -142,6 +157,7 @@ class MqttClient:
         self.manual_ack = manual_ack
         # (filter, match filter, qos, handler, handler acks itself)
         self._subs: list[tuple[str, str, int, Handler, bool]] = []
+        self._levels: dict[str, tuple[str, ...]] = {}  # routing filter -> its levels, split once
         self._lock = threading.RLock()
         self._pending: dict[int, AckCallback | None] = {}
         self._early: dict[int, tuple[bool, str]] = {}
@@ -392,6 +408,7 @@ class MqttClient:
         match = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
         with self._lock:
             self._subs.append((topic_filter, match, qos, handler, acks_itself))
+            self._levels[match] = tuple(match.split("/"))
         client = self._client
         if client is not None and self._connected.is_set():
             client.subscribe(self._wire_filter(topic_filter), qos)
@@ -423,8 +440,9 @@ class MqttClient:
         if msg.qos:
             self.counters.add("bytes_out", 4)  # our PUBACK
         message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup), msg.mid)
+        levels = msg.topic.split("/")
         with self._lock:
-            route = next(((h, a) for _, m, _, h, a in self._subs if mqtt.topic_matches_sub(m, msg.topic)), None)
+            route = next(((h, a) for _, m, _, h, a in self._subs if filter_matches(self._levels[m], levels)), None)
         if route is None:
             self.counters.add("unrouted")
             self.ack(message)

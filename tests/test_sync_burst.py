@@ -86,3 +86,17 @@ def test_a_burst_queued_for_an_offline_worker_is_kept_only_without_a_queue_limit
                 assert stored == BURST
         finally:
             cloud.stop()
+
+
+def test_the_routing_matcher_agrees_with_paho() -> None:
+    import paho.mqtt.client as mqtt
+
+    from cloud_sync.client import filter_matches
+
+    filters = ["a/b", "a/+", "a/#", "#", "+", "+/+", "a/+/c", "$SYS/#", "+/b/#", "a/b/c/#", "a", "+/#", "a//b",
+               "a/+/", "pf/v1/dev/+/telemetry"]
+    topics = ["a", "a/b", "a/b/c", "a/b/c/d", "$SYS/x", "$SYS", "x/b", "x/b/c", "a//b", "a/", "/a", "b",
+              "pf/v1/dev/d1/telemetry", "pf/v1/dev/d1/status"]
+    for f in filters:
+        for t in topics:
+            assert filter_matches(tuple(f.split("/")), t.split("/")) == mqtt.topic_matches_sub(f, t), (f, t)
