@@ -37,7 +37,10 @@ def parse_iso(text: str) -> datetime:
     ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if ts.tzinfo is None:
         raise ValueError(f"{text!r} has no time zone")
-    return ts.astimezone(timezone.utc)
+    try:
+        return ts.astimezone(timezone.utc)
+    except OverflowError as exc:  # 9999-12-31T23:59:59-23:59 is past year 9999 in UTC
+        raise ValueError(f"{text!r} is out of the representable range in UTC") from exc
 
 
 def default_expiry(created: datetime, days: int = DEFAULT_VALID_DAYS) -> datetime:
@@ -211,7 +214,7 @@ class _Checker:
             raise self._fail(key, "must be a non-empty list of tensor specs")
         try:
             return [TensorSpec.from_dict(v) for v in value]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a spec that is not an object
             raise self._fail(key, f"holds an invalid tensor spec ({exc!r})") from exc
 
     def files(self) -> dict[str, FileEntry]:
