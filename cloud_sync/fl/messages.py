@@ -24,8 +24,11 @@ MAX_CONTROL_BYTES = 64 * 1024
 ROUND_STATES = ("checkin", "training", "finished", "failed")
 
 
+MAX_INT = 2**63 - 1  # what the round store's SQLite INTEGER columns hold
+
+
 def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT
 
 
 def _num(v: Any) -> bool:
