@@ -76,7 +76,10 @@ def npy_array(data: bytes | memoryview, where: str = "body") -> np.ndarray:
     dtype, shape, order, nbytes = parsed
     if len(buf) - end != nbytes:
         raise bad(f"{where}: .npy holds {len(buf) - end} data bytes, the header needs {nbytes}", "bad_npy")
-    arr = np.ndarray(shape, dtype, buf, end, None, order)  # a read-only view of the body, no copy
+    try:
+        arr = np.ndarray(shape, dtype, buf, end, None, order)  # a read-only view of the body, no copy
+    except (ValueError, TypeError) as exc:  # > 64 dimensions, or a zero-size shape too big to index
+        raise bad(f"{where}: .npy shape {list(shape)[:8]} is not a valid array shape ({exc})", "bad_npy") from exc
     return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
 
 
@@ -130,6 +133,8 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
 def parse_json(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
+    except RecursionError as exc:
+        raise bad("body is not valid JSON: nested too deeply", "malformed_json") from exc
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad(f"body is not valid JSON: {exc}", "malformed_json") from exc
     if not isinstance(doc, dict):

@@ -253,7 +253,7 @@ class HttpServer:
         if "transfer-encoding" in headers:
             raise _HttpError(411, "length_required", "chunked request bodies are not accepted: send Content-Length")
         length_txt = headers.get("content-length", "0")
-        if not length_txt.isdigit():
+        if not (length_txt.isascii() and length_txt.isdigit() and len(length_txt) <= 18):  # "²".isdigit() is True
             raise _HttpError(400, "bad_content_length", f"Content-Length {length_txt[:30]!r} is not a number")
         length = int(length_txt)
         expect = headers.get("expect", "").lower() == "100-continue"  # curl asks before bodies > 1 KiB
