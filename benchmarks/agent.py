@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from devices.timing import summarize  # noqa: E402
+from pocketfleet.timing import summarize  # noqa: E402
 from edge_agent.client import Client  # noqa: E402
 from edge_agent.store import ModelStore  # noqa: E402
 from pocketfleet import table  # noqa: E402

@@ -127,7 +127,7 @@ def _attack(kind: str):  # noqa: ANN202
 def run_ours(name: str, setup: Setup, data: dict, parts: list[np.ndarray], init: T.Weights, workdir: Path,
              strategy: str = "fedavg", codec: dict | None = None, attackers: dict[str, str] | None = None,
              broker: Any = None, strategy_args: dict | None = None) -> dict[str, Any]:
-    from cloud_sync.fl.client import torch_trainer_fn
+    from edge_agent.fl import torch_trainer_fn
 
     work = workdir / name
     shutil.rmtree(work, ignore_errors=True)
@@ -390,7 +390,7 @@ def device_worker(cfg_path: str) -> None:
     """Runs the head-only devices (torch is blocked in this process)."""
     from cloud_sync.client import MqttClient
     from cloud_sync.config import MqttConfig
-    from cloud_sync.fl.client import head_trainer_fn
+    from edge_agent.fl import head_trainer_fn
     from cloud_sync.fl.mqtt import MqttDeviceTransport
     from edge_agent.runtimes import load_runtime
 

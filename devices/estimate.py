@@ -17,7 +17,7 @@ from devices.analysis import ModelAnalysis, analyze_model
 from devices.cost import estimate_cost
 from devices.profile import DeviceProfile, load_profile
 from devices.source import ModelSource, open_model
-from devices.timing import time_calls
+from pocketfleet.timing import time_calls
 
 
 @dataclass

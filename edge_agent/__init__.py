@@ -35,8 +35,7 @@ _EXPORTS = {
     "Runtime": "edge_agent.runtimes",
     "InputError": "edge_agent.runtimes",
     "RuntimeLoadError": "edge_agent.runtimes",
-    "FAULT_POINTS": "edge_agent.faults:POINTS",
-    "swap_under_load": "edge_agent.demo",
+    "FAULT_POINTS": "pocketfleet.faults:POINTS",
 }
 _ERRORS = ["AgentError", "ConfigError", "StoreError", "DowngradeError", "HealthCheckError", "OutboxFullError", "RequestError"]
 _EXPORTS.update({name: "edge_agent.errors" for name in _ERRORS})

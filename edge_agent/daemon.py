@@ -27,8 +27,8 @@ from typing import Any
 from edge_agent.api import Api
 from edge_agent.config import AgentConfig
 from edge_agent.errors import AgentError, RequestError, StoreError
-from edge_agent.faults import fault_point
-from edge_agent.fsutil import atomic_write_json
+from pocketfleet.faults import fault_point
+from pocketfleet.fs import atomic_write_json
 from edge_agent.health import LoadedModel
 from edge_agent.httpd import HttpServer
 from edge_agent.metrics import Metrics
@@ -52,7 +52,7 @@ class Agent:
         self.telemetry = Telemetry(config.device, self.outbox, config.drift_max_features)
         self._samples: Any = None
         self._samples_lock = threading.Lock()
-        self.link: Any = None  # cloud_sync.agent_link.AgentLink when the config has an [mqtt] table
+        self.link: Any = None  # edge_agent.link.AgentLink when the config has an [mqtt] table
         self._models: dict[str, LoadedModel] = {}
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
@@ -220,7 +220,7 @@ class Agent:
         if sink is not None:
             self._threads.append(Drainer(self.outbox, sink, cfg.drain_interval_s).start())
         if cfg.mqtt:  # the cloud link drains the outbox itself unless a local sink was configured
-            from cloud_sync.agent_link import AgentLink
+            from edge_agent.link import AgentLink
 
             self.link = AgentLink(self, drain=sink is None).start()
             self._threads.append(self.link)

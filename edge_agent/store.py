@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import DowngradeError, HealthCheckError, StoreError
-from edge_agent.faults import fault_point
-from edge_agent.fsutil import FileLock, atomic_write_json, fsync_dir, fsync_tree
+from pocketfleet.faults import fault_point
+from pocketfleet.fs import FileLock, atomic_write_json, fsync_dir, fsync_tree
 from edge_agent.health import LoadedModel, health_check
 from edge_agent.verify import verify_installed
 from export.manifest import iso, utc_now
@@ -133,7 +133,7 @@ class ModelStore:
 
     def write_state(self, models: dict[str, ModelState]) -> None:
         doc = {"schema": STATE_SCHEMA, "updated": iso(utc_now()), "models": {n: m.to_dict() for n, m in sorted(models.items())}}
-        atomic_write_json(self.state_path, doc)
+        atomic_write_json(self.state_path, doc, fault="state")
 
     def state_stamp(self) -> tuple[int, int] | None:
         """A cheap change detector for state.json (inode, mtime): os.replace gives a new inode."""

@@ -77,6 +77,7 @@ _ERRORS = [
     "FileMismatchError",
     "UnsafePathError",
     "OversizeError",
+    "DowngradeError",
 ]
 _EXPORTS.update({name: "export.errors" for name in _ERRORS})
 

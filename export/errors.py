@@ -77,3 +77,7 @@ class OversizeError(VerificationError):
 
 class MalformedPackageError(VerificationError):
     """The zip is well-formed but breaks the package rules (duplicate or compressed members, directories)."""
+
+
+class DowngradeError(VerificationError):
+    """A package's version is not newer than the highest version installed (rollback protection)."""

@@ -132,7 +132,7 @@ def session_packages(factory: pytest.TempPathFactory) -> Packages:
 
 def cli(*args: str, env: dict[str, str] | None = None, prelude: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `pocketfleet ARGS` in a fresh interpreter (optionally behind a prelude, e.g. NO_TORCH)."""
-    code = prelude + "\nimport sys\nfrom pocketfleet import main\nsys.exit(main(sys.argv[1:]))"
+    code = prelude + "\nimport sys\nfrom pocketfleet.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
         env={**os.environ, **(env or {})}, timeout=timeout,
@@ -140,7 +140,7 @@ def cli(*args: str, env: dict[str, str] | None = None, prelude: str = "", timeou
 
 
 def spawn(*args: str, env: dict[str, str] | None = None, prelude: str = "", **kw: Any) -> subprocess.Popen:
-    code = prelude + "\nimport sys\nfrom pocketfleet import main\nsys.exit(main(sys.argv[1:]))"
+    code = prelude + "\nimport sys\nfrom pocketfleet.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.Popen(
         [sys.executable, "-c", code, *args], cwd=ROOT, env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,

@@ -159,7 +159,7 @@ def test_swap_to_a_version_that_fails_keeps_serving_and_reverts(tmp_path: Path, 
 
 
 def test_demo_stage_swaps_under_load_and_reports_each_version(tmp_path: Path, packages: Packages) -> None:
-    from edge_agent.demo import swap_under_load
+    from pocketfleet.sim.swap import swap_under_load
 
     result = swap_under_load(tmp_path / "state", packages.public_key, [packages.versions[1], packages.versions[2]], dwell_s=0.4)
     assert result["failures"] == 0, result["errors"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import devices
-import pocketfleet
+from pocketfleet import cli as pocketfleet
 from devices.profile import FIGURE_FIELDS, ProfileError, load_profile_file, missing_sources
 
 onnx = pytest.importorskip("onnx")
@@ -110,7 +110,7 @@ def test_bad_profile_error_names_the_field_and_file(tmp_path, old, new, field):
 def test_invalid_toml_and_unknown_device_are_clear_errors(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text("name = [unterminated")
-    with pytest.raises(ProfileError, match="broken.toml: invalid TOML"):
+    with pytest.raises(ProfileError, match="broken.toml: not valid TOML"):
         load_profile_file(path)
     with pytest.raises(ProfileError, match="unknown device 'toaster'.*raspberry-pi-4.*host"):
         devices.load_profile("toaster")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pocketfleet
+from pocketfleet import cli as pocketfleet
 from edge_agent.runtimes import load_runtime
 from export import (
     ExportError,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cloud_sync.fl import tensors as T
-from cloud_sync.fl.client import FLClient, head_trainer_fn
+from cloud_sync.fl.client import FLClient
+from edge_agent.fl import head_trainer_fn
 from cloud_sync.fl.codecs import CodecConfig, encode_update
 from cloud_sync.fl.rounds import Aggregator, TaskConfig
 from cloud_sync.fl.transport import InProcessHub

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pocketfleet
+from pocketfleet import cli as pocketfleet
 from export import (
     BadSignatureError,
     ExpiredPackageError,
@@ -461,7 +461,7 @@ def test_expiry_is_checked_against_the_given_clock(pkg: Path, keys: dict) -> Non
 
 
 def _cli(*args: str, env: dict | None = None, prelude: str = "") -> subprocess.CompletedProcess:
-    code = f"{prelude}\nimport sys, pocketfleet\nsys.exit(pocketfleet.main(sys.argv[1:]))"
+    code = f"{prelude}\nimport sys\nfrom pocketfleet.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
     )

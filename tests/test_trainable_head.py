@@ -86,7 +86,7 @@ def test_cli_fp16_export_serves_the_head_at_any_batch(exported: dict, digits_cnn
     import onnx
     from safetensors.numpy import load_file
 
-    from pocketfleet import main
+    from pocketfleet.cli import main
 
     d, keys, lm = exported["dir"], exported["keys"], exported["lm"]
     assert main(["export", str(digits_cnn_dir), "--format", "onnx", "--dtype", "fp16", "--out", str(d / "h16.pfpkg"),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import pocketfleet
+from pocketfleet import cli as pocketfleet
 from compress.zoo import (
     get_workload,
     list_workloads,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import RecipeError
-from ..options import Extra, parse_config
+from pocketfleet.config import Extra, parse_config
 
 if TYPE_CHECKING:
     from ..runner import Pipeline
