@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pocketfleet
 from export import Samples, UntrustedKeyError, build_package, generate_keys, load_trust, verify_package
 from export.errors import KeyFileError
 from export.trust_root import (
@@ -28,6 +27,7 @@ from export.trust_root import (
     parse_root,
     rotate_root,
 )
+from pocketfleet.cli import main as pocketfleet_main
 from tests.agent_fixtures import FIELDS, X, cli, conv_net
 
 
@@ -40,7 +40,10 @@ def keyring(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    from edge_agent.runtimes import load_runtime
+    try:
+        from export.runtimes import load_runtime
+    except ImportError:  # before the runtimes moved to export/
+        from edge_agent.runtimes import load_runtime
 
     path = conv_net(tmp_path_factory.mktemp("model") / "m.onnx", seed=3)
     return path, load_runtime(path).run({"image": X})["logits"]
@@ -283,7 +286,7 @@ def test_keys_cli_init_rotate_show_json(tmp_path: Path, keyring: dict) -> None:
     r = cli("keys", "show", str(repo), "--json")
     shown = json.loads(r.stdout)
     assert r.returncode == 0 and shown["version"] == 2 and shown["chain"] == [1, 2] and not shown["expired"]
-    assert pocketfleet.main(["keys", "show", str(repo)]) == 0
+    assert pocketfleet_main(["keys", "show", str(repo)]) == 0
 
 
 # --------------------------------------------------------------------------------------------- helpers
