@@ -277,8 +277,9 @@ class RootTrust(dict[str, Ed25519PublicKey]):
     def _advance(self, new: Metadata[Root], raw: bytes) -> None:
         keys = package_keys(new)
         self._meta = new
-        self.clear()
-        self.update(keys)
+        self.update(keys)  # add first, then drop the revoked: a concurrent lookup never sees an empty set
+        for stale in [k for k in self if k not in keys]:
+            del self[stale]
         if self.directory is not None:
             try:
                 _atomic_write(self.directory / f"root.{new.signed.version}.json", raw)
