@@ -28,7 +28,7 @@ from export.trust_root import (
     rotate_root,
 )
 from pocketfleet.cli import main as pocketfleet_main
-from tests.agent_fixtures import FIELDS, X, cli, conv_net
+from tests.agent_fixtures import FIELDS, NO_TORCH, X, cli, conv_net
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +156,10 @@ def test_revoked_package_key_is_refused(tmp_path: Path, keyring: dict, model: tu
         verify_package(by_p1, dev)
     by_p2 = make_pkg(tmp_path / "p2.pfpkg", model, 2, keyring["p2"]["private_key"])
     assert verify_package(by_p2, dev).version == 2
-    r = cli("verify", str(by_p1), "--trust", str(dev), "--json")
+    r = cli("verify", str(by_p1), "--trust", str(dev), "--json", prelude=NO_TORCH)  # device footprint: no torch
     assert r.returncode == 4 and "not trusted" in r.stderr + r.stdout
+    r = cli("verify", str(by_p2), "--trust", str(dev), "--json", prelude=NO_TORCH)
+    assert r.returncode == 0 and json.loads(r.stdout)["version"] == 2, r.stderr
 
 
 def test_expired_root_freezes_installs_until_a_newer_root(tmp_path: Path, keyring: dict, model: tuple) -> None:
