@@ -291,7 +291,7 @@ def decode(payload: bytes, accept: tuple[str, ...]) -> dict[str, Any]:
         raise ProtocolError(f"message is {len(payload)} bytes, above the {limit}-byte limit")
     try:
         msg = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit integer
         raise ProtocolError(f"message is not UTF-8 JSON ({exc})") from exc
     if not isinstance(msg, dict):
         raise ProtocolError("message must be a JSON object")

@@ -40,7 +40,7 @@ def parse_iso(text: str) -> datetime:
     try:
         return ts.astimezone(timezone.utc)
     except OverflowError as exc:  # 9999-12-31T23:59:59-23:59 is past year 9999 in UTC
-        raise ValueError(f"{text!r} is out of the representable range in UTC") from exc
+        raise ValueError(f"{text!r} is out of the representable range") from exc
 
 
 def default_expiry(created: datetime, days: int = DEFAULT_VALID_DAYS) -> datetime:

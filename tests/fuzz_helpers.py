@@ -34,6 +34,14 @@ json_values = st.recursive(
 )
 
 
+def huge_int(digits: int = 5000, key: str = "x") -> bytes:
+    """A JSON object holding an integer of `digits` digits: Python's json refuses > 4300 with ValueError."""
+    return b'{"' + key.encode() + b'":' + b"7" * digits + b"}"
+
+
+huge_ints = st.integers(4301, 6000).map(huge_int)
+
+
 def nested(depth: int) -> bytes:
     """A JSON document nested `depth` levels deep (the RecursionError probe)."""
     return b"[" * depth + b"]" * depth

@@ -28,7 +28,7 @@ from export.package import parse_manifest
 from export.signing import parse_signature
 from export.specs import TensorSpec
 from export.trust_root import MalformedRootError, init_root, parse_root
-from tests.fuzz_helpers import examples, json_values, mutated, nested
+from tests.fuzz_helpers import examples, huge_int, huge_ints, json_values, mutated, nested
 
 FIELDS = {
     "name": "fz",
@@ -164,6 +164,15 @@ def test_manifest_checker(world: dict, edits: list) -> None:
     _check_manifest(world, _patched(world["manifest"], edits))
 
 
+@settings(max_examples=examples(60), **SETTINGS)
+@example(raw=nested(100_000))
+@example(raw=huge_int(5000, "version"))
+@given(raw=st.one_of(st.binary(max_size=200), huge_ints, json_values.map(lambda v: json.dumps(v).encode())))
+def test_manifest_bytes_parser(raw: bytes) -> None:
+    with contextlib.suppress(VerificationError):
+        parse_manifest(raw, "fuzz")
+
+
 def _check_manifest(world: dict, doc: dict) -> None:
     try:
         raw = canonical_json(doc)
@@ -188,8 +197,9 @@ def _check_manifest(world: dict, doc: dict) -> None:
 
 @settings(max_examples=examples(100), **SETTINGS)
 @example(raw=nested(2048))
+@example(raw=huge_int(4400, "alg"))  # a 4,400-digit integer: json's ValueError, not JSONDecodeError
 @example(raw=b'{"alg":"ed25519","key_id":"00","signature":"' + b"A" * 3000 + b'"}')
-@given(raw=st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode()),
+@given(raw=st.one_of(st.binary(max_size=300), huge_ints, json_values.map(lambda v: json.dumps(v).encode()),
                      st.fixed_dictionaries({"alg": st.sampled_from(["ed25519", "rsa"]), "key_id": st.text(max_size=20),
                                             "signature": st.text(max_size=100)}).map(lambda v: json.dumps(v).encode())))
 def test_signature_parser(raw: bytes) -> None:

@@ -20,7 +20,16 @@ from cloud_sync.fl import messages as M
 from cloud_sync.fl import secagg_round as S
 from cloud_sync.fl import tensors as T
 from cloud_sync.fl.errors import UpdatePayloadError
-from tests.fuzz_helpers import examples, json_bytes, json_values, memory_bound, mutated, nested
+from tests.fuzz_helpers import (
+    examples,
+    huge_int,
+    huge_ints,
+    json_bytes,
+    json_values,
+    memory_bound,
+    mutated,
+    nested,
+)
 
 HEX16 = "0123456789abcdef"
 HEX64 = "ab" * 32
@@ -72,7 +81,8 @@ def edited_messages(draw: st.DrawFn) -> tuple[bytes, tuple[str, ...]]:
 @example(case=(nested(100_000)[:60_000], ("pf.status/1",)))
 @example(case=(b'{"schema":"pf.outbox/1","device":"dev-c","id":2,"kind":"telemetry","created":1' + b"0" * 30
                + b',"body":{}}', ("pf.outbox/1",)))
-@given(case=st.one_of(edited_messages(), st.tuples(st.binary(max_size=300), st.sampled_from(ACCEPT))))
+@example(case=(huge_int(5000, "id"), ("pf.outbox/1",)))  # found: ValueError (int digits limit)
+@given(case=st.one_of(edited_messages(), st.tuples(st.one_of(st.binary(max_size=300), huge_ints), st.sampled_from(ACCEPT))))
 def test_control_message_decoder(case: tuple[bytes, tuple[str, ...]]) -> None:
     raw, accept = case
     try:
@@ -136,9 +146,10 @@ FL_VALID = {
 
 @settings(max_examples=examples(150))
 @example(case=(nested(30_000), M.CHECKIN))
+@example(case=(huge_int(), M.CHECKIN))  # found: ValueError (int digits limit)
 @example(case=(json_bytes({"schema": M.CHECKIN, **FL_VALID[M.CHECKIN], "num_samples": 2**64}), M.CHECKIN))
 @given(case=st.one_of(
-    st.tuples(st.binary(max_size=200), st.sampled_from([M.ANNOUNCE, M.CHECKIN, M.TASK])),
+    st.tuples(st.one_of(st.binary(max_size=200), huge_ints), st.sampled_from([M.ANNOUNCE, M.CHECKIN, M.TASK])),
     st.sampled_from(sorted(FL_VALID)).flatmap(lambda s: st.tuples(
         st.dictionaries(st.sampled_from([*FL_VALID[s], "schema"]), json_values, max_size=4)
         .map(lambda patch, s=s: json_bytes({"schema": s, **FL_VALID[s], **patch})), st.just(s)))))
@@ -153,7 +164,8 @@ def test_fl_control_decoder(case: tuple[bytes, str]) -> None:
 
 @settings(max_examples=examples(100))
 @example(raw=nested(30_000))
-@given(raw=st.one_of(st.binary(max_size=200), st.builds(
+@example(raw=huge_int())  # found: ValueError (int digits limit)
+@given(raw=st.one_of(st.binary(max_size=200), huge_ints, st.builds(
     lambda kind, patch: json_bytes({"schema": S.SCHEMA, "task": "t", "round": 1, "attempt": 0, "kind": kind,
                                     "body": {}, **patch}),
     st.sampled_from([*S.UP_KINDS, "x"]), st.dictionaries(st.sampled_from(["round", "attempt", "task", "body", "kind"]),
@@ -185,7 +197,8 @@ tensor_entries = st.one_of(json_values, st.fixed_dictionaries({
     "shape": st.lists(st.one_of(st.integers(0, 6), st.integers(-2, 2**62)), max_size=4),
     "data_offsets": st.lists(st.integers(-1, 200), min_size=2, max_size=2)}))
 metadata = st.dictionaries(st.sampled_from(["pf", "x"]),
-                           st.one_of(st.text(max_size=30), json_values.map(json.dumps), st.just(nested(5000).decode())),
+                           st.one_of(st.text(max_size=30), json_values.map(json.dumps), st.just(nested(5000).decode()),
+                                     huge_ints.map(bytes.decode)),
                            max_size=2)
 tensor_headers = st.builds(lambda h, m: {**h, "__metadata__": m} if m is not None else h,
                            st.dictionaries(st.text(min_size=1, max_size=8), tensor_entries, max_size=3),
@@ -196,6 +209,8 @@ tensor_headers = st.builds(lambda h, m: {**h, "__metadata__": m} if m is not Non
 @example(raw=T.to_bytes({"a": np.zeros(2, np.float32)}, None)[:8] + b"x")
 @example(raw=_st_bytes({"__metadata__": {"pf": nested(5000).decode()}, "a": {"dtype": "F32", "shape": [1],
                                                                              "data_offsets": [0, 4]}}, b"\0" * 4))
+@example(raw=_st_bytes({"__metadata__": {"pf": huge_int().decode()}, "a": {"dtype": "F32", "shape": [1],
+                                                                        "data_offsets": [0, 4]}}, b"\0" * 4))  # found
 @given(raw=st.one_of(st.binary(max_size=200),
                      st.builds(_st_bytes, tensor_headers, st.binary(max_size=200)),
                      mutated(T.to_bytes({"a": np.arange(6, dtype=np.float32)}, {"schema": "x", "round": 1}))))

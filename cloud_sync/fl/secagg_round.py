@@ -53,7 +53,7 @@ def decode(payload: bytes, kinds: tuple[str, ...]) -> dict[str, Any]:
         raise MalformedUpdateError(f"{SCHEMA}: {len(payload)} bytes, above {MAX_BYTES}")
     try:
         msg = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit integer
         raise MalformedUpdateError(f"{SCHEMA}: not UTF-8 JSON ({exc})") from exc
     if not isinstance(msg, dict) or msg.get("schema") != SCHEMA or msg.get("kind") not in kinds:
         raise MalformedUpdateError(f"{SCHEMA}: wrong schema or kind {msg.get('kind') if isinstance(msg, dict) else None!r}")
