@@ -47,6 +47,7 @@ _EXPORTS = {
     "load_root_trust": "export.trust_root",
     "init_root": "export.trust_root",
     "rotate_root": "export.trust_root",
+    "sign_pending_root": "export.trust_root",
     "attach_roots": "export.trust_root",
     "show_root": "export.trust_root",
     "TrustRootError": "export.trust_root",

@@ -73,8 +73,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rot.add_argument("--revoke-package-key", action="append", default=[], metavar="KEY_ID|FILE",
                      help="remove a package-signing key: its packages are refused from this root on")
     rot.add_argument("--expires-days", type=float, default=365, help="days until the new root expires (default 365)")
+    rot.add_argument("--partial", action="store_true",
+                     help="short of signatures: write root.<N+1>.pending.json for the other key holders "
+                     "(`keys sign-root`) instead of refusing")
     add_json_flag(rot)
     rot.set_defaults(func=_cmd_keys_rotate)
+
+    sroot = keys_sub.add_parser(
+        "sign-root",
+        help="add your root key's signature to a pending root; it takes effect when both thresholds are met",
+    )
+    sroot.add_argument("--repo", required=True, metavar="DIR", help="root repository directory")
+    sroot.add_argument("--key", action="append", required=True, metavar="PRIVATE", help="a root key (repeat)")
+    add_json_flag(sroot)
+    sroot.set_defaults(func=_cmd_keys_sign_root)
 
     show = keys_sub.add_parser("show", help="verify and show the current root of a trust or repository directory")
     show.add_argument("path", metavar="DIR_OR_ROOT_JSON")
@@ -166,6 +178,8 @@ def _render_root(r: dict[str, Any]) -> str:
     ]
     if r.get("chain"):
         lines.append(f"chain         {r['chain']} in {r['directory']}")
+    if r.get("pending"):
+        lines.append(f"PENDING (not in effect): {r['missing']}; more root keys sign with `pocketfleet keys sign-root`")
     if r.get("written"):
         lines.append("wrote " + ", ".join(r["written"]))
     return "\n".join(lines)
@@ -186,9 +200,16 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     result = rotate_root(
         args.repo, args.key, add_root_keys=args.add_root_key, remove_root_keys=args.remove_root_key,
         threshold=args.threshold, add_package_keys=args.add_package_key,
-        revoke_package_keys=args.revoke_package_key, expires_days=args.expires_days,
+        revoke_package_keys=args.revoke_package_key, expires_days=args.expires_days, partial=args.partial,
     )
     emit(result, args.json, _render_root)
+    return 0
+
+
+def _cmd_keys_sign_root(args: argparse.Namespace) -> int:
+    from export.trust_root import sign_pending_root
+
+    emit(sign_pending_root(args.repo, args.key), args.json, _render_root)
     return 0
 
 

@@ -420,11 +420,14 @@ def rotate_root(
     revoke_package_keys: Sequence[str] = (),
     expires_days: float = DEFAULT_ROOT_DAYS,
     now: datetime | None = None,
+    partial: bool = False,
 ) -> dict[str, Any]:
     """Write root.<N+1>.json (and root.json) in `repo`, signed by `signing_keys`.
 
     Refuses (RootSignatureError, nothing written) unless the new root is signed by a threshold of root
-    N's keys and a threshold of its own: exactly the check a device applies.
+    N's keys and a threshold of its own: exactly the check a device applies. With `partial`, a root
+    short of signatures is written as root.<N+1>.pending.json instead (devices never read it), for the
+    other key holders to sign with `sign_pending_root`.
     """
     repo = Path(repo)
     current = load_root_trust(repo)  # the repository's own chain must verify too
@@ -448,8 +451,33 @@ def rotate_root(
     n_root = len(root.roles[ROOT_ROLE].keyids)
     if not 1 <= root.roles[ROOT_ROLE].threshold <= n_root:
         raise KeyFileError(f"root threshold {root.roles[ROOT_ROLE].threshold} must be between 1 and the {n_root} root keys")
-    allowed = set(old.signed.roles[ROOT_ROLE].keyids) | set(root.roles[ROOT_ROLE].keyids)
     new.signatures.clear()
+    return _sign_and_write(repo, old, new, signing_keys, partial)
+
+
+def sign_pending_root(repo: str | Path, signing_keys: Sequence[str | Path | Ed25519PrivateKey]) -> dict[str, Any]:
+    """Add signatures to root.<N+1>.pending.json; once both thresholds are met it becomes root.<N+1>.json."""
+    repo = Path(repo)
+    old = load_root_trust(repo).metadata
+    pending = repo / _pending_name(old.signed.version + 1)
+    try:
+        raw = pending.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"no pending root v{old.signed.version + 1} in {repo} ({exc.strerror or exc}): "
+                           "start one with `pocketfleet keys rotate --partial`") from exc
+    return _sign_and_write(repo, old, parse_root(raw, pending.name), signing_keys, partial=True)
+
+
+def _pending_name(version: int) -> str:
+    return f"root.{version}.pending.json"
+
+
+def _sign_and_write(
+    repo: Path, old: Metadata[Root], new: Metadata[Root], signing_keys: Sequence[str | Path | Ed25519PrivateKey],
+    partial: bool,
+) -> dict[str, Any]:
+    root = new.signed
+    allowed = set(old.signed.roles[ROOT_ROLE].keyids) | set(root.roles[ROOT_ROLE].keyids)
     for k in signing_keys:
         signer = _signer(k)
         if signer.public_key.keyid not in allowed:
@@ -458,10 +486,18 @@ def rotate_root(
     raw = _serialize(new)
     label = f"root.{root.version}.json"
     parsed = parse_root(raw, label)
-    verify_next(old, parsed, label)
+    pending = repo / _pending_name(root.version)
+    try:
+        verify_next(old, parsed, label)
+    except RootSignatureError as exc:
+        if not partial:
+            raise
+        _atomic_write(pending, raw)
+        return {**describe_root(parsed, repo), "pending": True, "missing": str(exc), "written": [str(pending)]}
     _atomic_write(repo / label, raw)
     _atomic_write(repo / ROOT_FILE, raw)
-    return {**describe_root(parsed, repo), "written": [str(repo / label), str(repo / ROOT_FILE)]}
+    pending.unlink(missing_ok=True)
+    return {**describe_root(parsed, repo), "pending": False, "written": [str(repo / label), str(repo / ROOT_FILE)]}
 
 
 def root_chain(repo: str | Path) -> dict[int, bytes]:

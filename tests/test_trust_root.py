@@ -26,6 +26,7 @@ from export.trust_root import (
     load_root_trust,
     parse_root,
     rotate_root,
+    sign_pending_root,
 )
 from pocketfleet.cli import main as pocketfleet_main
 from tests.agent_fixtures import FIELDS, NO_TORCH, X, cli, conv_net
@@ -176,6 +177,19 @@ def test_expired_root_freezes_installs_until_a_newer_root(tmp_path: Path, keyrin
     attach_roots(pkg, repo, keyring["p1"]["private_key"], out_path=shipped)
     assert verify_package(shipped, dev, now=later).version == 1  # the fresh v2 came inside the package
     assert load_root_trust(dev).version == 2
+
+
+def test_key_holders_sign_a_pending_root_one_by_one(tmp_path: Path, keyring: dict) -> None:
+    repo = repo_2of3(tmp_path, keyring)
+    first = rotate_root(repo, priv(keyring, "r1"), add_package_keys=pub(keyring, "p2"), partial=True)
+    assert first["pending"] and "needs 2" in first["missing"]
+    assert not (repo / "root.2.json").exists() and load_root_trust(repo).version == 1  # not in effect
+    r = cli("keys", "sign-root", "--repo", str(repo), "--key", keyring["r3"]["private_key"], "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["pending"] is False
+    assert load_root_trust(repo).version == 2 and not (repo / "root.2.pending.json").exists()
+    with pytest.raises(KeyFileError, match="no pending root v3"):
+        sign_pending_root(repo, priv(keyring, "r1"))
 
 
 # ---------------------------------------------------------------------------------- offline catch-up
