@@ -9,6 +9,7 @@ import json
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -163,16 +164,37 @@ def test_fl_control_decoder(case: tuple[bytes, str]) -> None:
 
 
 @settings(max_examples=examples(100))
-@example(raw=nested(30_000))
-@example(raw=huge_int())  # found: ValueError (int digits limit)
+@example(raw=nested(30_000), kinds=S.UP_KINDS)
+@example(raw=huge_int(), kinds=S.DOWN_KINDS)  # found: ValueError (int digits limit)
 @given(raw=st.one_of(st.binary(max_size=200), huge_ints, st.builds(
     lambda kind, patch: json_bytes({"schema": S.SCHEMA, "task": "t", "round": 1, "attempt": 0, "kind": kind,
                                     "body": {}, **patch}),
-    st.sampled_from([*S.UP_KINDS, "x"]), st.dictionaries(st.sampled_from(["round", "attempt", "task", "body", "kind"]),
-                                                          json_values, max_size=3))))
-def test_secagg_message_decoder(raw: bytes) -> None:
-    with contextlib.suppress(UpdatePayloadError):
-        S.decode(raw, S.UP_KINDS)
+    st.sampled_from([*S.UP_KINDS, *S.DOWN_KINDS, "x"]),
+    st.dictionaries(st.sampled_from(["round", "attempt", "task", "body", "kind"]), json_values, max_size=3))),
+    kinds=st.sampled_from([S.UP_KINDS, S.DOWN_KINDS]))
+def test_secagg_message_decoder(raw: bytes, kinds: tuple[str, ...]) -> None:
+    """Both directions: device -> cloud (keys, shares, masked, unmask) and cloud -> device (roster, ...)."""
+    try:
+        msg = S.decode(raw, kinds)
+    except UpdatePayloadError:
+        return
+    assert msg["kind"] in kinds
+
+
+def test_secagg_bodies_of_the_wrong_shape_are_malformed() -> None:
+    """Found by review of what the decoder lets through: a 'keys' body that is a list, or shares that are
+    not [x, y] field elements, were stored and crashed the aggregator when it replayed them to unmask."""
+    honest = S.encode("t", 1, 0, "unmask", {"b": {"d1": [1, 5]}, "s": {}}, device="d2")
+    assert S.decode(honest, S.UP_KINDS)["kind"] == "unmask"
+    for kind, body in [("keys", []), ("keys", {"c_pk": 1, "s_pk": "x"}), ("masked", {"y": 3}), ("shares", {"d": 1}),
+                       ("unmask", {"b": {"d1": [0, 5]}}), ("unmask", {"b": {"d1": [1, 2**600]}}),
+                       ("unmask", {"s": {"d1": [1, 2, 3]}}), ("unmask", {"b": []})]:
+        with pytest.raises(UpdatePayloadError, match="wrong shape"):
+            S.decode(S.encode("t", 1, 0, kind, body, device="d2"), S.UP_KINDS)
+    for kind, body in [("roster", {"roster": {"d": {"c_pk": "a"}}, "threshold": 2}), ("mask", {"mask_set": "d"}),
+                       ("unmask_request", {"survivors": ["a"], "dropped": [1]})]:
+        with pytest.raises(UpdatePayloadError, match="wrong shape"):
+            S.decode(S.encode("t", 1, 0, kind, body), S.DOWN_KINDS)
 
 
 @settings(max_examples=examples(60))
