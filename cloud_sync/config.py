@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 from cloud_sync.errors import ConfigError
 from pocketfleet import config
 
-
 T = TypeVar("T")
 
 PROTOCOLS = ("auto", "5", "3.1.1")

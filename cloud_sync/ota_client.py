@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.chunks import ChunkIndex, Chunking, LocalChunks, file_sha256
-from pocketfleet.fs import atomic_write_bytes, atomic_write_json
 from cloud_sync.client import Message, MqttClient
 from cloud_sync.errors import OtaError, ProtocolError
 from cloud_sync.ota_admission import Refused, admit
@@ -49,6 +48,7 @@ from cloud_sync.protocol import (
     dev_topic,
     encode,
 )
+from pocketfleet.fs import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("pocketfleet.ota")
 

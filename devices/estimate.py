@@ -131,12 +131,12 @@ class Measurement:
 def measure_latency(
     src: ModelSource, seq_len: int, threads: int = 1, min_runs: int = 20, min_seconds: float = 1.0
 ) -> Measurement:
-    """Median milliseconds of one batch-1 inference through edge_agent.runtimes (warm-up first).
+    """Median milliseconds of one batch-1 inference through export.runtimes (warm-up first).
 
     Wall-clock time is the latency; the calling thread's CPU time is reported too because on a shared,
     overloaded machine the wall clock also counts the time the process waited for a core.
     """
-    from edge_agent.runtimes import io_dtype, load_runtime
+    from export.runtimes import io_dtype, load_runtime
 
     runtime = load_runtime(src.model_path, src.format, threads=threads)
     rng = np.random.default_rng(0)

@@ -25,7 +25,6 @@ from typing import Any
 from edge_agent.errors import ConfigError
 from pocketfleet import config
 
-
 PATH_KEYS = ("state_dir", "trust", "unix_socket", "outbox_path", "dataset_dir")
 
 

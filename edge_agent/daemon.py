@@ -27,8 +27,6 @@ from typing import Any
 from edge_agent.api import Api
 from edge_agent.config import AgentConfig
 from edge_agent.errors import AgentError, RequestError, StoreError
-from pocketfleet.faults import fault_point
-from pocketfleet.fs import atomic_write_json
 from edge_agent.health import LoadedModel
 from edge_agent.httpd import HttpServer
 from edge_agent.metrics import Metrics
@@ -36,6 +34,8 @@ from edge_agent.outbox import Drainer, Outbox, Priority, make_sink
 from edge_agent.store import ModelStore
 from edge_agent.telemetry import Telemetry, TelemetryLoop
 from pocketfleet import PocketfleetError
+from pocketfleet.faults import fault_point
+from pocketfleet.fs import atomic_write_json
 
 log = logging.getLogger("pocketfleet.agent")
 

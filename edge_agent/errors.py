@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pocketfleet import PocketfleetError
 from export.errors import DowngradeError
+from pocketfleet import PocketfleetError
 from pocketfleet.config import ConfigError as BaseConfigError
 
 

@@ -14,8 +14,8 @@ import numpy as np
 
 from edge_agent.errors import HealthCheckError
 from edge_agent.head_runtime import with_head
-from edge_agent.runtimes import Runtime, load_runtime
 from export.manifest import Manifest
+from export.runtimes import Runtime, load_runtime
 from export.samples import Samples, check_samples
 from pocketfleet import PocketfleetError
 

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import DowngradeError, HealthCheckError, StoreError
-from pocketfleet.faults import fault_point
-from pocketfleet.fs import FileLock, atomic_write_json, fsync_dir, fsync_tree
 from edge_agent.health import LoadedModel, health_check
-from edge_agent.verify import verify_installed
+from export.installed import verify_installed
 from export.manifest import iso, utc_now
 from export.signing import Trust, TrustLike, load_trust
 from export.verify import extract_package, verify_package
 from pocketfleet import PocketfleetError
+from pocketfleet.faults import fault_point
+from pocketfleet.fs import FileLock, atomic_write_json, fsync_dir, fsync_tree
 
 STATE_FILE = "state.json"
 EVENTS_FILE = "events.jsonl"

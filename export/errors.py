@@ -81,3 +81,7 @@ class MalformedPackageError(VerificationError):
 
 class DowngradeError(VerificationError):
     """A package's version is not newer than the highest version installed (rollback protection)."""
+
+
+class HeadError(PocketfleetError):
+    """A manifest's trainable_head entry or the head weights are malformed (names the field or tensor)."""

@@ -16,18 +16,17 @@ def lazy_exports(
     """`__getattr__` and `__dir__` for a package `__init__` that re-exports names without importing
     their modules up front.
 
-    `exports`: name -> module, absolute ("edge_agent.daemon") or relative to `package` ("modeldir"),
+    `exports`: name -> module, absolute when dotted ("edge_agent.daemon") or a submodule of `package`
+    ("modeldir"),
     optionally "module:attribute" when the exported name differs. `modules`: names that are submodules
     of `package`, returned as modules.
     """
-    root = package.split(".")[0]
-
     def getattr_(name: str) -> Any:
         if name in modules:
             value = importlib.import_module(f"{package}.{name}")
         elif name in exports:
             module, _, attr = exports[name].partition(":")
-            absolute = module == root or module.startswith(root + ".")
+            absolute = "." in module or module == package.split(".")[0]
             value = getattr(importlib.import_module(module if absolute else f"{package}.{module}"), attr or name)
         else:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")

@@ -89,7 +89,7 @@ class Packages:
 
 
 def build_packages(base: Path) -> Packages:
-    from edge_agent.runtimes import load_runtime
+    from export.runtimes import load_runtime
     from tests.test_runtimes import _tflite_int8_requantize
 
     keys = generate_keys(base / "keys")

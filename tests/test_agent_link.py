@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from cloud_sync.cloud import wait_for
-from pocketfleet.sim.fleet import Fleet, make_digits_package
 from edge_agent import Agent, AgentConfig, Client
 from edge_agent.errors import AgentError, ConfigError
+from pocketfleet.sim.fleet import Fleet, make_digits_package
 from tests.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.mosquitto

@@ -19,7 +19,7 @@ from edge_agent.client import Client
 from edge_agent.config import AgentConfig
 from edge_agent.daemon import Agent, running_agent
 from edge_agent.store import ModelStore
-from edge_agent.verify import verify_installed
+from export.installed import verify_installed
 from tests.agent_fixtures import NAME, NO_TORCH, Packages, X, cli, session_packages, spawn
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import devices
-from pocketfleet import cli as pocketfleet
 from devices.profile import FIGURE_FIELDS, ProfileError, load_profile_file, missing_sources
+from pocketfleet import cli as pocketfleet
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402

@@ -19,8 +19,8 @@ import pytest
 from cloud_sync.client import MqttClient
 from cloud_sync.fl import tensors as T
 from cloud_sync.fl.client import FLClient
-from edge_agent.fl import head_trainer_fn
 from cloud_sync.fl.mqtt import MqttDeviceTransport, wait_until
+from edge_agent.fl import head_trainer_fn
 from edge_agent.training import DenseLayer, Head, HeadTrainer, LocalDataset
 from tests.fl_helpers import digits_flat
 from tests.mosquitto import Mosquitto
@@ -135,10 +135,10 @@ def test_demo_rounds_print_accuracy_per_round(tmp_path):
 
 @pytest.mark.mosquitto
 def test_agent_glue_trains_the_active_package_head_on_posted_samples(tmp_path):
-    from edge_agent.fl import device_fl
     from cloud_sync.fl.mqtt import MqttCloudTransport
     from cloud_sync.fl.rounds import Aggregator, TaskConfig
     from compress.zoo.digits_data import digits_split
+    from edge_agent.fl import device_fl
     from edge_agent.training import SampleStore
     from tests.fl_helpers import head_package
 

@@ -24,6 +24,7 @@ from edge_agent.training import (
     save_dataset_file,
     train_head,
 )
+from export.errors import HeadError
 from tests.fl_helpers import digits_flat, head_package
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_train_head_rejects_bad_inputs():
         TrainConfig.from_dict({"lr": -1})
     with pytest.raises(TrainingError, match="unknown field"):
         TrainConfig.from_dict({"learning_rate": 0.1})
-    with pytest.raises(TrainingError, match="schema"):
+    with pytest.raises(HeadError, match="schema"):
         Head.from_manifest({"schema": "other", "layers": []})
 
 

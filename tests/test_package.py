@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pocketfleet import cli as pocketfleet
 from export import (
     BadSignatureError,
     ExpiredPackageError,
@@ -48,6 +47,7 @@ from export import (
 from export.manifest import parse_iso, utc_now
 from export.signing import sign_bytes
 from export.specs import TensorSpec
+from pocketfleet import cli as pocketfleet
 
 ROOT = Path(__file__).resolve().parents[1]
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
@@ -170,7 +170,7 @@ def test_private_key_is_private(keys: dict) -> None:
 def test_extract_writes_verified_files_and_samples_smoke_test_passes(
     pkg: Path, keys: dict, tmp_path: Path
 ) -> None:
-    from edge_agent.runtimes import load_runtime
+    from export.runtimes import load_runtime
 
     dest = tmp_path / "store" / "mm-3"
     manifest = extract_package(pkg, dest, keys["good"]["public_key"])
@@ -526,7 +526,7 @@ def test_extract_and_smoke_test_without_torch(pkg: Path, keys: dict, tmp_path: P
         NO_TORCH
         + f"""
 from export import extract_package, Samples, check_samples
-from edge_agent.runtimes import load_runtime
+from export.runtimes import load_runtime
 m = extract_package({str(pkg)!r}, {str(tmp_path / "x")!r}, {keys["good"]["public_key"]!r})
 s = Samples.from_bytes(open({str(tmp_path / "x")!r} + '/' + m.samples['path'], 'rb').read(), m.samples)
 print(check_samples(load_runtime({str(tmp_path / "x")!r} + '/' + m.model).run, s))

@@ -12,8 +12,8 @@ import pytest
 from cloud_sync.client import Message, MqttClient
 from cloud_sync.cloud import Cloud, CloudConfig, CloudSettings, wait_for
 from cloud_sync.device import DeviceConfig, DeviceLink, MqttSink
-from edge_agent.store import ModelStore
 from cloud_sync.protocol import decode, dev_topic, encode
+from edge_agent.store import ModelStore
 from tests.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.mosquitto

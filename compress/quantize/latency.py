@@ -1,4 +1,4 @@
-"""Latency of model files in their own runtime (edge_agent.runtimes), measured round-robin: every
+"""Latency of model files in their own runtime (export.runtimes), measured round-robin: every
 round runs each model once, in turn, so that load from other processes hits all of them alike."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def measure_latency(
 
     Runs interleave the models (round-robin) `runs` times, more while `min_seconds` has not passed.
     """
-    from edge_agent.runtimes import load_runtime
+    from export.runtimes import load_runtime
 
     runtimes = {
         name: load_runtime(path, format=(formats or {}).get(name), threads=threads)

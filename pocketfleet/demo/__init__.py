@@ -57,9 +57,9 @@ def _say(msg: str) -> None:
 
 def run_demo(workdir: Path, model: str = "digits-cnn", devices: int = 4, rounds: int = 3) -> dict[str, Any]:
     from compress.zoo import load_model_dir, make_model_dir
-    from pocketfleet.timing import time_calls
-    from edge_agent.runtimes import load_runtime
     from export import export_model, extract_package, generate_keys, verify_package
+    from export.runtimes import load_runtime
+    from pocketfleet.timing import time_calls
 
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)

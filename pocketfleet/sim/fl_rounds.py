@@ -9,8 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 log = logging.getLogger("pocketfleet.sim.fl")
 
 
@@ -25,14 +23,13 @@ def demo_rounds(
     Each device gets a Dirichlet(0.5) share of the digits train split (raw 8x8 pixels as features).
     """
     from cloud_sync.client import MqttClient
-    from compress.zoo.digits_data import digits_split
-    from edge_agent.training import DenseLayer, Head, LocalDataset
-
     from cloud_sync.fl.client import FLClient
     from cloud_sync.fl.mqtt import MqttCloudTransport, MqttDeviceTransport
     from cloud_sync.fl.partition import dirichlet_split
     from cloud_sync.fl.rounds import Aggregator, TaskConfig
+    from compress.zoo.digits_data import digits_split
     from edge_agent.fl import head_trainer_fn
+    from edge_agent.training import DenseLayer, Head, LocalDataset
 
     work = Path(workdir or tempfile.mkdtemp(prefix="pf-fl-demo-"))
     x, y = digits_split("train")

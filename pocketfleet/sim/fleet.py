@@ -66,10 +66,9 @@ def make_digits_package(
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from compress.zoo.digits_data import digits_all
     from export.package import build_package
     from export.samples import Samples
-
-    from compress.zoo.digits_data import digits_all
 
     images, y = digits_all()
     x = images.reshape(len(images), -1)

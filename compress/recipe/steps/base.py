@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import RecipeError
 from pocketfleet.config import Extra, parse_config
+
+from ..errors import RecipeError
 
 if TYPE_CHECKING:
     from ..runner import Pipeline
