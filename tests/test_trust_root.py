@@ -41,10 +41,7 @@ def keyring(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    try:
-        from export.runtimes import load_runtime
-    except ImportError:  # before the runtimes moved to export/
-        from edge_agent.runtimes import load_runtime
+    from export.runtimes import load_runtime
 
     path = conv_net(tmp_path_factory.mktemp("model") / "m.onnx", seed=3)
     return path, load_runtime(path).run({"image": X})["logits"]
