@@ -29,7 +29,8 @@ from export.trust_root import (
     sign_pending_root,
 )
 from pocketfleet.cli import main as pocketfleet_main
-from tests.agent_fixtures import FIELDS, NO_TORCH, X, cli, conv_net
+from tests.agent_fixtures import FIELDS, X, cli, conv_net
+from tests.conftest import NO_TORCH
 
 
 @pytest.fixture(scope="module")
