@@ -12,6 +12,7 @@ import math
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -125,7 +126,7 @@ def npz_arrays(data: bytes, max_bytes: int = 32 << 20) -> dict[str, np.ndarray]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
         raise bad(f"body is not a valid .npz archive: {exc}", "bad_npz") from exc
     if len(infos) > MAX_NPZ_MEMBERS:
         raise bad(f".npz holds {len(infos)} members, more than {MAX_NPZ_MEMBERS}", "bad_npz")
@@ -153,7 +154,8 @@ def npz_arrays(data: bytes, max_bytes: int = 32 << 20) -> dict[str, np.ndarray]:
                                       f"{info.file_size} bytes", "inflated_too_large", 413)
             except RequestError:
                 raise
-            except (zipfile.BadZipFile, NotImplementedError, ValueError, OSError, EOFError, RuntimeError) as exc:
+            except (zipfile.BadZipFile, NotImplementedError, ValueError, OSError, EOFError, RuntimeError,
+                    zlib.error) as exc:  # zlib.error: a damaged deflate stream
                 raise bad(f".npz member {info.filename!r} cannot be read: {exc}", "bad_npz") from exc
             if name in out:
                 raise bad(f".npz holds {name!r} twice", "bad_npz")
