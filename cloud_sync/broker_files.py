@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.protocol import DEVICE_PUBLISHES, DEVICE_RECEIVES, ROOT, check_id
+from pocketfleet.fs import atomic_write_bytes
 
 PBKDF2_ITERATIONS = 101  # mosquitto 2.0's default for $7$ hashes
 ROLES = ("device", "cloud")
@@ -144,16 +145,8 @@ def broker_owner(user: str = BROKER_USER) -> tuple[int, int] | None:
 
 
 def _write_private(path: Path, text: str, owner: tuple[int, int] | None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-        if owner is not None:  # mode 0600, but readable by the user mosquitto drops to
-            os.fchown(fh.fileno(), *owner)
-    os.replace(tmp, path)
+    # mode 0600, but owned by the user mosquitto drops to so that it can read the file
+    atomic_write_bytes(path, text.encode(), mode=0o600, owner=owner)
 
 
 def write_files(accounts: Iterable[Account], passwd_path: Path, acl_path: Path, dynsec_path: Path | None = None,
