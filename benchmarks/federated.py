@@ -126,7 +126,9 @@ def _attack(kind: str):  # noqa: ANN202
 
 def run_ours(name: str, setup: Setup, data: dict, parts: list[np.ndarray], init: T.Weights, workdir: Path,
              strategy: str = "fedavg", codec: dict | None = None, attackers: dict[str, str] | None = None,
-             broker: Any = None, strategy_args: dict | None = None) -> dict[str, Any]:
+             broker: Any = None, strategy_args: dict | None = None, draws: list[list[int]] | None = None,
+             train: dict | None = None) -> dict[str, Any]:
+    """Our engine on `parts`. draws: force the devices of each round (indices; the gap experiment)."""
     from cloud_sync.fl.client import torch_trainer_fn
 
     work = workdir / name
@@ -138,7 +140,8 @@ def run_ours(name: str, setup: Setup, data: dict, parts: list[np.ndarray], init:
     task = TaskConfig(
         task=name, rounds=setup.rounds, strategy=strategy, strategy_args=strategy_args or {},
         clients_per_round=setup.per_round, over_selection=setup.over_selection, checkin_target=setup.devices,
-        checkin_s=5.0, round_s=120.0, train=dict(setup.local), codec=codec or {}, group="bench", seed=setup.seed,
+        checkin_s=5.0, round_s=120.0, train=dict(train or setup.local), codec=codec or {}, group="bench",
+        seed=setup.seed,
     )
     devices = [f"dev{i:02d}" for i in range(setup.devices)]
     attackers = attackers or {}
@@ -159,6 +162,8 @@ def run_ours(name: str, setup: Setup, data: dict, parts: list[np.ndarray], init:
         for i, dev in enumerate(devices):
             hub.attach(dev, make_client(dev, i, *hub.device_links(dev)), group="bench")
         agg.create_task(task, init)
+        if draws is not None:
+            _force_draws(agg.live[name].strategy, draws, devices)
         while agg.store.task(name)["state"] == "running":
             hub.pump()
             agg.tick()
@@ -170,10 +175,25 @@ def run_ours(name: str, setup: Setup, data: dict, parts: list[np.ndarray], init:
     agg.store.close()
     out = _summary(name, status, transport, time.perf_counter() - t0, strategy, codec, attackers)
     out["strategy_args"] = strategy_args or {}
+    out["draws"] = [sorted(devices.index(d) for d in r["result"]["devices"]) for r in status["rounds"]
+                    if r["state"] == "done"]
     if attackers:
         out["attackers_per_round"] = [sum(d in attackers for d in r["result"]["devices"])
                                       for r in status["rounds"] if r["state"] == "done"]
     return out
+
+
+def _force_draws(strategy: Any, draws: list[list[int]], devices: list[str]) -> None:
+    """Make `strategy` select exactly draws[round] (same train config as its own plan)."""
+    own = strategy.configure_round
+
+    def configure_round(rnd: int, available: Any) -> Any:
+        plan = own(rnd, available)
+        plan.devices = [devices[i] for i in draws[rnd]]
+        plan.target = min(plan.target, len(plan.devices))
+        return plan
+
+    strategy.configure_round = configure_round
 
 
 def _run_mqtt(broker: Any, task: TaskConfig, init: T.Weights, devices: list[str], make_client: Any,
@@ -229,7 +249,11 @@ def _summary(name: str, status: dict, transport: str, seconds: float, strategy: 
 # --------------------------------------------------------------------------------------------- Flower
 
 
-def run_flower(name: str, setup: Setup, data: dict, parts: list[np.ndarray], init: T.Weights) -> dict[str, Any]:
+def run_flower(name: str, setup: Setup, data: dict, parts: list[np.ndarray], init: T.Weights,
+               draws: list[list[int]] | None = None, seeds: list[int] | None = None) -> dict[str, Any]:
+    """Flower's FedAvg.aggregate_fit over NumPyClient.fit. draws / seeds: force each round's devices and
+    local-training seed (the gap experiment); by default Flower-style: uniform draws from rng(seed),
+    local seed = the 1-based round number."""
     import flwr
     from flwr.client import NumPyClient
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -256,15 +280,19 @@ def run_flower(name: str, setup: Setup, data: dict, parts: list[np.ndarray], ini
                       min_available_clients=setup.devices, fraction_evaluate=0.0)
     params = ndarrays_to_parameters([init[n] for n in names])
     rng = np.random.default_rng(setup.seed)
-    acc, up, down, secs = [], [], [], []
+    acc, up, down, secs, drawn = [], [], [], [], []
     t_all = time.perf_counter()
     for rnd in range(1, setup.rounds + 1):
         t0 = time.perf_counter()
         chosen = rng.choice(setup.devices, size=setup.per_round, replace=False)
+        if draws is not None:
+            chosen = draws[rnd - 1]
+        drawn.append(sorted(int(c) for c in chosen))
         results, b_up, b_down = [], 0, 0
         for c in chosen:
             b_down += sum(len(t) for t in params.tensors)
-            nd, n, metrics = clients[c].fit(parameters_to_ndarrays(params), {"seed": rnd})
+            seed = seeds[rnd - 1] if seeds is not None else rnd
+            nd, n, metrics = clients[c].fit(parameters_to_ndarrays(params), {"seed": seed})
             fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(nd), n, metrics)
             b_up += sum(len(t) for t in fit.parameters.tensors)
             results.append((None, fit))
@@ -275,7 +303,8 @@ def run_flower(name: str, setup: Setup, data: dict, parts: list[np.ndarray], ini
         down.append(b_down)
     out = {"name": name, "transport": "inproc (Flower API)", "flwr_version": flwr.__version__, "accuracy": acc,
            "final_accuracy": acc[-1], "bytes_up": up, "bytes_down": down, "round_s": secs,
-           "bytes_per_update": float(np.mean(up)) / setup.per_round, "seconds": round(time.perf_counter() - t_all, 1)}
+           "bytes_per_update": float(np.mean(up)) / setup.per_round, "seconds": round(time.perf_counter() - t_all, 1),
+           "draws": drawn}
     log(f"{name:28s} final acc {acc[-1]:.4f}  up/update {out['bytes_per_update']:.0f} B  {out['seconds']}s")
     return out
 
