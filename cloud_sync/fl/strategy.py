@@ -231,24 +231,44 @@ class TrimmedMean(Strategy):
 
 class MultiKrum(Strategy):
     """Blanchard et al. 2017: score each delta by its summed squared distance to its n-f-2 nearest
-    neighbours; average the `m` best (m=None: n - f). f = assumed Byzantine devices (default 20%)."""
+    neighbours; average the `m` best (m=None: n - f). f = assumed Byzantine devices (default 20%).
+
+    byzantine="auto": f adapts to the round's draw. The scores use the most neighbours Krum allows
+    for the round (f_max = (n-3)//2), and the deltas kept are those scoring at most `ratio` x the median
+    score of the best half (an honest majority keeps honest updates in the best half, whose scores are
+    alike; a round that drew more attackers than a fixed f would allow still drops every far-off one).
+    `last_f` reports the f a round used."""
 
     name = "multikrum"
 
-    def __init__(self, byzantine: float = 0.2, m: int | None = None, **kw: Any) -> None:
+    def __init__(self, byzantine: float | str = 0.2, m: int | None = None, ratio: float = 3.0, **kw: Any) -> None:
         super().__init__(**kw)
-        self.byzantine, self.m = byzantine, m
+        if byzantine != "auto" and not (isinstance(byzantine, (int, float)) and 0 <= byzantine < 0.5):
+            raise FLError(f"multikrum: byzantine={byzantine!r} must be 'auto' or a fraction in [0, 0.5)")
+        if ratio <= 1:
+            raise FLError(f"multikrum: ratio={ratio} must be > 1")
+        self.byzantine, self.m, self.ratio = byzantine, m, ratio
+        self.last_f = 0
 
     def select(self, results: Sequence[ClientResult]) -> list[int]:
         mat, _ = _stack(results)
         n = len(results)
-        f = min(int(math.ceil(self.byzantine * n)), max(0, (n - 3) // 2))
+        f_max = max(0, (n - 3) // 2)
+        auto = self.byzantine == "auto"
+        f = f_max if auto else min(int(math.ceil(float(self.byzantine) * n)), f_max)
         sq = (mat * mat).sum(axis=1)
         dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * mat @ mat.T, 0.0)
         k = max(1, n - f - 2)
         scores = np.array([np.sort(np.delete(dist[i], i))[:k].sum() for i in range(n)])
+        order = np.argsort(scores, kind="stable")
+        if auto:
+            anchor = float(np.median(scores[order[: max(1, (n + 1) // 2)]]))
+            keep = [int(i) for i in order if scores[i] <= self.ratio * anchor] or [int(order[0])]
+            self.last_f = n - len(keep)
+            return sorted(keep)
         m = self.m if self.m is not None else n - f
-        return sorted(np.argsort(scores, kind="stable")[: max(1, min(m, n))].tolist())
+        self.last_f = f
+        return sorted(order[: max(1, min(m, n))].tolist())
 
     def combine(self, results: Sequence[ClientResult]) -> T.Weights:
         return super().combine([results[i] for i in self.select(results)])
