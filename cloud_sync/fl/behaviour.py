@@ -47,20 +47,20 @@ class DeviceBehaviour:
     dropout: float
     latency_s: float = 0.05
 
+    def _cycle(self, t: float) -> float:
+        """Start of the online window of the cycle that t falls in (windows are [start, start + window))."""
+        return self.window_start_s + math.floor((t - self.window_start_s) / self.period_s) * self.period_s
+
     def online(self, t: float) -> bool:
-        return (t - self.window_start_s) % self.period_s < self.window_s
+        return t < self._cycle(t) + self.window_s
 
     def next_online(self, t: float) -> float:
         """The first time >= t at which the device is online."""
-        if self.online(t):
-            return t
-        into = (t - self.window_start_s) % self.period_s
-        return t + (self.period_s - into)
+        return t if self.online(t) else self._cycle(t) + self.period_s
 
     def offline_at(self, t: float) -> float:
-        """When the current online window (t must be online) closes."""
-        into = (t - self.window_start_s) % self.period_s
-        return t + (self.window_s - into)
+        """When the online window that t falls in closes (t itself when offline)."""
+        return max(t, self._cycle(t) + self.window_s)
 
 
 @dataclass(frozen=True)
@@ -153,14 +153,18 @@ class BehaviourHub:
         return checkin, update
 
     def _came_online(self, device: str) -> None:
-        b = self.behaviour[device]
+        b, now = self.behaviour[device], self.clock()
+        if not b.online(now):  # never spin on a window edge
+            self.at(b.next_online(now), self._came_online, device)
+            return
         for (g, _), msg in self.retained.items():
             if g == self.groups[device]:
                 self.clients[device].on_announce(msg)
-        self.at(b.offline_at(self.clock()) + 1e-6, self._went_offline, device)
+        self.at(max(b.offline_at(now), now + 1e-3), self._went_offline, device)
 
     def _went_offline(self, device: str) -> None:
-        self.at(self.behaviour[device].next_online(self.clock()), self._came_online, device)
+        b, now = self.behaviour[device], self.clock()
+        self.at(max(b.next_online(now), now + 1e-3), self._came_online, device)
 
     def _to_cloud(self, kind: str, device: str, data: bytes) -> None:
         if kind == "checkin":
