@@ -511,7 +511,7 @@ def gap_group(setup: Setup, data: dict, workdir: Path) -> dict[str, Any]:
             for key, run in (("flower", fl), ("ours_same_config", same), ("ours", ours)):
                 runs.setdefault(f"{key}_{split}", {}).setdefault("last5", []).append(last5(run))
                 curves[f"{key}_{split}_s{seed}"] = {"accuracy": run["accuracy"], "draws": run["draws"]}
-            if seed == setup.seeds[0]:
+            if seed == 0:  # the control (one seed)
                 fo = run_flower(f"flower_on_our_draws_{split}", s, data, parts, init, draws=same["draws"],
                                 seeds=list(range(s.rounds)))
                 diff = [abs(a - b) for a, b in zip(fo["accuracy"], same["accuracy"], strict=True)]
@@ -526,6 +526,16 @@ def gap_group(setup: Setup, data: dict, workdir: Path) -> dict[str, Any]:
         log(f"gap {k:28s} last-5 mean {v['mean']:.4f} +- {v['std']:.4f}  {v['per_seed']}")
     return {"seeds": list(setup.seeds), "lr_decay": setup.lr_decay, "last5": summary, "same_draws_control": control,
             "curves": curves}
+
+
+def _merge_gap(a: dict | None, b: dict | None) -> dict | None:
+    """The gap group run one seed per process: concatenate the seeds."""
+    if not a or not b:
+        return a or b
+    out = {**a, "seeds": a["seeds"] + b["seeds"], "curves": {**a["curves"], **b["curves"]},
+           "same_draws_control": {**a["same_draws_control"], **b["same_draws_control"]}}
+    out["last5"] = {k: _mean_std(a["last5"][k]["per_seed"] + b["last5"][k]["per_seed"]) for k in a["last5"]}
+    return out
 
 
 def byz_auto_group(setup: Setup, data: dict, workdir: Path) -> dict[str, Any]:
@@ -827,8 +837,11 @@ def main() -> None:
         for part in args.combine.split(","):
             data = json.loads(Path(part).read_text())
             runs = {**result["runs"], **data.get("runs", {})}
+            gap = _merge_gap(result.get("gap"), data.get("gap"))
             result.update(data)
             result["runs"] = runs
+            if gap:
+                result["gap"] = gap
         result["goals"] = goals(result)
         Path(args.out).write_text(json.dumps(result, indent=1))
         if result["runs"]:
@@ -869,9 +882,9 @@ def main() -> None:
     if args.merge and out.exists():
         old = json.loads(out.read_text())
         result = {**old, "setup": asdict(setup), "runs": old.get("runs", {})}
-    if "centralized" not in result or not args.merge:
+    if ("centralized" not in result or not args.merge) and groups - {"gap", "byz_auto", "scale"}:
         result["centralized"] = centralized(setup, data, init)
-    log(f"centralized: {result['centralized']}")
+        log(f"centralized: {result['centralized']}")
     # simulated devices write their FL state durably (fsync) like real ones: on a tmpfs when there is one,
     # so a loaded disk does not set the pace of a simulation
     shm = Path("/dev/shm")
@@ -971,7 +984,7 @@ def _digest(result: dict[str, Any]) -> dict[str, Any]:
 
 def goals(result: dict[str, Any]) -> dict[str, Any]:
     """The issue's goals. 'final' accuracy = mean of the last 5 rounds (see last5)."""
-    runs, central = result["runs"], result["centralized"]["accuracy"]
+    runs, central = result["runs"], result.get("centralized", {}).get("accuracy", 1.0)
     for run in runs.values():
         run["final_accuracy_last5"] = last5(run)
     g: dict[str, Any] = {}
