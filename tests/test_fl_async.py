@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from cloud_sync.fl.behaviour import BehaviourHub, BehaviourModel, VirtualClock, time_to_accuracy
-from cloud_sync.fl.client import FLClient, head_trainer_fn
+from cloud_sync.fl.client import FLClient
 from cloud_sync.fl.errors import FLError
 from cloud_sync.fl.partition import dirichlet_split
 from cloud_sync.fl.rounds import Aggregator, TaskConfig
 from cloud_sync.fl.strategy import ClientResult, FedBuff, make_strategy
+from edge_agent.fl import head_trainer_fn
 from edge_agent.training import DenseLayer, Head, HeadTrainer, LocalDataset
 from tests.fl_helpers import digits_flat
 

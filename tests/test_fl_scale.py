@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from cloud_sync.client import MqttClient
-from cloud_sync.fl.client import FLClient, head_trainer_fn
+from cloud_sync.fl.client import FLClient
 from cloud_sync.fl.lightfleet import LightFleet
 from cloud_sync.fl.mqtt import MqttCloudTransport
 from cloud_sync.fl.rounds import Aggregator, TaskConfig
+from edge_agent.fl import head_trainer_fn
 from edge_agent.training import DenseLayer, Head, HeadTrainer, LocalDataset
 from tests.fl_helpers import digits_flat
 from tests.mosquitto import Mosquitto

@@ -13,10 +13,11 @@ import pytest
 
 from cloud_sync.client import MqttClient
 from cloud_sync.fl import tensors as T
-from cloud_sync.fl.client import FLClient, head_trainer_fn
+from cloud_sync.fl.client import FLClient
 from cloud_sync.fl.errors import FLError
 from cloud_sync.fl.mqtt import MqttDeviceTransport, wait_until
 from cloud_sync.fl.tasks import TaskFile, pid_alive
+from edge_agent.fl import head_trainer_fn
 from edge_agent.training import DenseLayer, Head, HeadTrainer, LocalDataset
 from tests.fl_helpers import digits_flat
 from tests.mosquitto import Mosquitto

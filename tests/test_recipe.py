@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import pocketfleet
+from pocketfleet import cli as pocketfleet
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -439,9 +439,9 @@ def test_out_dir_must_be_empty(digits_cnn_dir: Path, tmp_path: Path) -> None:
 
 def test_docs_name_every_recipe_key() -> None:
     """docs/recipes.md documents every key a recipe accepts (step options come from the configs)."""
-    from compress.recipe.options import fields_of
     from compress.recipe.schema import TOP_LEVEL, DataSource, ModelSpec, RunSettings, Target
     from compress.recipe.steps import step_types
+    from pocketfleet.config import fields_of
 
     text = (ROOT / "docs" / "recipes.md").read_text()
     keys = {"top level": set(TOP_LEVEL)}

@@ -10,6 +10,7 @@ hold a thousand of them. Used by the 1,000-device benchmark and its test.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
 import threading
@@ -118,10 +119,8 @@ class LightFleet:
         if self._thread is not None:
             self._thread.join(10)
         for d in self.devices.values():
-            try:
+            with contextlib.suppress(Exception):
                 d.mqtt.disconnect()
-            except Exception:  # noqa: BLE001
-                pass
             sock = d.mqtt.socket()
             if sock is not None:
                 sock.close()

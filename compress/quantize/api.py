@@ -348,9 +348,9 @@ def quantize(
     exported with export.convert, which folds BN in both formats). `latency_runs=0` skips latency.
     """
     from compress.zoo.base import torch_predict
+    from export.latency import measure_latency, single_input
     from export.pipeline import convert, package_artifact
 
-    from .latency import measure_latency, single_input
     from .scoring import CachedPredict, Scorer
 
     cfg = _config(config)
