@@ -154,8 +154,8 @@ class BehaviourHub:
 
     def _came_online(self, device: str) -> None:
         b, now = self.behaviour[device], self.clock()
-        if not b.online(now):  # never spin on a window edge
-            self.at(b.next_online(now), self._came_online, device)
+        if not b.online(now):  # a window edge in floating point: look again a moment later, never spin
+            self.at(max(b.next_online(now), now + 1e-3), self._came_online, device)
             return
         for (g, _), msg in self.retained.items():
             if g == self.groups[device]:
