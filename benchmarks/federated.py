@@ -76,6 +76,7 @@ class Setup:
     behaviour: dict[str, Any] = field(default_factory=lambda: {"speed_median": 20.0, "speed_sigma": 0.8,
                                                                 "speed_min": 1.0, "period_s": 1800.0, "dropout": 0.08})
     round_s: float = 60.0
+    behaviour_rounds: int = 20
     scale_devices: int = 1000
     scale_per_round: int = 100
     scale_rounds: int = 5
@@ -655,6 +656,9 @@ def run_flower_behaviour(name: str, setup: Setup, data: dict, parts: list[np.nda
 def behaviour_group(setup: Setup, data: dict, workdir: Path, central: float) -> dict[str, Any]:
     """Sync FedAvg (over-selection 1.0, 1.3 first arrivals, 1.3 with the grace rule) vs FedBuff (dense and
     top-k + int8) vs Flower's FedAvg, all under the device-behaviour model, seed setup.seed, Dirichlet."""
+    from dataclasses import replace
+
+    setup = replace(setup, rounds=setup.behaviour_rounds)
     parts = _splits(setup, data["train"][1], setup.seed)["dirichlet"]
     init = _init(setup.seed)
     dec = {"lr_decay": setup.lr_decay}
@@ -861,6 +865,7 @@ def main() -> None:
     if args.quick:
         setup.rounds, setup.head_rounds = 8, 6
         setup.scale_devices, setup.scale_per_round, setup.scale_rounds = 200, 20, 2
+        setup.behaviour_rounds = 8
     if args.seeds:
         setup.seeds = tuple(int(v) for v in args.seeds.split(","))
     groups = set(filter(None, args.only.split(","))) or {"main", "flower", "byz", "head", "gap", "byz_auto",

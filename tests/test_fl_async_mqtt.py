@@ -42,7 +42,7 @@ def test_fedbuff_over_mosquitto_with_codec_and_dp(tmp_path):
         for i, (dev, p) in enumerate(zip(DEVICES, parts, strict=True)):
             mc = MqttClient(broker.mqtt_config(dev), name=dev)
             link = MqttDeviceTransport(mc, dev, group="lab")
-            trainer = _slow(head_trainer_fn(HeadTrainer(HEAD), LocalDataset({"features": x[p]}, y[p])), 0.02 + 0.1 * i)
+            trainer = _slow(head_trainer_fn(HeadTrainer(HEAD), LocalDataset({"features": x[p]}, y[p])), 0.02 + 0.4 * i)
             fl = FLClient(dev, trainer, len(p), tmp_path / dev, link.send_checkin, link.send_update)
             link.bind(fl)
             mc.start()
@@ -62,7 +62,7 @@ def test_fedbuff_over_mosquitto_with_codec_and_dp(tmp_path):
                           dp={"clip_norm": 5.0, "noise_multiplier": 0.1, "population": 6}, group="lab", round_s=30)
         try:
             agg.create_task(task, init)
-            st = agg.run("async", timeout=90)
+            st = agg.run("async", timeout=150)
         finally:
             for link in links:
                 link.stop()
@@ -74,8 +74,9 @@ def test_fedbuff_over_mosquitto_with_codec_and_dp(tmp_path):
     assert all(r["result"]["participants"] == 3 for r in done)
     assert all(r["result"]["epsilon"] > 0 for r in done)
     assert max(s for r in done for s in r["result"]["staleness"]) >= 1  # slow devices deliver onto newer models
-    fast, slow = clients[0].counters["updates"], clients[-1].counters["updates"]
-    assert fast > slow >= 0  # a fast device is not held back by the slow ones
+    fast = sum(c.counters["updates"] for c in clients[:2])
+    slow = sum(c.counters["updates"] for c in clients[-2:])
+    assert fast > slow  # the fast devices are not held back by the slow ones
     c = st["counters"]
     assert c["accepted"] >= 18 and "duplicate" not in c
     dense = 4 * (64 * 10 + 10)
