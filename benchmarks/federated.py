@@ -980,7 +980,7 @@ def _digest(result: dict[str, Any]) -> dict[str, Any]:
     if "byzantine_auto" in result:
         extra["byzantine_auto"] = [{k: v for k, v in r.items() if k != "attackers_per_round"}
                                    for r in result["byzantine_auto"]["per_seed"]]
-    return {**extra, "goals": result["goals"], "centralized": result["centralized"]["accuracy"],
+    return {**extra, "goals": result["goals"], "centralized": result.get("centralized", {}).get("accuracy"),
             "accuracy_last5": {k: round(last5(v), 4) for k, v in runs.items()},
             "bytes_up_per_update": {k: round(v["bytes_per_update"]) for k, v in runs.items()},
             "bytes_down_per_round": {k: round(float(np.mean(v["bytes_down"]))) for k, v in runs.items()},
