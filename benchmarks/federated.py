@@ -77,6 +77,7 @@ class Setup:
                                                                 "speed_min": 1.0, "period_s": 1800.0, "dropout": 0.08})
     round_s: float = 60.0
     behaviour_rounds: int = 20
+    behaviour_cases: tuple[str, ...] = ()
     scale_devices: int = 1000
     scale_per_round: int = 100
     scale_rounds: int = 5
@@ -672,9 +673,16 @@ def behaviour_group(setup: Setup, data: dict, workdir: Path, central: float) -> 
         "fedbuff": (fedbuff, None),
         "fedbuff_compressed": (fedbuff, setup.codec),
     }
+    only = set(setup.behaviour_cases) if setup.behaviour_cases else {*cases, "flower"}
     runs = {name: run_behaviour(f"beh_{name}", setup, data, parts, init, workdir, kw, codec)
-            for name, (kw, codec) in cases.items()}
-    runs["flower"] = run_flower_behaviour("beh_flower", setup, data, parts, init)
+            for name, (kw, codec) in cases.items() if name in only}
+    if "flower" in only:
+        runs["flower"] = run_flower_behaviour("beh_flower", setup, data, parts, init)
+    return _behaviour_table(runs, central, setup)
+
+
+def _behaviour_table(runs: dict[str, Any], central: float, setup: Setup) -> dict[str, Any]:
+    k = setup.per_round
     target = 0.97 * central
     table = {}
     for name, run in runs.items():
@@ -686,9 +694,10 @@ def behaviour_group(setup: Setup, data: dict, workdir: Path, central: float) -> 
                        "participants_mean": float(np.mean(run.get("participants", [k]))),
                        "staleness_mean": run.get("staleness_mean")}
         log(f"behaviour {name:22s} {table[name]}")
-    return {"target_accuracy": target, "table": table, "runs": runs,
+    first = next((r for r in runs.values() if "behaviour" in r), {})
+    return {"target_accuracy": target, "central": central, "table": table, "runs": runs,
             "model": {**setup.behaviour, "note": "parametric model, see cloud_sync/fl/behaviour.py"},
-            "behaviour_summary": runs["sync_os1.0"]["behaviour"]}
+            "rounds": setup.rounds, "behaviour_summary": first.get("behaviour")}
 
 
 # --------------------------------------------------------------------------------------------- 1,000 devices
@@ -830,6 +839,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma list of run groups: main,flower,byz,head,gap,byz_auto,behaviour,"
                     "scale (default: all)")
     ap.add_argument("--merge", action="store_true", help="update the groups run in an existing --out JSON, keep the rest")
+    ap.add_argument("--behaviour-cases", default="", help="subset of the behaviour group: sync_os1.0,"
+                    "sync_os1.3_first_k,sync_os1.3,fedbuff,fedbuff_compressed,flower")
     ap.add_argument("--seeds", default="", help="comma list of seeds for the gap and byz_auto groups (default 0,1,2)")
     ap.add_argument("--over-selection", type=float, default=None, help="devices selected per round / needed (default 1.0)")
     ap.add_argument("--summarize", default="", help="recompute goals and the plot of an existing JSON result")
@@ -842,10 +853,15 @@ def main() -> None:
             data = json.loads(Path(part).read_text())
             runs = {**result["runs"], **data.get("runs", {})}
             gap = _merge_gap(result.get("gap"), data.get("gap"))
+            beh = result.get("behaviour"), data.get("behaviour")
             result.update(data)
             result["runs"] = runs
             if gap:
                 result["gap"] = gap
+            if beh[0] and beh[1]:  # behaviour cases run in separate processes: later runs win by name
+                merged = {**beh[0]["runs"], **beh[1]["runs"]}
+                result["behaviour"] = {**beh[1], **_behaviour_table(merged, beh[1]["central"],
+                                                                    Setup(rounds=beh[1]["rounds"]))}
         result["goals"] = goals(result)
         Path(args.out).write_text(json.dumps(result, indent=1))
         if result["runs"]:
@@ -866,6 +882,8 @@ def main() -> None:
         setup.rounds, setup.head_rounds = 8, 6
         setup.scale_devices, setup.scale_per_round, setup.scale_rounds = 200, 20, 2
         setup.behaviour_rounds = 8
+    if args.behaviour_cases:
+        setup.behaviour_cases = tuple(args.behaviour_cases.split(","))
     if args.seeds:
         setup.seeds = tuple(int(v) for v in args.seeds.split(","))
     groups = set(filter(None, args.only.split(","))) or {"main", "flower", "byz", "head", "gap", "byz_auto",

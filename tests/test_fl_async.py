@@ -96,3 +96,55 @@ def test_over_selection_grace_aggregates_the_late_large_devices_not_only_the_fir
             assert st["counters"]["surplus"] > 0
     assert out[0.0] == [6, 6, 6, 6]
     assert sum(out[1.0]) > sum(out[0.0])  # with a grace window the slower (larger) devices still count
+
+
+class _Wire:
+    def __init__(self) -> None:
+        self.tasks: list[tuple[str, bytes]] = []
+
+    def broadcast(self, group, task, announce) -> None:  # noqa: ANN001
+        pass
+
+    def send_task(self, device, task, payload) -> None:  # noqa: ANN001
+        self.tasks.append((device, payload))
+
+    def send_secagg(self, device, task, payload) -> None:  # noqa: ANN001
+        pass
+
+
+def test_fedbuff_averages_batchnorm_statistics_as_values_and_steps_weights_by_staleness(tmp_path):
+    from cloud_sync.fl import messages as M
+    from cloud_sync.fl.codecs import CodecConfig, encode_update
+
+    wire, clock = _Wire(), VirtualClock(10.0)
+    agg = Aggregator(tmp_path / "fl.db", wire, clock=clock)
+    init = {"w": np.zeros(4, np.float32), "bn.running_var": np.ones(4, np.float32)}
+    agg.create_task(TaskConfig(task="bn", rounds=3, strategy="fedbuff",
+                               strategy_args={"buffer_size": 2, "staleness_exponent": 1.0}), init)
+
+    def checkin(dev: str) -> None:
+        agg.on_checkin(dev, M.encode(M.CHECKIN, task="bn", round=0, attempt=0, device=dev, num_samples=1))
+
+    def upload(dev: str, rnd: int, dw: float, var: float) -> str:
+        delta = {"w": np.full(4, dw, np.float32), "bn.running_var": np.full(4, var, np.float32)}
+        data = encode_update(delta, CodecConfig(), {"task": "bn", "round": rnd, "attempt": 0, "device": dev,
+                                                     "num_samples": 1, "metrics": {}}, None, seed=0)
+        return agg.on_update(dev, data)
+
+    for dev in ("a", "b", "c"):
+        checkin(dev)
+    assert [d for d, _ in wire.tasks] == ["a", "b", "c"]
+    assert upload("a", 0, 1.0, -0.5) == "accepted" and upload("b", 0, 1.0, 1.0) == "accepted"
+    agg.tick()
+    w1 = agg.weights("bn")
+    assert np.allclose(w1["w"], 1.0) and np.allclose(w1["bn.running_var"], 1.25)  # mean of 0.5 and 2.0
+    checkin("a")
+    # c trained on version 0 (staleness 1): its step is halved; its variance is taken as its own value
+    assert upload("c", 0, 2.0, -0.9) == "accepted" and upload("a", 1, 0.0, 0.0) == "accepted"
+    assert upload("a", 1, 0.0, 0.0) == "duplicate"
+    agg.tick()
+    w2 = agg.weights("bn")
+    assert np.allclose(w2["w"], 1.0 + (2.0 * 0.5 + 0.0) / 2)
+    assert np.allclose(w2["bn.running_var"], (0.1 + 1.25) / 2) and (w2["bn.running_var"] > 0).all()
+    st = agg.status("bn")
+    assert [sorted(r["result"]["staleness"]) for r in st["rounds"] if r["state"] == "done"] == [[0, 0], [0, 1]]

@@ -179,16 +179,32 @@ class AsyncRounds:
     def _aggregate(self, task: str, rnd: dict[str, Any], buf: list[tuple[str, int, bytes]], now: float) -> None:
         live = self.agg.live[task]
         fb = fedbuff_of(live.strategy)
-        results, nbytes = [], 0
+        results, nbytes, values = [], 0, []
+        bases: dict[int, T.Weights] = {}
         for device, r_no, payload in buf:
             upd = decode_update(payload, live.shapes, DecodeLimits(max_bytes=live.config.max_update_bytes))
             tau = rnd["round"] - r_no
             s = np.float32(fb.staleness_weight(tau))
-            results.append(ClientResult(device, upd.num_samples, {k: v * s for k, v in upd.delta.items()},
+            stats = [k for k in upd.delta if fb.is_statistic(k)]
+            if stats:  # the device's own statistics = its base model's + its delta
+                if r_no not in bases:
+                    row = self.agg.store.one("SELECT model_version FROM rounds WHERE task = ? AND round = ? "
+                                             "AND attempt = 0", task, r_no)
+                    bases[r_no] = T.weights_from_bytes(self.agg.store.model(task, row[0]))[1]
+                values.append((upd.num_samples, {k: bases[r_no][k] + upd.delta[k] for k in stats}))
+            results.append(ClientResult(device, upd.num_samples,
+                                        {k: v * s for k, v in upd.delta.items() if k not in stats},
                                         upd.metrics, staleness=tau))
             nbytes += len(payload)
         t0 = time.perf_counter()
-        new = live.strategy.aggregate(rnd["round"], results, live.weights)
+        new = live.strategy.aggregate(rnd["round"], results, {k: v for k, v in live.weights.items()
+                                                               if not fb.is_statistic(k)})
+        if values:
+            total = float(sum(n for n, _ in values))
+            for k in values[0][1]:
+                new[k] = sum(np.float32(n / total) * v[k] for n, v in values).astype(np.float32)
+        for k in live.weights:
+            new.setdefault(k, live.weights[k])
         agg_s = time.perf_counter() - t0
         if not all(np.isfinite(v).all() for v in new.values()):
             log.warning("fl: %s async aggregation %d produced NaN/inf: buffer dropped", task, rnd["round"])

@@ -280,14 +280,15 @@ class FedBuff(Strategy):
     arrive, each delta first scaled by s(staleness) = (1 + staleness) ** -staleness_exponent, and drops
     updates more than `max_staleness` versions old. `concurrency`: devices training at once (default
     2K). `rule`: how the K scaled deltas are combined (fedavg = sample-weighted mean, or a robust rule
-    with `rule_args`). Run by the round engine's asynchronous mode (cloud_sync.fl.fedbuff)."""
+    with `rule_args`). `statistics`: tensor-name suffixes averaged as values (see is_statistic). Run by
+    the round engine's asynchronous mode (cloud_sync.fl.fedbuff)."""
 
     name = "fedbuff"
     asynchronous = True
 
     def __init__(self, buffer_size: int = 10, concurrency: int | None = None, max_staleness: int = 10,
                  staleness_exponent: float = 0.5, rule: str = "fedavg", rule_args: Mapping[str, Any] | None = None,
-                 **kw: Any) -> None:
+                 statistics: Sequence[str] = ("running_mean", "running_var"), **kw: Any) -> None:
         super().__init__(**kw)
         if buffer_size < 1 or max_staleness < 0 or staleness_exponent < 0:
             raise FLError(f"fedbuff: buffer_size={buffer_size} must be >= 1, max_staleness and staleness_exponent >= 0")
@@ -299,6 +300,13 @@ class FedBuff(Strategy):
             raise FLError(f"fedbuff: concurrency={self.concurrency} must be >= buffer_size={buffer_size}")
         self.min_clients = min(self.min_clients, buffer_size)
         self.rule = make_strategy(rule, **dict(rule_args or {}))
+        self.statistics = tuple(statistics)
+
+    def is_statistic(self, name: str) -> bool:
+        """Tensors that are estimates, not trained weights (BatchNorm running mean / variance): they are
+        averaged as the devices' values (base + delta), not stepped by stale deltas, which could push a
+        variance below zero."""
+        return name.rsplit(".", 1)[-1] in self.statistics
 
     def staleness_weight(self, staleness: int) -> float:
         return float((1.0 + max(0, staleness)) ** -self.staleness_exponent)
