@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "when --tls-cert/--tls-key/--tls-ca are given.")
     _config_arg(conf)
     conf.add_argument("--port", type=int, default=1883)
-    conf.add_argument("--host", default="0.0.0.0", help="listener address (default 0.0.0.0)")
+    conf.add_argument("--host", default=None,
+                      help="listener address (default 127.0.0.1; 0.0.0.0 or another address only with TLS, "
+                      "or with --allow-plaintext)")
+    conf.add_argument("--allow-plaintext", action="store_true",
+                      help="allow a non-loopback listener without TLS (passwords travel in clear)")
     conf.add_argument("--tls-ca", help="CA certificate (PEM)")
     conf.add_argument("--tls-cert", help="server certificate (PEM)")
     conf.add_argument("--tls-key", help="server private key (PEM)")
@@ -68,9 +72,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prov.add_argument("--group", help="the device's group (required for devices)")
     prov.add_argument("--cloud-worker", action="store_true", help="a cloud worker account (read/write pf/v1/#)")
     prov.add_argument("--out", help="directory for agent.toml and mqtt.password (default STATE/provisioned/NAME)")
+    prov.add_argument("--change-role", action="store_true",
+                      help="allow turning an existing device into a cloud worker or back (refused otherwise)")
     _config_arg(prov)
     add_json_flag(prov)
     prov.set_defaults(func=_cmd_provision)
+    cnt = csub.add_parser("counters", help="each worker's counters (received, malformed, dead letters, refused ...)",
+                          description="What every cloud worker counted (saved by the worker every 2 s and when it "
+                          "stops): messages received, malformed, dead-lettered, duplicate or rate-limited chunk "
+                          "requests, refused publishes, ... and the dead letters kept in the registry.")
+    _config_arg(cnt)
+    add_json_flag(cnt)
+    cnt.set_defaults(func=_cmd_counters)
     devs = csub.add_parser("devices", help="list the fleet registry (presence, versions, last seen)")
     devs.add_argument("--group")
     _config_arg(devs)
@@ -143,28 +156,46 @@ def _cmd_broker_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_mosquitto_conf(args: argparse.Namespace) -> int:
+    import ipaddress
     from pathlib import Path
 
-    from cloud_sync.broker_files import mosquitto_conf, write_files
+    from cloud_sync.broker_files import broker_owner, mosquitto_conf
     from cloud_sync.errors import ConfigError
-    from cloud_sync.provision import broker_paths
+    from cloud_sync.provision import write_broker_files
 
     config = _load(args)
-    passwd, acl = broker_paths(config)
-    if not passwd.exists():
-        registry = config.open_registry()
-        try:
-            write_files(registry.accounts(), passwd, acl)
-        finally:
-            registry.close()
     tls_parts = (args.tls_ca, args.tls_cert, args.tls_key)
     if any(tls_parts) and not all(tls_parts):
         raise ConfigError("--tls-ca, --tls-cert and --tls-key go together")
     tls = tuple(Path(p).resolve() for p in tls_parts) if all(tls_parts) else None
-    text = mosquitto_conf(args.port, passwd.resolve(), acl.resolve(), host=args.host, tls=tls,  # type: ignore[arg-type]
-                          persistence_dir=Path(args.persistence_dir).resolve() if args.persistence_dir else None)
+    host = args.host or "127.0.0.1"
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and tls is None and not args.allow_plaintext:
+        raise ConfigError(f"--host {host} without TLS would take passwords in clear from the network: "
+                          "give --tls-ca/--tls-cert/--tls-key, or --allow-plaintext")
+    registry = config.open_registry()
+    try:
+        files = write_broker_files(config, registry.accounts())
+    finally:
+        registry.close()
+    persistence = Path(args.persistence_dir).resolve() if args.persistence_dir else None
+    owner = broker_owner()
+    if persistence is not None and owner is not None:  # mosquitto writes it after dropping to its user
+        persistence.mkdir(parents=True, exist_ok=True)
+        os.chown(persistence, *owner)
+    try:
+        text = mosquitto_conf(args.port, files["passwd"].resolve(), files["acl"].resolve(), host=host,
+                              tls=tls, persistence_dir=persistence,  # type: ignore[arg-type]
+                              dynsec_path=files["dynsec"].resolve())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     Path(args.out).write_text(text)
-    emit({"path": args.out, "passwd": str(passwd), "acl": str(acl), "tls": bool(tls)}, args.json,
+    passwd, acl = files["passwd"], files["acl"]
+    emit({"path": args.out, "passwd": str(passwd), "acl": str(acl), "dynsec": str(files["dynsec"]),
+          "host": host, "tls": bool(tls)}, args.json,
          lambda r: f"wrote {r['path']} (passwords {r['passwd']}, ACL {r['acl']}, TLS {'on' if r['tls'] else 'off'})")
     return 0
 
@@ -191,18 +222,57 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     from cloud_sync.provision import provision
 
     config = _load(args)
-    result = provision(config, args.name, args.group, args.out, role="cloud" if args.cloud_worker else "device")
+    result = provision(config, args.name, args.group, args.out, role="cloud" if args.cloud_worker else "device",
+                       allow_role_change=args.change_role)
 
     def render(r: dict[str, Any]) -> str:
         lines = [f"{r['role']} {r['name']}" + (f" in group {r['group']}" if r["group"] else ""),
                  f"  password file  {r['password_file']} (shown nowhere else; the registry keeps a hash)",
                  f"  broker files   {r['broker_passwd']}, {r['broker_acl']}"
-                 + (" (broker reloaded)" if r["reloaded"] else " (reload the broker: kill -HUP <mosquitto pid>)")]
+                 + (" (broker reloaded)" if r["reloaded"] else " (restart the broker, or set [broker] pid_file)")]
+        if r.get("role_changed"):
+            lines.append(f"  role changed   {r['role_changed']} (new password)")
+        if r.get("reload_error"):
+            lines.append(f"  not applied    {r['reload_error']}")
         if r.get("agent_config"):
             lines.append(f"  agent config   {r['agent_config']}")
         return "\n".join(lines)
 
     emit(result, args.json, render)
+    return 0
+
+
+def _cmd_counters(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    config = _load(args)
+    workers = []
+    for path in sorted((config.state_dir / "workers").glob("*.json")):
+        try:
+            workers.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    registry = config.open_registry()
+    try:
+        letters = [{"ts": r["ts"], "topic": r["topic"], "device": r["device"], "error": r["error"]}
+                   for r in registry.dead_letters(20)]
+        total = registry.query("SELECT COUNT(*) AS n FROM dead_letters")[0]["n"]
+    finally:
+        registry.close()
+    out = {"workers": workers, "dead_letters": total, "recent_dead_letters": letters}
+
+    def render(r: dict[str, Any]) -> str:
+        names = sorted({k for w in r["workers"] for k in w["counters"]})
+        rows = [{"counter": k, **{w["worker"]: w["counters"].get(k, 0) for w in r["workers"]}} for k in names]
+        head = [f"{w['worker']}: {'connected' if w['connected'] else 'DISCONNECTED'}"
+                f"{', leader' if w['leader'] else ''}, saved {round(time.time() - w['ts'], 1)} s ago"
+                for w in r["workers"]] or ["no worker has saved counters yet"]
+        lines = head + ([table(rows)] if rows else []) + [f"dead letters: {r['dead_letters']}"]
+        lines += [f"  {d['device']} {d['topic']}: {d['error']}" for d in r["recent_dead_letters"][:5]]
+        return "\n".join(lines)
+
+    emit(out, args.json, render)
     return 0
 
 

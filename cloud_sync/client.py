@@ -148,6 +148,7 @@ class MqttClient:
         self._socket_opened: float | None = None
         self._ever_connacked = False
         self.connect_timeout_s = 5.0
+        self._fail_logged = -1e9
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -158,6 +159,13 @@ class MqttClient:
     @property
     def mqtt5(self) -> bool:
         return self.protocol == mqtt.MQTTv5
+
+    def link_state(self) -> dict[str, Any]:
+        """What a health endpoint shows: connected or not, to where, the last error, attempts and connects."""
+        c = self.counters
+        return {"connected": self.connected, "broker": f"{self.config.host}:{self.config.port}",
+                "last_error": self.last_error, "connects": c.get("connects"),
+                "connect_failures": c.get("connect_failures"), "connect_refused": c.get("connect_refused")}
 
     def start(self) -> MqttClient:
         """Start connecting in the background (returns at once; see wait_connected)."""
@@ -318,6 +326,11 @@ class MqttClient:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self.counters.add("connect_failures")
         self.last_error = "cannot reach the broker (TCP/TLS connection failed)"
+        now = time.monotonic()
+        if now - self._fail_logged >= 60.0:  # the first failure, then at most one line a minute
+            self._fail_logged = now
+            log.warning("%s: cannot reach the broker at %s:%d (TCP/TLS connection failed; %d attempt(s)); retrying",
+                        self.name, self.config.host, self.config.port, self.counters.get("connect_failures"))
         self._backoff()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:

@@ -46,6 +46,9 @@ CREATE TABLE IF NOT EXISTS rollout_devices(
 CREATE TABLE IF NOT EXISTS events(
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, rollout_id TEXT, device TEXT, kind TEXT NOT NULL,
     detail TEXT);
+CREATE TABLE IF NOT EXISTS dead_letters(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, topic TEXT NOT NULL, device TEXT, error TEXT NOT NULL,
+    payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS leases(name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS rollouts_state ON rollouts(state);
 CREATE INDEX IF NOT EXISTS devices_grp ON devices(grp);
@@ -215,6 +218,15 @@ class Registry:
                 ).rowcount
             db.executemany("UPDATE devices SET last_seen=? WHERE id=?", [(now, d) for d in {d for d, _ in items}])
             return new
+
+    def add_dead_letter(self, topic: str, device: str | None, payload: bytes, error: str) -> None:
+        """Set aside a message that passed validation but cannot be stored (kept as received, for a person)."""
+        with self.tx() as db:
+            db.execute("INSERT INTO dead_letters(ts, topic, device, error, payload) VALUES(?,?,?,?,?)",
+                       (time.time(), topic, device, error[:2000], payload))
+
+    def dead_letters(self, limit: int = 1000) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,))
 
     def telemetry(self, device: str | None = None, kind: str | None = None) -> list[sqlite3.Row]:
         sql, args = "SELECT * FROM telemetry WHERE 1=1", []

@@ -31,8 +31,10 @@ class NoTorch:
     prelude = NO_TORCH
 
     def python(self, code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120,
-               ) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", NO_TORCH + "\n" + code, *args], capture_output=True,
+               allow: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        """`allow`: blocked packages this code may import after all (e.g. onnx for ONNX analysis)."""
+        prelude = NO_TORCH + (f"BLOCKED = tuple(b for b in BLOCKED if b not in {allow!r})\n" if allow else "")
+        return subprocess.run([sys.executable, "-c", prelude + code, *args], capture_output=True,
                               text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
 
     def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
