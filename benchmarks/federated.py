@@ -1066,7 +1066,11 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
                  if sync["time_to_97pct_central_s"] and fb["time_to_97pct_central_s"] else None)
         g["fedbuff_within_1pt_of_sync_final"] = {"sync": sync["last5"], "fedbuff": fb["last5"],
                                                   "ok": 100 * (sync["last5"] - fb["last5"]) <= 1}
-        g["fedbuff_1.3x_faster_to_97pct_central"] = {"speedup": round(speed, 2) if speed else None,
+        ttas = {k: t[k]["time_to_97pct_central_s"] for k in t}
+        vs = {f"vs_{k}": round(ttas[k] / ttas["fedbuff"], 2) for k in ("sync_os1.0", "flower", "sync_os1.3_first_k")
+              if ttas.get(k) and ttas.get("fedbuff")}
+        g["fedbuff_1.3x_faster_to_97pct_central"] = {"speedup_vs_sync_os1.3": round(speed, 2) if speed else None,
+                                                     **vs, "time_to_97pct_s": ttas,
                                                      "ok": bool(speed and speed >= 1.3)}
         ratio = fb["bytes_per_update"] / max(1, fbc["bytes_per_update"])
         g["fedbuff_compressed_10x_fewer_bytes_up"] = {"ratio": round(ratio, 2), "ok": ratio >= 10}
