@@ -34,6 +34,9 @@ def register_fl(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--clients-per-round", type=int, default=10)
     start.add_argument("--min-clients", type=int, default=None)
     start.add_argument("--over-selection", type=float, default=1.3)
+    start.add_argument("--over-selection-grace", type=float, default=0.5,
+                       help="after the target count, keep the round open this fraction of the time it took and "
+                       "aggregate every update that arrives (0 = keep only the first arrivals)")
     start.add_argument("--checkin-s", type=float, default=10.0, help="check-in window per round")
     start.add_argument("--round-s", type=float, default=120.0, help="training deadline after selection")
     start.add_argument("--train", default="", help="local training, e.g. 'epochs=2,lr=0.05,mu=0.01'")
@@ -161,7 +164,8 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
     cfg, db = _open(args)
     task = TaskConfig(
         task=args.task, rounds=args.rounds, strategy=args.strategy, clients_per_round=args.clients_per_round,
-        min_clients=args.min_clients, over_selection=args.over_selection, checkin_s=args.checkin_s,
+        min_clients=args.min_clients, over_selection=args.over_selection,
+        over_selection_grace=args.over_selection_grace, checkin_s=args.checkin_s,
         round_s=args.round_s, train=_kv(args.train, "train"), codec=_kv(args.codec, "codec"),
         dp=_kv(args.dp, "dp") or None, secagg=_kv(args.secagg, "secagg") or None, group=args.group,
     )
