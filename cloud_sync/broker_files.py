@@ -181,6 +181,9 @@ def admin_password(path: Path) -> str:
     return password
 
 
+QUEUE_UNBOUNDED = 10_000_000  # per client: a limit no backlog reaches before the broker's memory does
+
+
 def mosquitto_conf(
     port: int,
     passwd_path: Path | None,
@@ -188,7 +191,7 @@ def mosquitto_conf(
     host: str = "127.0.0.1",
     tls: tuple[Path, Path, Path] | None = None,
     persistence_dir: Path | None = None,
-    max_queued_messages: int = 0,
+    max_queued_messages: int = QUEUE_UNBOUNDED,
     max_inflight_messages: int = 64,
     max_packet_size: int = 4 * 1024 * 1024,
     log_path: Path | None = None,
@@ -198,17 +201,18 @@ def mosquitto_conf(
 ) -> str:
     """A mosquitto 2.x config for a pocketfleet broker.
 
-    `max_queued_messages` 0 (and `max_queued_bytes` 0) means no limit: mosquitto's default of 1000, or any
-    limit, silently drops QoS 1 messages for a slow subscriber once its queue is full - telemetry the broker
-    has already acknowledged to the device (which then deleted it from its outbox). mosquitto has no
-    per-client queue limit, so the only setting under which the cloud's shared-subscription sessions never
-    lose acknowledged data is no limit; back-pressure is the cloud's flow control instead (MQTT 5 receive
-    maximum plus acknowledging telemetry only after its commit), and the bound is the broker's memory
-    (docs/scale.md: 343 MB peak for 10,000 devices and a backlog the cloud took 285 s to drain, 0 lost).
-    A limit > 0 trades that loss for memory.
+    `max_queued_messages` is 10,000,000 per client (and `max_queued_bytes` 0: no byte limit): mosquitto's
+    default of 1000, or any limit a backlog reaches, silently drops QoS 1 messages for a slow subscriber -
+    telemetry the broker has already acknowledged to the device (which then deleted it from its outbox).
+    mosquitto has no per-client limit, so the limit must be one no backlog reaches before the broker's
+    memory does; back-pressure is the cloud's flow control instead (MQTT 5 receive maximum plus
+    acknowledging telemetry only after its commit). Not 0 (mosquitto's "no limit"): with 0, mosquitto
+    2.0 treated in-flight messages differently and the hostile-device test saw QoS 1 redeliveries (26
+    dead letters for 12 poison messages). Measured (docs/scale.md): 343 MB peak RSS for 10,000 devices and
+    a backlog the cloud took 285 s to drain, 0 lost.
     """
     if max_queued_messages < 0:
-        raise ValueError("max_queued_messages must be >= 0 (0: no limit, never drop)")
+        raise ValueError("max_queued_messages must be >= 0")
     lines = [
         "per_listener_settings false",
         f"listener {port} {host}",

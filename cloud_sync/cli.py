@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_cmd_broker_run)
     conf = bsub.add_parser("mosquitto-conf", help="write a mosquitto.conf for the fleet (auth, ACL, queues)",
                            description="Write a mosquitto 2.x configuration that uses the password and ACL "
-                           "files `pocketfleet cloud provision` maintains, lifts max_queued_messages to no limit (any "
-                           "limit silently drops acknowledged QoS 1 messages for a slow subscriber such as the "
+                           "files `pocketfleet cloud provision` maintains, raises max_queued_messages to 10,000,000 (any "
+                           "limit a backlog reaches silently drops acknowledged QoS 1 messages for a slow subscriber such as the "
                            "cloud in a burst; the cloud's flow control is the back-pressure) and enables TLS "
                            "when --tls-cert/--tls-key/--tls-ca are given.")
     _config_arg(conf)

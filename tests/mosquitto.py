@@ -114,7 +114,7 @@ class Mosquitto:
         accounts: dict[str, tuple[str, str | None]] | None = None,
         tls: bool = False,
         persistence: bool = True,
-        max_queued_messages: int = 0,
+        max_queued_messages: int = 10_000_000,  # = broker_files.QUEUE_UNBOUNDED
         max_inflight_messages: int = 64,
         max_packet_size: int = 4 * 1024 * 1024,
         port: int | None = None,

@@ -222,7 +222,7 @@ def test_generated_mosquitto_conf_runs_with_tls_auth_and_acl(tmp_path: Path) -> 
                "--out", str(conf))
     assert made["tls"] is True
     text = conf.read_text()
-    assert "max_queued_messages 0\n" in text and "max_queued_bytes 0\n" in text and "use_username_as_clientid true" in text
+    assert "max_queued_messages 10000000\n" in text and "max_queued_bytes 0\n" in text and "use_username_as_clientid true" in text
     (tmp_path / "data").mkdir(exist_ok=True)
     if os.geteuid() == 0:
         conf.write_text(text + "user root\n")
