@@ -21,7 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "pte", "coreml")
 DTYPES = ("fp32", "fp16", "int8")
 _MB = 1 << 20
 
@@ -42,7 +42,7 @@ class DeviceProfile:
     clock_ghz: float
     ram_bytes: int
     storage_budget_bytes: int  # bytes a model package may take on the device
-    runtimes: tuple[str, ...]  # package formats it runs: "onnx", "tflite"
+    runtimes: tuple[str, ...]  # package formats it runs: "onnx", "tflite", "pte", "coreml"
     preferred_format: str
     supported_dtypes: tuple[str, ...]  # "fp32", "fp16", "int8"
     int8_accelerated: bool  # int8 dot-product instructions or an int8 accelerator on the modelled path

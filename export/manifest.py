@@ -15,7 +15,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 SAMPLES = "samples.safetensors"
 RESERVED = (MANIFEST, SIGNATURE)
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "pte", "coreml")
 DEFAULT_VALID_DAYS = 365
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

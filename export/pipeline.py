@@ -28,9 +28,11 @@ from export.samples import Samples
 if TYPE_CHECKING:
     from compress.zoo import LoadedModel
 
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "pte", "coreml")
 DTYPES = ("fp32", "fp16")
-SUFFIX = {"onnx": ".onnx", "tflite": ".tflite"}
+FORMAT_DTYPES = {"onnx": DTYPES, "tflite": DTYPES, "pte": ("fp32", "int8"), "coreml": ("fp32", "fp16", "int8", "pal4")}
+SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "pte": ".pte", "coreml": ".mlpackage.zip"}
+CALIB_ROWS = 128  # calibration rows for the formats whose int8 is made at export (pte)
 ONNX_EXAMPLE_BATCH = 2  # > 1 so that the exporter keeps the batch dimension symbolic
 TFLITE_BATCH = 1
 
@@ -89,15 +91,25 @@ def convert(model: Any, format: str, dtype: str, path: str | Path) -> Path:
 
     lm = _loaded(model)
     _check_choice(format, FORMATS, "format")
-    _check_choice(dtype, DTYPES, "dtype")
+    _check_choice(dtype, FORMAT_DTYPES[format], "dtype")
     wl = lm.workload
-    batch = ONNX_EXAMPLE_BATCH if format == "onnx" else TFLITE_BATCH
+    batch = ONNX_EXAMPLE_BATCH if format == "onnx" else TFLITE_BATCH  # pte, coreml: fixed batch 1 too
     sample = wl.sample_inputs(batch)
     example = {s.name: torch.from_numpy(np.ascontiguousarray(sample[s.name])) for s in wl.inputs}
     if format == "onnx":
         from export.onnx import export_onnx
 
         return export_onnx(lm.module, wl.inputs, wl.outputs, tuple(example.values()), path, dtype=dtype)
+    if format == "pte":
+        from export.pte import export_pte
+
+        calib = wl.calib_inputs(CALIB_ROWS) if dtype == "int8" else None
+        names = [s.name for s in wl.inputs]
+        return export_pte(lm.module, names, [s.name for s in wl.outputs], tuple(example.values()), path, dtype, calib)
+    if format == "coreml":
+        from export.coreml_package import convert_coreml
+
+        return convert_coreml(lm.module, wl.inputs, wl.outputs, tuple(example.values()), path, dtype)
     from export.tflite import export_tflite
 
     return export_tflite(lm.module, [s.name for s in wl.outputs], example, path, dtype=dtype)
@@ -139,6 +151,11 @@ def package_artifact(
     model_file = Path(model_file)
     _check_choice(format, FORMATS, "format")
     private = load_private_key(key) if key is not None else None  # fail on a bad key before the slow part
+    if format == "coreml":  # no Core ML runtime off macOS: checked as far as the host can (export.coreml)
+        from export.coreml_package import package_coreml
+
+        return package_coreml(model_file, lm, dtype, out, private, name=name, version=version, device=device,
+                              extra_report=extra_report, extra=extra, valid_days=valid_days, samples=samples)  # fmt: skip
     runtime = load_runtime(model_file, format=format, threads=threads)
     parity, metric, reference_metric = _parity_and_metrics(
         lm, runtime.run, reference, bounds, dtype, model_file, format
@@ -215,7 +232,7 @@ def export_model(
     one `export.Recorded(lm.predict)` to several exports of the same model to run PyTorch only once).
     """
     _check_choice(format, FORMATS, "format")
-    _check_choice(dtype, DTYPES, "dtype")
+    _check_choice(dtype, FORMAT_DTYPES[format], "dtype")
     if trainable_head and format != "onnx":
         raise ExportError(f"a trainable head is supported for ONNX exports only, not {format}")
     from tqdm.auto import tqdm
@@ -295,6 +312,10 @@ def _parity_only(
 ) -> ExportResult:
     from edge_agent.runtimes import load_runtime
 
+    if format == "coreml":
+        from export.coreml_package import coreml_check_only
+
+        return coreml_check_only(path, dtype)
     runtime = load_runtime(path, format=format)
     parity, metric, reference_metric = _parity_and_metrics(
         lm, runtime.run, reference, bounds, dtype, path, format
