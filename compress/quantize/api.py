@@ -346,6 +346,8 @@ def quantize(
     per-layer table (always done when `max_drop` is set). Packages are signed with `key` when given.
     `fp32`: {format: file} already exported from this model (skips the export; must be BN-folded or
     exported with export.convert, which folds BN in both formats). `latency_runs=0` skips latency.
+    With `latency_runs` >= 20, an int8 file slower than its fp32 file (p50, interleaved) is dropped: no
+    artifact or package, and `details["dropped"]` gives both figures (compress.quantize.speed_guard).
     """
     from compress.zoo.base import torch_predict
     from export.pipeline import convert, package_artifact
@@ -430,6 +432,13 @@ def quantize(
         f"{cfg.mode}.{fmt}": p for fmt, p, _, _ in built
     }
     latency = measure_latency(names, probe, threads=cfg.threads, runs=latency_runs) if latency_runs else {}
+    if dtype == "int8" and latency:  # never ship an int8 slower than fp32 here (compress.quantize.speed_guard)
+        from .speed_guard import slower_than_fp32
+
+        dropped, details["int8_vs_fp32"] = slower_than_fp32(latency, cfg.formats, cfg.mode, latency_runs)
+        if dropped:
+            details["dropped"] = [{"format": fmt, **why} for fmt, why in dropped.items()]
+            built = [b for b in built if b[0] not in dropped]
 
     reference = CachedPredict(torch_predict(lm.module, wl))
     scored = _with_eval_batch(lm, cfg.eval_batch_size)
