@@ -436,6 +436,19 @@ def quantize(
         from .speed_guard import slower_than_fp32
 
         dropped, details["int8_vs_fp32"] = slower_than_fp32(latency, cfg.formats, cfg.mode, latency_runs)
+        if "onnx" in dropped and kind == "static" and cfg.per_channel:  # try the faster static variant first
+            from .speed_guard import faster_onnx_variant
+
+            i = next(i for i, b in enumerate(built) if b[0] == "onnx")
+            t = next(t for t in targets if t.format == "onnx")
+            alt, tried = faster_onnx_variant(t, built[i][3], built[i][1], fp32_files["onnx"], probe, cfg.threads,
+                                             latency_runs, cfg.mode)  # fmt: skip
+            details["int8_variant_tried"] = {"onnx": {k: v for k, v in tried.items() if k != "latency_ms"}}
+            if alt is not None:
+                built[i] = ("onnx", alt, {**built[i][2], "int8_variant": tried["variant"]}, built[i][3])
+                latency[f"{cfg.mode}.onnx"] = tried["latency_ms"]
+                details["int8_vs_fp32"]["onnx"] = details["int8_variant_tried"]["onnx"]
+                del dropped["onnx"]
         if dropped:
             details["dropped"] = [{"format": fmt, **why} for fmt, why in dropped.items()]
             built = [b for b in built if b[0] not in dropped]
