@@ -1,7 +1,7 @@
 """The on-device agent on digits-cnn, in one run:
 
 - latency: agent API (keep-alive client, binary .npy and JSON) against a direct onnxruntime call through
-  edge_agent.runtimes, p50/p99, interleaved in blocks so that machine noise hits both alike;
+  export.runtimes, p50/p99, interleaved in blocks so that machine noise hits both alike;
 - throughput with 1, 4 and 16 concurrent clients (separate processes, one keep-alive connection each);
 - >= 10 hot swaps under sustained load from 4 client processes: requests, failures, latency during swaps;
 - cold start (process start to first answer) and idle RSS with both runtimes loaded (onnxruntime and LiteRT).
@@ -36,10 +36,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from devices.timing import summarize  # noqa: E402
 from edge_agent.client import Client  # noqa: E402
 from edge_agent.store import ModelStore  # noqa: E402
 from pocketfleet import table  # noqa: E402
+from pocketfleet.timing import summarize  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 NAME, TFL_NAME = "digits-cnn", "digits-cnn-tflite"
@@ -59,14 +59,15 @@ def prepare(work: Path, swaps: int) -> dict[str, Any]:
     priv, pub = str(keys / "pocketfleet.key"), str(keys / "pocketfleet.pub")
     onnx_pkg, tfl_pkg = work / "digits-cnn-onnx-v1.pfpkg", work / "digits-cnn-tflite-v1.pfpkg"
     if not onnx_pkg.exists() or not tfl_pkg.exists():
-        from compress.zoo import make_model_dir
+        from compress.zoo import load_model_dir, make_model_dir
 
         model_dir = work / "digits-cnn"
         if not (model_dir / "meta.json").exists() and not any(model_dir.glob("*")):
             make_model_dir(NAME, model_dir, progress=False)
         log("exporting digits-cnn to ONNX and TFLite (parity-checked)")
-        export_model(model_dir, "onnx", "fp32", out=onnx_pkg, name=NAME, version=1, key=priv)
-        export_model(model_dir, "tflite", "fp32", out=tfl_pkg, name=TFL_NAME, version=1, key=priv)
+        lm = load_model_dir(model_dir)
+        export_model(lm, "onnx", "fp32", out=onnx_pkg, name=NAME, version=1, key=priv)
+        export_model(lm, "tflite", "fp32", out=tfl_pkg, name=TFL_NAME, version=1, key=priv)
     extracted = work / "onnx-v1"
     if not extracted.exists():
         extract_package(onnx_pkg, extracted, pub)
@@ -215,7 +216,7 @@ AGENT_PATHS = ("agent_npy", "agent_json", "agent_npy_unix")
 def latency(url: str, unix: str, setup: dict[str, Any], rounds: int, block: int) -> dict[str, Any]:
     """Direct runtime call vs the agent API (TCP .npy and JSON, Unix socket .npy), interleaved blocks of
     `block` calls, `rounds` times."""
-    from edge_agent.runtimes import load_runtime
+    from export.runtimes import load_runtime
 
     rt = load_runtime(setup["model_file"], threads=1)
     xs = [x[None].copy() for x in setup["inputs"]]

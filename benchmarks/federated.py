@@ -127,7 +127,7 @@ def _attack(kind: str):  # noqa: ANN202
 def run_ours(name: str, setup: Setup, data: dict, parts: list[np.ndarray], init: T.Weights, workdir: Path,
              strategy: str = "fedavg", codec: dict | None = None, attackers: dict[str, str] | None = None,
              broker: Any = None, strategy_args: dict | None = None) -> dict[str, Any]:
-    from cloud_sync.fl.client import torch_trainer_fn
+    from edge_agent.fl import torch_trainer_fn
 
     work = workdir / name
     shutil.rmtree(work, ignore_errors=True)
@@ -288,9 +288,9 @@ def head_only(setup: Setup, data: dict, workdir: Path, broker: Any) -> dict[str,
     (features from onnxruntime) on held-out non-IID data by torch-free device processes."""
     import torch
 
-    from edge_agent.runtimes import load_runtime
     from edge_agent.training import finetune_torch, module_weights
     from export.onnx import export_onnx
+    from export.runtimes import load_runtime
     from export.specs import TensorSpec
 
     work = workdir / "head"
@@ -390,9 +390,9 @@ def device_worker(cfg_path: str) -> None:
     """Runs the head-only devices (torch is blocked in this process)."""
     from cloud_sync.client import MqttClient
     from cloud_sync.config import MqttConfig
-    from cloud_sync.fl.client import head_trainer_fn
     from cloud_sync.fl.mqtt import MqttDeviceTransport
-    from edge_agent.runtimes import load_runtime
+    from edge_agent.fl import head_trainer_fn
+    from export.runtimes import load_runtime
 
     cfg = json.loads(Path(cfg_path).read_text())
     work = Path(cfg["work"])

@@ -62,6 +62,7 @@ def device_runner(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     control = Path(spec["control"])
     links: dict[str, DeviceLink] = {}
+    install_slots = threading.BoundedSemaphore(2)  # the devices of this process install two at a time
     for d in spec["devices"]:
         state = Path(spec["root"]) / d
         store = ModelStore(state, spec["trust"])
@@ -71,7 +72,7 @@ def device_runner(spec_path: str) -> None:
                           reconnect_min_s=0.2, reconnect_max_s=5.0)
         cfg = DeviceConfig(device_id=d, state_dir=str(state), trust=spec["trust"], group=GROUP, mqtt=mqtt,
                            ota=OtaSettings(**spec.get("ota", {})))
-        links[d] = DeviceLink(cfg, store=store).start()
+        links[d] = DeviceLink(cfg, store=store, install_slots=install_slots).start()
     deadline = time.monotonic() + 120
     while not all(link.client.connected for link in links.values()) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -225,8 +226,8 @@ def pct(values: list[float], q: float) -> float:
 
 def fleet_updates(work: Path, key: Path, trust: Path, n: int, procs: int, do_20mb: bool) -> dict[str, Any]:
     """100 devices: a 1 MB update, a bad canary (rolled back), a 20 MB update; canary 10% + gates."""
-    from cloud_sync.fleet import make_digits_package
     from cloud_sync.releases import create_release
+    from pocketfleet.sim.fleet import make_digits_package
 
     devices = [f"dev-{i:03d}" for i in range(n)]
     pk = work / "packages"
@@ -294,8 +295,8 @@ def fleet_updates(work: Path, key: Path, trust: Path, n: int, procs: int, do_20m
 
 def resume_after_disconnect(work: Path, key: Path, keys_dir: Path, sizes: list[int]) -> dict[str, Any]:
     """One device; interrupt the download at 50% (link drop, or process restart), then let it finish."""
-    from cloud_sync.fleet import Fleet, make_digits_package
     from cloud_sync.ota_client import OtaSettings
+    from pocketfleet.sim.fleet import Fleet, make_digits_package
 
     out: dict[str, Any] = {}
     for size_mb in sizes:
@@ -367,9 +368,9 @@ def head_only(work: Path, key: Path, keys_dir: Path, mbnet: str | None = None) -
     from safetensors.torch import load_file, save_file
 
     from cloud_sync.chunks import choose_chunking
-    from cloud_sync.fleet import Fleet
-    from compress.zoo import make_model_dir
+    from compress.zoo import load_model_dir, make_model_dir
     from export.pipeline import export_model
+    from pocketfleet.sim.fleet import Fleet
 
     m1 = Path(mbnet) if mbnet else work / "mbnet-v1"
     if not (m1 / "weights.safetensors").exists():  # training takes minutes: reuse one with --mbnet DIR
@@ -385,8 +386,8 @@ def head_only(work: Path, key: Path, keys_dir: Path, mbnet: str | None = None) -
     save_file(weights, str(m2 / "weights.safetensors"))
     p1 = work / "mbnet-v1.pfpkg"
     p2 = work / "mbnet-v2.pfpkg"
-    export_model(str(m1), "onnx", out=p1, name="digits-mbnet", version=1, key=key)
-    export_model(str(m2), "onnx", out=p2, name="digits-mbnet", version=2, key=key)
+    export_model(load_model_dir(m1), "onnx", out=p1, name="digits-mbnet", version=1, key=key)
+    export_model(load_model_dir(m2), "onnx", out=p2, name="digits-mbnet", version=2, key=key)
     size = p2.stat().st_size
     head_params = sum(weights[k].numel() for k in changed)
     for old in ("broker-run", "fleet-run"):

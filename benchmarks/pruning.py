@@ -53,8 +53,8 @@ from compress.prune import (  # noqa: E402
 )
 from compress.zoo import LoadedModel, load_model_dir, make_model_dir  # noqa: E402
 from devices.analysis import count_macs as onnx_macs  # noqa: E402
-from devices.timing import summarize  # noqa: E402
 from pocketfleet import table  # noqa: E402
+from pocketfleet.timing import summarize  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 CACHE = Path.home() / ".cache" / "pocketfleet" / "bench"

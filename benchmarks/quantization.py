@@ -121,7 +121,7 @@ def peers(name: str, fp32: Path, calib: dict, work: Path, static: bool) -> list[
 
 
 def score(lm: Any, path: str, threads: int) -> dict[str, Any]:
-    from edge_agent.runtimes import load_runtime
+    from export.runtimes import load_runtime
 
     metric = lm.evaluate(predict=load_runtime(path, threads=threads).run, batch_size=1)
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in metric.items()}

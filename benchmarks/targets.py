@@ -37,7 +37,7 @@ COLD = """
 import sys, time, json
 t0 = float(sys.argv[2])
 import numpy as np
-from edge_agent.runtimes import load_runtime
+from export.runtimes import load_runtime
 rt = load_runtime(sys.argv[1], threads=1)
 x = {s.name: np.load(sys.argv[3]) for s in rt.inputs[:1]}
 rt.run(x)
@@ -50,16 +50,18 @@ print(json.dumps({"cold_start_ms": took * 1e3, "rss_mb": rss / 1024}))
 def build_files(model_dir: Path, work: Path) -> dict[str, tuple[str, str, Path]]:
     """{label: (format, dtype, file)} for every format x dtype of one model."""
     from compress import QuantConfig, quantize
+    from compress.zoo import load_model_dir
     from export.pipeline import SUFFIX, convert
 
+    lm = load_model_dir(model_dir)
     files: dict[str, tuple[str, str, Path]] = {}
     for fmt, dtypes in {"onnx": ("fp32", "fp16"), "tflite": ("fp32", "fp16"), "pte": ("fp32", "int8"),
                         "coreml": ("fp32", "fp16", "int8", "pal4")}.items():  # fmt: skip
         for dtype in dtypes:
             path = work / f"{fmt}-{dtype}{SUFFIX[fmt]}"
-            convert(model_dir, fmt, dtype, path)
+            convert(lm, fmt, dtype, path)
             files[f"{fmt}/{dtype}"] = (fmt, dtype, path)
-    result = quantize(model_dir, QuantConfig(mode="static"), out_dir=work / "int8", latency_runs=0)
+    result = quantize(lm, QuantConfig(mode="static"), out_dir=work / "int8", latency_runs=0)
     for art in result.artifacts:
         files[f"{art.format}/int8"] = (art.format, "int8", art.path)
     return files
@@ -67,7 +69,7 @@ def build_files(model_dir: Path, work: Path) -> dict[str, tuple[str, str, Path]]
 
 def worker(paths: list[str], threads: int, runs: int, probe: str) -> dict[str, Any]:
     """Interleaved latency of `paths` at `threads` (run in its own process)."""
-    from edge_agent.runtimes import load_runtime
+    from export.runtimes import load_runtime
 
     x = np.load(probe)
     rts = [load_runtime(p, threads=threads) for p in paths]
@@ -94,9 +96,9 @@ def _subprocess_json(args: list[str]) -> Any:
 
 def measure_model(name: str, work: Path, runs: int, threads: list[int]) -> list[dict[str, Any]]:
     from compress.zoo import load_model_dir, make_model_dir
-    from edge_agent.runtimes import load_runtime
     from export.coreml import NOT_RUN, can_predict, inspect_mlpackage
     from export.parity import ParityBounds, Recorded, check_parity
+    from export.runtimes import load_runtime
 
     model_dir = work / name / "model"
     if not (model_dir / "model.json").exists():

@@ -4,18 +4,8 @@
 
 Device side (torch-free): DeviceLink, DeviceConfig, OtaClient, OtaSettings, MqttSink, MqttClient.
 Cloud side: Cloud, CloudConfig, run_cloud, Registry, create_release, describe_rollout, RolloutController.
-Development: EmbeddedBroker (amqtt), Fleet (broker + cloud + N simulated devices in one process),
-make_digits_package (small real signed packages).
-
-Demo in a few lines:
-
-    from cloud_sync import Fleet, make_digits_package
-    with Fleet("work/fleet", devices=4, group="lab") as fleet:   # embedded broker, cloud, 4 agents
-        v1 = make_digits_package("work/v1.pfpkg", 1, fleet.key)
-        v2 = make_digits_package("work/v2.pfpkg", 2, fleet.key, head_seed=1)
-        fleet.install_everywhere(v1)
-        out = fleet.release(v2, canary="25%", gates=["golden>=0.9", "error_rate<=0.01"])
-        print(fleet.wait(out["rollout_id"])["state"], fleet.versions())
+Development: EmbeddedBroker (amqtt). Fleet simulators (broker + cloud + N devices in one process) are
+in `pocketfleet.sim`, on top of every package.
 """
 
 from __future__ import annotations
@@ -56,11 +46,9 @@ _EXPORTS = {
     "RolloutController": "cloud_sync.rollout",
     "describe_rollout": "cloud_sync.rollout",
     "evaluate_gates": "cloud_sync.rollout",
-    # brokers and simulation
+    # brokers
     "EmbeddedBroker": "cloud_sync.broker",
     "mosquitto_conf": "cloud_sync.broker_files",
-    "Fleet": "cloud_sync.fleet",
-    "make_digits_package": "cloud_sync.fleet",
 }
 _ERRORS = ["SyncError", "ConfigError", "ProtocolError", "ConnectError", "ReleaseError", "RolloutError", "OtaError"]
 _EXPORTS.update({name: "cloud_sync.errors" for name in _ERRORS})

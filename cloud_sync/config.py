@@ -20,11 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cloud_sync.errors import ConfigError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from pocketfleet import config
 
 T = TypeVar("T")
 
@@ -32,33 +28,14 @@ PROTOCOLS = ("auto", "5", "3.1.1")
 
 
 def from_table(cls: type[T], table: Mapping[str, Any] | None, where: str, base: Path | None = None) -> T:
-    """Build dataclass `cls` from a TOML table: unknown keys and wrong types raise ConfigError naming them.
+    """Build dataclass `cls` from a TOML table (pocketfleet.config): unknown keys and wrong types raise
+    ConfigError naming them; then the config's own `check(where)`.
 
-    Fields whose name ends in `_file`, `_dir`, `_ca`, `_cert`, `_key` or is `trust` are paths, resolved
-    against `base` (the config file's folder) when relative.
+    Fields whose name ends in `_file`, `_dir`, `_ca`, `_cert`, `_key`, `_path` or is `trust` are paths,
+    resolved against `base` (the config file's folder) when relative.
     """
-    table = dict(table or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
-    values: dict[str, Any] = {}
-    for name, value in table.items():
-        default = fields[name].default
-        if default is not dataclasses.MISSING and default is not None and not isinstance(value, type(default)):
-            if not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
-                raise ConfigError(
-                    f"{where}: {name} must be a {type(default).__name__}, got {type(value).__name__} {value!r}"
-                )
-            value = float(value)
-        if base is not None and isinstance(value, str) and value and _is_path(name):
-            path = Path(value).expanduser()
-            value = str(path if path.is_absolute() else (base / path))
-        values[name] = value
-    try:
-        obj = cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+    paths = [f.name for f in dataclasses.fields(cls) if _is_path(f.name)]  # type: ignore[arg-type]
+    obj = config.from_table(cls, table, file=where, base=base, path_fields=paths, error=ConfigError)
     check = getattr(obj, "check", None)
     if check is not None:
         check(where)
@@ -70,14 +47,7 @@ def _is_path(name: str) -> bool:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    return config.load_toml(path, ConfigError)
 
 
 @dataclass

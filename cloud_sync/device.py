@@ -1,14 +1,16 @@
 """A device's link to the cloud (torch-free): one MQTT connection carrying presence, OTA and the outbox.
 
-    link = DeviceLink(DeviceConfig.from_agent(agent_config), store=model_store, outbox=outbox).start()
+    link = DeviceLink(DeviceConfig.from_agent(agent_config), store=model_store).start()
+    Drainer(outbox, link.sink).start()   # the caller drains its outbox through link.sink
     ...
     link.stop()
 
 - Presence: on every connect the device publishes a retained pf.status/1 (online, active versions, last
   OTA state, connection id); its last will is the same topic with online=false.
 - OTA: cloud_sync.ota_client.OtaClient on the device's cmd and chunk topics.
-- Outbox: `MqttSink` drains the agent's durable outbox through this connection with QoS 1 and reports
-  a record as delivered only after the broker's PUBACK; the agent's Drainer then deletes it.
+- Outbox: `MqttSink` (a `ports.RecordSink`) carries the agent's durable outbox over this connection with
+  QoS 1 and reports a record as delivered only after the broker's PUBACK; the agent's Drainer (which
+  edge_agent.link starts) then deletes it.
 
 Agent config ([mqtt] table, plus two optional entries read here):
 
@@ -39,6 +41,7 @@ from cloud_sync.client import MqttClient, Will
 from cloud_sync.config import MqttConfig, from_table
 from cloud_sync.errors import ConfigError, ProtocolError
 from cloud_sync.ota_client import OtaClient, OtaSettings
+from cloud_sync.ports import ModelStoreLike, OutboxRecord
 from cloud_sync.protocol import check_id, dev_topic, encode, valid_id
 
 log = logging.getLogger("pocketfleet.device")
@@ -64,7 +67,7 @@ class DeviceConfig:
 
     @classmethod
     def from_agent(cls, agent: Any, base: Path | None = None) -> DeviceConfig:
-        """From an edge_agent AgentConfig (device_id, state_dir, trust and its [mqtt] table)."""
+        """From an agent's config (edge_agent's AgentConfig: `device`, `state_dir`, `trust`, `mqtt` table)."""
         table = dict(agent.mqtt or {})
         group = table.pop("group", "")
         ota = from_table(OtaSettings, table.pop("ota", None), "[mqtt.ota]", base)
@@ -74,7 +77,7 @@ class DeviceConfig:
 
 
 class MqttSink:
-    """An outbox Sink (edge_agent.outbox.Sink) over MQTT: QoS 1, acknowledged only after the broker's PUBACK.
+    """An outbox sink (ports.RecordSink) over MQTT: QoS 1, acknowledged only after the broker's PUBACK.
 
     Each record becomes one pf.outbox/1 message on pf/v1/dev/<id>/telemetry whose `id` is the outbox
     record id (the cloud stores (device, id) once, so a redelivery is harmless). `route(record)` may map a
@@ -82,7 +85,7 @@ class MqttSink:
     """
 
     def __init__(self, client: MqttClient, device_id: str, ack_timeout_s: float = 10.0,
-                 route: Callable[[Any], tuple[str, bytes] | None] | None = None) -> None:
+                 route: Callable[[OutboxRecord], tuple[str, bytes] | None] | None = None) -> None:
         self.client = client
         self.device = device_id
         self.ack_timeout_s = ack_timeout_s
@@ -90,7 +93,7 @@ class MqttSink:
         self.topic = dev_topic(device_id, "telemetry")
         self.too_big = 0
 
-    def _message(self, record: Any) -> tuple[str, bytes] | None:
+    def _message(self, record: OutboxRecord) -> tuple[str, bytes] | None:
         if self.route is not None:
             routed = self.route(record)
             if routed is not None:
@@ -108,7 +111,7 @@ class MqttSink:
             return None
         return self.topic, payload
 
-    def send(self, records: Sequence[Any]) -> Iterable[int]:
+    def send(self, records: Sequence[OutboxRecord]) -> Iterable[int]:
         if not self.client.connected:
             return []
         acked: list[int] = []
@@ -143,27 +146,23 @@ class MqttSink:
 
 
 class DeviceLink:
-    """The device's MQTT connection with presence, OTA and (optionally) the outbox drain."""
+    """The device's MQTT connection with presence, OTA into `store`, and a sink for the outbox.
 
-    def __init__(self, config: DeviceConfig, store: Any = None, outbox: Any = None,
-                 drain_interval_s: float = 2.0) -> None:
+    `install_slots` bounds concurrent package installs across the links that share it (a simulator
+    running many devices in one process passes one semaphore to all of them)."""
+
+    def __init__(self, config: DeviceConfig, store: ModelStoreLike,
+                 install_slots: threading.Semaphore | None = None) -> None:
         self.config = config
         self.device = config.device_id
-        if store is None:
-            from edge_agent.store import ModelStore
-
-            store = ModelStore(config.state_dir, config.trust or None)
         self.store = store
         self.conn = secrets.token_hex(8)  # one per connection: a late will of an old one is ignored
         self._status_lock = threading.Lock()
         self.client = MqttClient(config.mqtt, client_id=config.mqtt.client_id or self.device, will=self._will(),
                                  on_connect=self._on_connect, on_disconnect=self._on_disconnect, name=self.device)
         self.ota = OtaClient(self.device, self.client, store, config.state_dir, config.ota,
-                             on_change=self.publish_status)
+                             on_change=self.publish_status, install_slots=install_slots)
         self.sink = MqttSink(self.client, self.device)
-        self.outbox = outbox
-        self._drainer: Any = None
-        self._drain_interval_s = drain_interval_s
 
     def _will(self) -> Will:
         return Will(dev_topic(self.device, "status"), self._status_payload(online=False, reason="will"))
@@ -199,16 +198,10 @@ class DeviceLink:
     def start(self) -> DeviceLink:
         self.client.start()
         self.ota.start()
-        if self.outbox is not None:
-            from edge_agent.outbox import Drainer
-
-            self._drainer = Drainer(self.outbox, self.sink, interval_s=self._drain_interval_s).start()
         return self
 
     def stop(self, clean: bool = True) -> None:
         """clean=False drops the connection without DISCONNECT (the broker publishes the last will)."""
-        if self._drainer is not None:
-            self._drainer.stop()
         self.ota.stop()
         if clean:
             try:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pocketfleet import PocketfleetError
+from pocketfleet.config import ConfigError as BaseConfigError
 
 
 class SyncError(PocketfleetError):
     """Base class for cloud_sync errors."""
 
 
-class ConfigError(SyncError):
+class ConfigError(SyncError, BaseConfigError):
     """A cloud.toml / agent [mqtt] setting is missing or invalid (the message names the key)."""
 
 

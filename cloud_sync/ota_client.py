@@ -20,6 +20,7 @@ back to its previous known-good version; the release id is remembered and never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,6 +36,9 @@ from typing import Any
 from cloud_sync.chunks import ChunkIndex, Chunking, LocalChunks, file_sha256
 from cloud_sync.client import Message, MqttClient
 from cloud_sync.errors import OtaError, ProtocolError
+from cloud_sync.ota_admission import Refused, admit
+from cloud_sync.ota_job import JOB_FILES, OtaJob
+from cloud_sync.ports import ModelStoreLike
 from cloud_sync.protocol import (
     FRAME_INDEX,
     MAX_REQUEST_IDX,
@@ -44,13 +48,9 @@ from cloud_sync.protocol import (
     dev_topic,
     encode,
 )
+from pocketfleet.fs import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("pocketfleet.ota")
-
-# Installs (verify, extract, health check) and probes hold a model in memory; when many simulated devices
-# share one process, at most this many run at a time. A real device has one OtaClient: no effect there.
-INSTALL_SLOTS = threading.BoundedSemaphore(2)
-
 
 @dataclass
 class OtaSettings:
@@ -73,95 +73,6 @@ class OtaSettings:
             raise ConfigError(f"{where}: bandwidth_bps >= 0, max_package_bytes >= 1, chunk_timeout_s > 0")
 
 
-class _Refused(Exception):
-    """The command is refused: not attempted, reported with state 'refused'."""
-
-
-class _Job:
-    """One release being assembled in ota/job.*; the part file is written at chunk offsets."""
-
-    def __init__(self, folder: Path, cmd: dict[str, Any]) -> None:
-        self.folder = folder
-        self.cmd = cmd
-        rel = cmd["release"]
-        self.release = rel
-        self.release_id: str = rel["release_id"]
-        self.index: ChunkIndex | None = None
-        self.index_raw: bytes | None = None
-        self.have = bytearray()
-        self.missing: set[int] = set()
-        self.outstanding: dict[int, float] = {}
-        self.retries: dict[int, int] = {}
-        self.fd: int | None = None
-        self.bytes_rx = 0
-        self.bytes_reused = 0
-        self.bytes_requested = 0
-        self.refetched = 0
-        self.index_requested = 0.0
-        self.rtt = 0.0  # EWMA of request -> chunk time (s): timeouts adapt to a loaded cloud
-        self.again = False  # the session was lost: ask even for chunks the cloud sent recently
-        self.last_progress = time.monotonic()
-        self.started = time.monotonic()
-        self.dirty = False
-        self.done_event = threading.Event()
-
-    @property
-    def part(self) -> Path:
-        return self.folder / "job.part"
-
-    def open(self, index: ChunkIndex, index_raw: bytes) -> None:
-        self.index, self.index_raw = index, index_raw
-        n = len(index)
-        have_path = self.folder / "job.have"
-        have = bytearray(have_path.read_bytes()) if have_path.exists() else bytearray()
-        if len(have) != (n + 7) // 8 or not self.part.exists() or self.part.stat().st_size != index.total:
-            have = bytearray((n + 7) // 8)
-        self.have = have
-        self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o600)
-        if os.fstat(self.fd).st_size != index.total:
-            os.ftruncate(self.fd, index.total)
-        self.missing = {i for i in range(n) if not self.has(i)}
-
-    def has(self, i: int) -> bool:
-        return bool(self.have[i >> 3] & (1 << (i & 7)))
-
-    def mark(self, i: int, present: bool = True) -> None:
-        if present:
-            self.have[i >> 3] |= 1 << (i & 7)
-            self.missing.discard(i)
-        else:
-            self.have[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-            self.missing.add(i)
-        self.dirty = True
-
-    def save(self) -> None:
-        if not self.dirty or self.index is None:
-            return
-        tmp = self.folder / "job.have.tmp"
-        tmp.write_bytes(bytes(self.have))
-        os.replace(tmp, self.folder / "job.have")
-        self.dirty = False
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def progress(self) -> dict[str, int]:
-        n = len(self.index) if self.index else self.release["chunks"]
-        return {"have": n - len(self.missing) if self.index else 0, "total": n, "bytes_rx": self.bytes_rx,
-                "bytes_reused": self.bytes_reused, "refetched": self.refetched}
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class OtaClient:
     """OTA for one device, bound to its agent state directory and model store.
 
@@ -169,11 +80,15 @@ class OtaClient:
     after the active version changed (the DeviceLink republishes the device status).
     """
 
-    def __init__(self, device_id: str, client: MqttClient, store: Any, state_dir: str | Path,
-                 settings: OtaSettings | None = None, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, device_id: str, client: MqttClient, store: ModelStoreLike, state_dir: str | Path,
+                 settings: OtaSettings | None = None, on_change: Callable[[], None] | None = None,
+                 install_slots: threading.Semaphore | None = None) -> None:
         self.device = device_id
         self.client = client
         self.store = store
+        # installs (verify, extract, health check) and probes hold a model in memory: a simulator running
+        # many devices in one process shares one semaphore to bound them; a real device needs none
+        self.install_slots: Any = install_slots or contextlib.nullcontext()
         self.settings = settings or OtaSettings()
         self.on_change = on_change
         self.dir = Path(state_dir) / "ota"
@@ -184,7 +99,7 @@ class OtaClient:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._kick = False  # the worker has something to do (set under _wake)
-        self._job: _Job | None = None
+        self._job: OtaJob | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seq = int(time.time() * 1000)
@@ -207,7 +122,7 @@ class OtaClient:
 
     def _save_state(self) -> None:
         self._state["revoked"] = self._state["revoked"][-256:]
-        _atomic_json(self.dir / "state.json", self._state)
+        atomic_write_json(self.dir / "state.json", self._state)
 
     def next_seq(self) -> int:
         with self._lock:
@@ -260,7 +175,7 @@ class OtaClient:
             log.warning("%s: discarding unreadable OTA job: %s", self.device, exc)
             self._clear_job_files()
             return
-        job = _Job(self.dir, cmd)
+        job = OtaJob(self.dir, cmd)
         idx_path = self.dir / "job.index"
         if idx_path.exists():
             raw = idx_path.read_bytes()
@@ -387,11 +302,11 @@ class OtaClient:
         job = self._job
         if job is not None and job.release_id == rel["release_id"]:
             job.cmd = cmd  # newer command (rollout / phase) for the same release: keep the download
-            _atomic_json(self.dir / "job.json", cmd)
+            atomic_write_json(self.dir / "job.json", cmd)
             return
         try:
             allow_downgrade = self._admit(cmd)
-        except _Refused as exc:
+        except Refused as exc:
             self.counters.add("refused")
             self._report("refused", cmd, error=str(exc))
             return
@@ -402,62 +317,16 @@ class OtaClient:
             log.info("%s: release %s replaces the download of %s", self.device, rel["release_id"], job.release_id)
             self._drop_job()
         self._clear_job_files()
-        _atomic_json(self.dir / "job.json", cmd)
+        atomic_write_json(self.dir / "job.json", cmd)
         with self._lock:
-            self._job = _Job(self.dir, cmd)
+            self._job = OtaJob(self.dir, cmd)
             self._kick = True
         self._report("accepted", cmd)
 
     def _admit(self, cmd: dict[str, Any]) -> bool | None:
-        """Checks before downloading: returns allow_downgrade, None when already active; _Refused otherwise."""
-        rel = cmd["release"]
-        if cmd["expires"] < time.time():
-            raise _Refused(f"the command expired at {cmd['expires']:.0f}")
-        if rel["release_id"] in self._state["revoked"]:
-            raise _Refused(f"release {rel['release_id']} was rolled back on this device; it is not installed again")
-        if rel["size"] > self.settings.max_package_bytes:
-            raise _Refused(f"release is {rel['size']} bytes, above this device's max_package_bytes "
-                           f"{self.settings.max_package_bytes}")
-        state = None
-        try:
-            state = self.store.read_state().get(rel["name"])
-        except Exception:  # noqa: BLE001
-            state = None
-        if state is not None and state.active == rel["version"]:
-            return None
-        if state is not None and rel["version"] <= state.highest:
-            if not rel.get("rollback_auth"):
-                raise _Refused(
-                    f"{rel['name']} v{rel['version']} is not newer than v{state.highest}, the highest version this "
-                    "device has run (replay/rollback protection; only a signed rollback release may go back)"
-                )
-            self._check_rollback_auth(rel, state.highest)
-            return True
-        return False
-
-    def _check_rollback_auth(self, rel: dict[str, Any], highest: int) -> None:
-        from cloud_sync.releases import ROLLBACK_PURPOSE
-        from export.signing import canonical_json, load_trust, verify_bytes
-
-        try:
-            auth = json.loads(rel["rollback_auth"])
-            doc, sig = auth["doc"], auth["sig"]
-            verify_bytes(canonical_json(doc), canonical_json(sig), load_trust(self.store.trust), "rollback authorization")
-        except Exception as exc:  # noqa: BLE001 - every failure here is a refusal
-            raise _Refused(f"the rollback authorization does not verify: {exc}") from exc
-        want = {"purpose": ROLLBACK_PURPOSE, "release_id": rel["release_id"], "name": rel["name"],
-                "version": rel["version"], "sha256": rel["sha256"]}
-        bad = [k for k, v in want.items() if doc.get(k) != v]
-        if bad:
-            raise _Refused(f"the rollback authorization is for another release (field {bad[0]!r} differs)")
-        now = time.time()
-        if not doc.get("issued", 0) <= now + 300 < doc.get("expires", 0) + 300:
-            raise _Refused("the rollback authorization is expired or not yet valid")
-        if doc.get("from_version", -1) < highest:
-            raise _Refused(f"the rollback authorization covers going back from v{doc.get('from_version')}, "
-                           f"this device has run v{highest}")
-        if doc["issued"] <= self._state["rollback_floor"]:
-            raise _Refused("the rollback authorization is older than one already applied (replay)")
+        """Checks before downloading: returns allow_downgrade, None when already active; Refused otherwise."""
+        return admit(cmd, self.store, self.settings.max_package_bytes, self._state["revoked"],
+                     self._state["rollback_floor"])
 
     def _rollback(self, cmd: dict[str, Any]) -> None:
         rid = cmd["release_id"]
@@ -495,7 +364,7 @@ class OtaClient:
         self._clear_job_files()
 
     def _clear_job_files(self) -> None:
-        for name in ("job.json", "job.index", "job.part", "job.have", "job.have.tmp", "job.pfpkg"):
+        for name in JOB_FILES:
             (self.dir / name).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------- download
@@ -556,7 +425,7 @@ class OtaClient:
         if not job.missing:
             self._kick = True
 
-    def _fit_window(self, job: _Job, want: list[int]) -> list[int]:
+    def _fit_window(self, job: OtaJob, want: list[int]) -> list[int]:
         assert job.index is not None
         sizes = job.index.sizes
         used = sum(sizes[i] for i in job.outstanding)
@@ -568,7 +437,7 @@ class OtaClient:
             used += sizes[i]
         return out
 
-    def _throttle(self, job: _Job, want: list[int]) -> list[int]:
+    def _throttle(self, job: OtaJob, want: list[int]) -> list[int]:
         rate = self.settings.bandwidth_bps
         if not rate or not want or job.index is None:
             return want
@@ -581,12 +450,12 @@ class OtaClient:
             planned += job.index.sizes[i]
         return out
 
-    def _request(self, job: _Job, idx: list[int], index: bool = False, again: bool = False) -> None:
+    def _request(self, job: OtaJob, idx: list[int], index: bool = False, again: bool = False) -> None:
         payload = encode("pf.chunk.request/1", release_id=job.release_id, idx=idx, index=index, again=again)
         self.client.publish(dev_topic(self.device, "req"), payload, qos=1)
         self.counters.add("requests")
 
-    def _step_index(self, job: _Job) -> None:
+    def _step_index(self, job: OtaJob) -> None:
         rel = job.release
         raw = job.index_raw
         if raw is not None:
@@ -600,9 +469,7 @@ class OtaClient:
             if index.total != rel["size"] or len(index) != rel["chunks"]:
                 raise OtaError(f"chunk index covers {index.total} bytes in {len(index)} chunks, the release says "
                                f"{rel['size']} in {rel['chunks']}")
-            tmp = self.dir / "job.index.tmp"
-            tmp.write_bytes(raw)
-            os.replace(tmp, self.dir / "job.index")
+            atomic_write_bytes(self.dir / "job.index", raw)
             with self._wake:
                 job.open(index, raw)
                 self._kick = True
@@ -623,7 +490,7 @@ class OtaClient:
                     out.append(path)
         return out
 
-    def _reuse_local(self, job: _Job) -> None:
+    def _reuse_local(self, job: OtaJob) -> None:
         index = job.index
         assert index is not None
         local = LocalChunks(Chunking.from_dict(job.release["chunking"]), self.dir / "cdc-cache")
@@ -645,7 +512,7 @@ class OtaClient:
 
     # --------------------------------------------------------------------------------------- finish
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: OtaJob) -> None:
         assert job.index is not None and job.fd is not None
         os.fsync(job.fd)
         job.save()
@@ -661,11 +528,10 @@ class OtaClient:
         cmd = job.cmd
         rel = job.release
         allow_downgrade = bool(rel.get("rollback_auth"))
-        from edge_agent.errors import DowngradeError
-        from export.errors import VerificationError
+        from export.errors import DowngradeError, VerificationError
 
         try:
-            with INSTALL_SLOTS:
+            with self.install_slots:
                 result = self.store.install(pkg, allow_downgrade=allow_downgrade)
         except (DowngradeError, VerificationError) as exc:
             self.counters.add("refused")
@@ -685,7 +551,7 @@ class OtaClient:
         self._drop_job()
         self._report("installed", cmd, progress=progress, probe=probe)
 
-    def _recheck_chunks(self, job: _Job) -> list[int]:
+    def _recheck_chunks(self, job: OtaJob) -> list[int]:
         index = job.index
         assert index is not None and job.fd is not None
         bad = []
@@ -706,7 +572,7 @@ class OtaClient:
         from cloud_sync.probe import run_probe
 
         try:
-            with INSTALL_SLOTS:
+            with self.install_slots:
                 loaded = self.store.load(name, version)
                 return run_probe(loaded, int(probe.get("runs", 20)))
         except Exception as exc:  # noqa: BLE001 - a model that cannot be probed counts as all errors

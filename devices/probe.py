@@ -10,7 +10,7 @@ What is measured (one thread everywhere, to match how `estimate` times models on
   - memory bandwidth (a 64 MiB numpy copy: bytes read + written per second), the last-level cache size
     (sysfs) and the bandwidth of a copy whose source and destination fit in it;
   - per-op dispatch and per-call overhead of each runtime: a chain of 64 tiny element-wise ops timed
-    against a chain of 1 through edge_agent.runtimes (the same call path `estimate` measures);
+    against a chain of 1 through export.runtimes (the same call path `estimate` measures);
   - the RAM each runtime takes (resident set growth when it is imported and loads a model).
 The measurements run in a subprocess with BLAS/OpenMP pinned to one thread, so they neither depend on
 nor disturb the caller's thread pools; times are the calling thread's CPU time, so a busy machine does
@@ -19,18 +19,20 @@ not make the host look slower than it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from devices.profile import DeviceProfile, ProfileError
+from pocketfleet.fs import atomic_write_json
+from pocketfleet.timing import time_calls
 
 SCHEMA = "pocketfleet.host-probe/1"
 PROBE_DIR = Path(__file__).parent / "probe_models"
@@ -71,13 +73,8 @@ def probe_host(refresh: bool = False, cache: Path | None = None) -> DeviceProfil
         "timestamp": profile.measured["timestamp"],
         "profile": profile.to_dict(),
     }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home still gets a (not cached) profile
+    with contextlib.suppress(OSError):  # a read-only home still gets a (not cached) profile
+        atomic_write_json(path, doc)
     return profile
 
 
@@ -238,21 +235,15 @@ def _median_us(fn: Any, runs: int) -> float:
     thread CPU time measures the machine and not how busy it is; wall-clock best-of would be preempted
     on a loaded machine.
     """
-    import numpy as np
-
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.thread_time()
-        fn()
-        times[i] = time.thread_time() - start
-    return float(np.median(times) * 1e6)
+    stats = time_calls(fn, min_runs=runs, min_seconds=0.0, max_runs=runs, warmup_seconds=0.0)
+    return float(stats.cpu_p50_ms or 0.0) * 1e3
 
 
 def _runtime_overheads(fmt: str) -> dict[str, Any]:
     """Per-op and per-call overhead of one runtime from the chain models, plus its RAM footprint."""
     import numpy as np
 
-    from edge_agent.runtimes import load_runtime
+    from export.runtimes import load_runtime
 
     rss0 = _rss_bytes()
     short = load_runtime(PROBE_DIR / f"chain1.{fmt}", threads=1)
@@ -379,7 +370,7 @@ def _build_profile(m: dict[str, Any], disk_dir: Path) -> DeviceProfile:
     free = shutil.disk_usage(probe_dir).free
     runtimes = tuple(f for f in ("onnx", "tflite") if f in m["runtimes"])
     rt = m["runtimes"]
-    chain = f"a chain of {CHAIN} vs 1 tiny Add/Mul ops via edge_agent.runtimes, 1 thread, median thread CPU time of 5x400 runs"
+    chain = f"a chain of {CHAIN} vs 1 tiny Add/Mul ops via export.runtimes, 1 thread, median thread CPU time of 5x400 runs"
     if "ort_fp32_gmacs" in m:
         fp32 = m["ort_fp32_gmacs"]
         throughput = {"fp32": fp32, "int8": m["ort_int8_gmacs"]}

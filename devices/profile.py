@@ -8,17 +8,11 @@ bytes (`ram_bytes`) or mebibytes (`ram_mb`).
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pocketfleet import PocketfleetError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from pocketfleet.config import ConfigError, load_toml, parse_config
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 FORMATS = ("onnx", "tflite", "pte", "coreml")
@@ -26,8 +20,12 @@ DTYPES = ("fp32", "fp16", "int8")
 _MB = 1 << 20
 
 
-class ProfileError(PocketfleetError):
-    """A device profile is missing, unknown or malformed."""
+class ProfileError(ConfigError):
+    """A device profile is missing, unknown or malformed (the message names the file and the field)."""
+
+
+Format = Literal["onnx", "tflite", "pte", "coreml"]
+Dtype = Literal["fp32", "fp16", "int8"]
 
 
 @dataclass(frozen=True)
@@ -42,16 +40,16 @@ class DeviceProfile:
     clock_ghz: float
     ram_bytes: int
     storage_budget_bytes: int  # bytes a model package may take on the device
-    runtimes: tuple[str, ...]  # package formats it runs: "onnx", "tflite", "pte", "coreml"
+    runtimes: tuple[Format, ...]  # package formats it runs: "onnx", "tflite", "pte", "coreml"
     preferred_format: str
-    supported_dtypes: tuple[str, ...]  # "fp32", "fp16", "int8"
+    supported_dtypes: tuple[Dtype, ...]  # "fp32", "fp16", "int8"
     int8_accelerated: bool  # int8 dot-product instructions or an int8 accelerator on the modelled path
     threads: int  # threads the throughput figures assume
-    throughput_gmacs: dict[str, float]  # dtype -> sustained GMAC/s
+    throughput_gmacs: dict[Dtype, float]  # dtype -> sustained GMAC/s
     mem_bandwidth_gbs: float  # sustained GB/s
-    op_overhead_us: dict[str, float]  # format -> per-op dispatch cost, microseconds
-    invoke_overhead_us: dict[str, float]  # format -> fixed cost of one inference call, microseconds
-    runtime_ram_bytes: dict[str, int]  # format -> RAM the runtime itself needs
+    op_overhead_us: dict[Format, float]  # format -> per-op dispatch cost, microseconds
+    invoke_overhead_us: dict[Format, float]  # format -> fixed cost of one inference call, microseconds
+    runtime_ram_bytes: dict[Format, int]  # format -> RAM the runtime itself needs
     sources: dict[str, str]
     weights_in_ram: bool = True  # False: weights execute in place from flash (microcontrollers)
     cache_bytes: int = 0  # last-level cache the threads share; 0: no cache level modelled
@@ -59,6 +57,10 @@ class DeviceProfile:
     accelerator: str = ""
     notes: str = ""
     measured: dict[str, Any] = field(default_factory=dict)  # probe details (host profile only)
+
+    def __post_init__(self) -> None:  # TOML arrays arrive as lists
+        object.__setattr__(self, "runtimes", tuple(self.runtimes))
+        object.__setattr__(self, "supported_dtypes", tuple(self.supported_dtypes))
 
     def throughput(self, dtype: str) -> tuple[float, bool]:
         """GMAC/s for `dtype`; falls back to fp32 (second value False) when the dtype has no figure."""
@@ -98,105 +100,26 @@ FIGURE_FIELDS = (
     "cache_bandwidth_gbs",
 )
 
-_FIELDS = {f.name: f for f in dataclasses.fields(DeviceProfile)}
-_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,),
-    "description": (str,),
-    "cpu": (str,),
-    "cores": (int,),
-    "clock_ghz": (int, float),
-    "ram_bytes": (int,),
-    "storage_budget_bytes": (int,),
-    "preferred_format": (str,),
-    "int8_accelerated": (bool,),
-    "threads": (int,),
-    "mem_bandwidth_gbs": (int, float),
-    "weights_in_ram": (bool,),
-    "cache_bytes": (int,),
-    "cache_bandwidth_gbs": (int, float),
-    "accelerator": (str,),
-    "notes": (str,),
-}
-_LIST_FIELDS = {"runtimes": FORMATS, "supported_dtypes": DTYPES}
-_TABLE_FIELDS: dict[str, tuple[tuple[str, ...] | None, tuple[type, ...]]] = {
-    "throughput_gmacs": (DTYPES, (int, float)),
-    "op_overhead_us": (FORMATS, (int, float)),
-    "invoke_overhead_us": (FORMATS, (int, float)),
-    "runtime_ram_bytes": (FORMATS, (int,)),
-    "sources": (None, (str,)),
-    "measured": (None, (object,)),
-}
+_FIELDS = {f.name for f in dataclasses.fields(DeviceProfile)}
 _MB_ALIASES = {"ram_mb": "ram_bytes", "storage_budget_mb": "storage_budget_bytes", "cache_mb": "cache_bytes"}
-
-
-def _type_name(types: tuple[type, ...]) -> str:
-    if float in types:
-        return "a number"
-    return {int: "an integer", str: "a string", bool: "true or false"}.get(types[0], types[0].__name__)
-
-
-def _check_type(value: Any, types: tuple[type, ...], what: str, origin: str) -> None:
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if not ok:
-        raise ProfileError(
-            f"{origin}: field '{what}' must be {_type_name(types)}, got {type(value).__name__} {value!r}"
-        )
 
 
 def _build(data: dict[str, Any], origin: str) -> DeviceProfile:
     for alias, target in _MB_ALIASES.items():
         if alias in data:
             if target in data:
-                raise ProfileError(f"{origin}: give either '{alias}' or '{target}', not both")
-            _check_type(data[alias], (int, float), alias, origin)
+                raise ProfileError(f"give either '{alias}' or '{target}', not both", alias, origin)
+            if isinstance(data[alias], bool) or not isinstance(data[alias], (int, float)):
+                raise ProfileError(f"expected a number, got {data[alias]!r}", alias, origin)
             data[target] = int(data.pop(alias) * _MB)
     if isinstance(data.get("runtime_ram_mb"), dict):
         if "runtime_ram_bytes" in data:
-            raise ProfileError(f"{origin}: give either 'runtime_ram_mb' or 'runtime_ram_bytes', not both")
+            raise ProfileError("give either 'runtime_ram_mb' or 'runtime_ram_bytes', not both", "runtime_ram_mb", origin)
         data["runtime_ram_bytes"] = {k: int(v * _MB) for k, v in data.pop("runtime_ram_mb").items()}
-    unknown = sorted(set(data) - set(_FIELDS))
-    if unknown:
-        raise ProfileError(
-            f"{origin}: unknown field '{unknown[0]}' (known fields: {', '.join(sorted(_FIELDS))})"
-        )
-    required = [
-        n
-        for n, f in _FIELDS.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [n for n in required if n not in data]
-    if missing:
-        raise ProfileError(f"{origin}: missing field '{missing[0]}'")
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in _SCALAR_TYPES:
-            _check_type(value, _SCALAR_TYPES[key], key, origin)
-            values[key] = float(value) if float in _SCALAR_TYPES[key] else value
-        elif key in _LIST_FIELDS:
-            if not isinstance(value, list):
-                raise ProfileError(
-                    f"{origin}: field '{key}' must be a list, got {type(value).__name__} {value!r}"
-                )
-            for item in value:
-                if item not in _LIST_FIELDS[key]:
-                    raise ProfileError(
-                        f"{origin}: field '{key}' has unknown entry {item!r} (allowed: {', '.join(_LIST_FIELDS[key])})"
-                    )
-            values[key] = tuple(value)
-        else:
-            keys, types = _TABLE_FIELDS[key]
-            if not isinstance(value, dict):
-                raise ProfileError(
-                    f"{origin}: field '{key}' must be a table, got {type(value).__name__} {value!r}"
-                )
-            for sub, item in value.items():
-                if keys is not None and sub not in keys:
-                    raise ProfileError(
-                        f"{origin}: field '{key}.{sub}' is unknown (allowed: {', '.join(keys)})"
-                    )
-                _check_type(item, types, f"{key}.{sub}", origin)
-            values[key] = {k: float(v) if float in types else v for k, v in value.items()}
-    profile = DeviceProfile(**values)
+    try:
+        profile, _ = parse_config(DeviceProfile, data, "")
+    except ConfigError as exc:
+        raise ProfileError(exc.problem, exc.path, origin) from None
     _validate(profile, origin)
     return profile
 
@@ -253,13 +176,9 @@ def missing_sources(p: DeviceProfile) -> list[str]:
 
 def load_profile_file(path: str | Path) -> DeviceProfile:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ProfileError(f"device profile not found: {path}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: invalid TOML: {exc}") from exc
-    profile = _build(data, str(path))
+    if not path.is_file():
+        raise ProfileError(f"device profile not found: {path}")
+    profile = _build(load_toml(path, ProfileError), str(path))
     if profile.name != path.stem:
         raise ProfileError(f"{path}: field 'name' is {profile.name!r} but the file is named {path.stem!r}")
     return profile

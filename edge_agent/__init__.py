@@ -2,7 +2,7 @@
 
 Runtimes (onnxruntime, LiteRT), a crash-safe versioned model store with health checks, hot swap and
 rollback, a local HTTP API, a durable SQLite outbox, and telemetry. Names are resolved lazily so that
-`import edge_agent.runtimes` stays light.
+`import export.runtimes` stays light.
 
     from edge_agent import Agent, AgentConfig, Client, ModelStore, Outbox
 """
@@ -18,9 +18,9 @@ _EXPORTS = {
     "load_config": "edge_agent.config",
     "ModelStore": "edge_agent.store",
     "InstallResult": "edge_agent.store",
-    "LoadedModel": "edge_agent.health",
+    "ServedModel": "edge_agent.health",
     "health_check": "edge_agent.health",
-    "verify_installed": "edge_agent.verify",
+    "verify_installed": "export.installed",
     "Client": "edge_agent.client",
     "Prediction": "edge_agent.client",
     "Outbox": "edge_agent.outbox",
@@ -31,12 +31,11 @@ _EXPORTS = {
     "Drainer": "edge_agent.outbox",
     "Telemetry": "edge_agent.telemetry",
     "RunningStats": "edge_agent.telemetry",
-    "load_runtime": "edge_agent.runtimes",
-    "Runtime": "edge_agent.runtimes",
-    "InputError": "edge_agent.runtimes",
-    "RuntimeLoadError": "edge_agent.runtimes",
-    "FAULT_POINTS": "edge_agent.faults:POINTS",
-    "swap_under_load": "edge_agent.demo",
+    "load_runtime": "export.runtimes",
+    "Runtime": "export.runtimes",
+    "InputError": "export.runtimes",
+    "RuntimeLoadError": "export.runtimes",
+    "FAULT_POINTS": "pocketfleet.faults:POINTS",
 }
 _ERRORS = ["AgentError", "ConfigError", "StoreError", "DowngradeError", "HealthCheckError", "OutboxFullError", "RequestError"]
 _EXPORTS.update({name: "edge_agent.errors" for name in _ERRORS})

@@ -19,7 +19,7 @@ from edge_agent import codec
 from edge_agent.errors import RequestError
 from edge_agent.httpd import Request, Response, error_response, json_response
 from edge_agent.metrics import CONTENT_TYPE as METRICS_TYPE
-from edge_agent.runtimes import InputError
+from export.runtimes import InputError
 
 if TYPE_CHECKING:
     from edge_agent.daemon import Agent

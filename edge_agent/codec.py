@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import RequestError
-from edge_agent.runtimes import io_dtype
+from export.runtimes import io_dtype
 from export.specs import TensorSpec
 
 NPY = "application/x-npy"

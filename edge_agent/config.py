@@ -23,11 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import ConfigError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from pocketfleet import config
 
 PATH_KEYS = ("state_dir", "trust", "unix_socket", "outbox_path", "dataset_dir")
 
@@ -109,9 +105,10 @@ class AgentConfig:
         return dataclasses.asdict(self)
 
 
-_WORDS = {int: "an integer", float: "a number", str: "a string", dict: "a table"}
 _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig) if not f.metadata.get("internal")}
 _HINTS = typing.get_type_hints(AgentConfig)
+_INTERNAL = {f.name: "unknown key; known keys: " + ", ".join(sorted(_FIELDS))
+             for f in dataclasses.fields(AgentConfig) if f.metadata.get("internal")}
 
 
 def _kind(name: str) -> type:
@@ -121,27 +118,19 @@ def _kind(name: str) -> type:
     return typing.get_origin(hint) or hint
 
 
-def _coerce(name: str, value: Any, where: str) -> Any:
-    kind = _kind(name)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {name} must be {_WORDS[kind]}, got {type(value).__name__} {value!r}")
-    return value
-
-
 def config_from_dict(table: dict[str, Any], where: str = "config", base: Path | None = None) -> AgentConfig:
     """Build an AgentConfig from a parsed TOML table (unknown keys and wrong types are errors)."""
-    unknown = sorted(set(table) - set(_FIELDS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(_FIELDS))})")
-    values = {name: _coerce(name, value, where) for name, value in table.items()}
+    try:
+        cfg, _ = config.parse_config(AgentConfig, table, "", excluded=_INTERNAL)
+    except config.ConfigError as exc:
+        raise ConfigError(exc.problem, exc.path, where) from None
     if base is not None:
         for name in PATH_KEYS:
-            if values.get(name):
-                path = Path(values[name]).expanduser()
-                values[name] = str(path if path.is_absolute() else base / path)
-    return AgentConfig(**values)
+            value = getattr(cfg, name)
+            if value:
+                path = Path(value).expanduser()
+                setattr(cfg, name, str(path if path.is_absolute() else base / path))
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AgentConfig:
@@ -151,19 +140,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path:
         path = Path(path)
         where, base = str(path), path.resolve().parent
-        try:
-            with open(path, "rb") as fh:
-                table = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
-    config = config_from_dict(table, where, base)
-    config.base_dir = str(base or "")
+        table = config.load_toml(path, ConfigError)
+    cfg = config_from_dict(table, where, base)
+    cfg.base_dir = str(base or "")
     for name, value in (overrides or {}).items():
-        setattr(config, name, _coerce(name, value, f"--{name.replace('_', '-')}"))
-    config.check()
-    return config
+        try:
+            setattr(cfg, name, config.check_type(value, _HINTS[name], f"--{name.replace('_', '-')}"))
+        except config.ConfigError as exc:
+            raise ConfigError(exc.problem, exc.path) from None
+    cfg.check()
+    return cfg
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

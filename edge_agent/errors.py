@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
+from export.errors import DowngradeError
 from pocketfleet import PocketfleetError
+from pocketfleet.config import ConfigError as BaseConfigError
 
 
 class AgentError(PocketfleetError):
     """Base class of the agent's errors."""
 
 
-class ConfigError(AgentError):
+class ConfigError(AgentError, BaseConfigError):
     """The agent configuration (TOML file or flag) has an unknown key or a value of the wrong type."""
 
 
 class StoreError(AgentError):
     """The model store cannot do what was asked (nothing installed, unknown version, locked, ...)."""
-
-
-class DowngradeError(StoreError):
-    """A package's version is not newer than the highest version installed (rollback protection)."""
-
-    exit_code = 4
 
 
 class HealthCheckError(StoreError):
@@ -39,3 +35,6 @@ class RequestError(AgentError):
     def __init__(self, status: int, code: str, message: str, **fields: object) -> None:
         super().__init__(message)
         self.status, self.code, self.fields = status, code, fields
+
+
+__all__ = ["AgentError", "ConfigError", "DowngradeError", "HealthCheckError", "OutboxFullError", "RequestError", "StoreError"]

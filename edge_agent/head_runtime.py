@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.runtimes import Runtime
+from export.runtimes import Runtime
 
 
 class HeadRuntime(Runtime):
@@ -41,18 +41,19 @@ def with_head(runtime: Runtime, manifest: Any, directory: Path) -> Runtime:
     from safetensors.numpy import load_file
 
     from edge_agent.errors import HealthCheckError
-    from edge_agent.training import Head, TrainingError
+    from export.errors import HeadError
+    from export.head import Head
 
     try:
         head = Head.from_manifest(entry)
         specs = {s.name: s for s in runtime.outputs}
         if not {head.output, head.features} <= set(specs):
-            raise TrainingError(f"the model's outputs {sorted(specs)} lack {head.output!r} or {head.features!r}")
+            raise HeadError(f"the model's outputs {sorted(specs)} lack {head.output!r} or {head.features!r}")
         if not head.weights_file:
-            raise TrainingError("trainable_head.weights names no file")
+            raise HeadError("trainable_head.weights names no file")
         weights = {k: v.astype(np.float32) for k, v in load_file(str(directory / head.weights_file)).items()}
         width = specs[head.features].shape[-1] if specs[head.features].shape else None
         head.check(weights, in_dim=width if isinstance(width, int) and width > 0 else None)
-    except (TrainingError, OSError, ValueError) as exc:
+    except (HeadError, OSError, ValueError) as exc:
         raise HealthCheckError(f"{manifest.name} v{manifest.version}: bad trainable head: {exc}") from exc
     return HeadRuntime(runtime, head, weights)

@@ -31,6 +31,9 @@ _EXPORTS = {
     "PackageReader": "export.package",
     "verify_package": "export.verify",
     "extract_package": "export.verify",
+    "verify_installed": "export.installed",
+    "load_runtime": "export.runtimes",
+    "Runtime": "export.runtimes",
     "Manifest": "export.manifest",
     "FileEntry": "export.manifest",
     "Samples": "export.samples",
@@ -45,6 +48,8 @@ _EXPORTS = {
     "TensorSpec": "export.specs",
     "Quantization": "export.specs",
     "MetricSpec": "export.specs",
+    "Head": "export.head",
+    "DenseLayer": "export.head",
 }
 _ERRORS = [
     "ExportError",
@@ -65,6 +70,8 @@ _ERRORS = [
     "FileMismatchError",
     "UnsafePathError",
     "OversizeError",
+    "DowngradeError",
+    "HeadError",
 ]
 _EXPORTS.update({name: "export.errors" for name in _ERRORS})
 

@@ -1,4 +1,6 @@
-"""`pocketfleet` subcommands contributed by the export package: export, keys, sign, verify, inspect."""
+"""`pocketfleet` subcommands contributed by the export package: keys, sign, verify, inspect (torch-free).
+
+`pocketfleet export` (a model -> a package) is in compress.cli, which loads model directories and factories."""
 
 from __future__ import annotations
 
@@ -10,28 +12,6 @@ from pocketfleet import add_json_flag, emit, table
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's subcommands (parsers only; handlers import lazily)."""
-    p = subparsers.add_parser(
-        "export",
-        help="export a model directory to ONNX/TFLite, check parity, write a signed package",
-        description="Convert a model directory to ONNX or TFLite, check numeric parity of the exported file "
-        "in its real runtime against PyTorch on the workload's evaluation data, and write a .pfpkg package "
-        "(signed when --key is given). Fails without writing a package when parity is out of bounds.",
-    )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="model directory (see compress.zoo.make_model_dir)")
-    p.add_argument("--format", required=True, choices=["onnx", "tflite"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
-    p.add_argument("--out", required=True, metavar="PKG", help="package path to write (.pfpkg)")
-    p.add_argument("--name", help="model name in the manifest (default: the workload name)")
-    p.add_argument("--version", type=int, default=1, help="integer model version (monotonic per name)")
-    p.add_argument("--key", metavar="PRIVATE", help="Ed25519 private key to sign with (unsigned without it)")
-    p.add_argument("--device", metavar="PROFILE", help="target device profile name recorded in the manifest")
-    p.add_argument("--valid-days", type=int, default=365, help="days until the package expires (default 365)")
-    p.add_argument("--trainable-head", action="store_true",
-                   help="ONNX classifiers: ship the final Linear layer as a trainable head for on-device "
-                   "(federated) training; the model also outputs its input as 'features'")
-    add_json_flag(p)
-    p.set_defaults(func=_cmd_export)
-
     keys = subparsers.add_parser("keys", help="manage package signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
     gen = keys_sub.add_parser("generate", help="write a new Ed25519 key pair (pocketfleet.key / .pub)")
@@ -65,39 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--trust", metavar="PUBLIC", help="also verify against these public keys")
     add_json_flag(inspect)
     inspect.set_defaults(func=_cmd_inspect)
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from export.pipeline import export_model
-
-    result = export_model(
-        args.model_dir,
-        format=args.format,
-        dtype=args.dtype,
-        out=args.out,
-        name=args.name,
-        version=args.version,
-        key=args.key,
-        device=args.device,
-        valid_days=args.valid_days,
-        progress=True,
-        trainable_head=args.trainable_head,
-    )
-    emit(result.to_dict(), args.json, _render_export)
-    return 0
-
-
-def _render_export(r: dict[str, Any]) -> str:
-    lines = [
-        f"package   {r['package']}  ({'signed ' + r['key_id'] if r['key_id'] else 'UNSIGNED'})",
-        f"model     {r['name']} v{r['version']}  {r['format']}/{r['dtype']}  {r['size_bytes']} bytes  "
-        f"export {r['export_seconds']:.1f}s",
-        f"metric    {r['metric']['metric']} = {r['metric']['value']:.4f}"
-        + (f"  (PyTorch {r['reference_metric']['value']:.4f})" if r.get("reference_metric") else ""),
-        "parity:",
-        table(r["parity"]["outputs"]),
-    ]
-    return "\n".join(lines)
 
 
 def _cmd_keys_generate(args: argparse.Namespace) -> int:

@@ -20,7 +20,6 @@ dequantize / lookup-table ops of the compressed variants), weight bytes and the 
 from __future__ import annotations
 
 import os
-import platform
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
@@ -29,14 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 from export._quiet import quiet
 from export.errors import ExportError
+from export.mlpackage import NOT_RUN, can_predict, unzip_mlpackage, zip_mlpackage
 from export.specs import TensorSpec
+
+__all__ = ["NOT_RUN", "can_predict", "export_coreml", "inspect_mlpackage", "unzip_mlpackage", "zip_mlpackage"]
 
 if TYPE_CHECKING:
     import torch
 
 DTYPES = ("fp32", "fp16", "int8", "pal4")
 MINIMUM_TARGET = "iOS17"  # iPhone 15 ships with iOS 17
-ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 # op types the compressed variants must contain (the weights are decompressed by these at load time)
 COMPRESSION_OPS = {
     "int8": ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"),
@@ -45,13 +46,7 @@ COMPRESSION_OPS = {
 # weight bytes / fp32 weight bytes a variant must reach (with headroom for per-channel scales, biases and
 # the small tensors the compression passes skip)
 EXPECTED_RATIO = {"fp32": 1.05, "fp16": 0.55, "int8": 0.35, "pal4": 0.25}
-NOT_RUN = "not run on this host"
 FP32_WEIGHTS_KEY = "pocketfleet.fp32_weight_bytes"
-
-
-def can_predict() -> bool:
-    """coremltools runs models only on macOS."""
-    return platform.system() == "Darwin"
 
 
 def export_coreml(
@@ -129,38 +124,6 @@ def _compress(model: Any, dtype: str) -> Any:
         return cto.linear_quantize_weights(model, config=cto.OptimizationConfig(global_config=op))
     op = cto.OpPalettizerConfig(nbits=4, mode="kmeans", granularity="per_tensor", weight_threshold=0)
     return cto.palettize_weights(model, config=cto.OptimizationConfig(global_config=op))
-
-
-def zip_mlpackage(src: str | Path, dst: str | Path) -> Path:
-    """Zip an `.mlpackage` directory into one file, deterministically: members sorted by path, STORED,
-    timestamps 1980-01-01, fixed permissions, no directory entries; the top folder is `model.mlpackage/`."""
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ExportError(f"{src} is not an .mlpackage directory")
-    files = sorted(p for p in src.rglob("*") if p.is_file())
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as zf:
-        for p in files:
-            info = zipfile.ZipInfo(f"model.mlpackage/{p.relative_to(src).as_posix()}", ZIP_EPOCH)
-            info.compress_type = zipfile.ZIP_STORED
-            info.external_attr = 0o644 << 16
-            info.create_system = 3  # unix
-            zf.writestr(info, p.read_bytes())
-    return dst
-
-
-def unzip_mlpackage(src: str | Path, dst_dir: str | Path) -> Path:
-    """Extract a zip made by `zip_mlpackage` under `dst_dir`; returns the `.mlpackage` path. Member paths
-    are checked (no absolute paths or `..`)."""
-    dst_dir = Path(dst_dir)
-    root = dst_dir.resolve()
-    with zipfile.ZipFile(src) as zf:
-        for name in zf.namelist():
-            target = (dst_dir / name).resolve()
-            if not name.startswith("model.mlpackage/") or root not in target.parents:
-                raise ExportError(f"{Path(src).name}: member {name!r} is not inside model.mlpackage/")
-        zf.extractall(dst_dir)
-    return dst_dir / "model.mlpackage"
 
 
 def inspect_mlpackage(path: str | Path, dtype: str | None = None, fp32_weight_bytes: int | None = None) -> dict[str, Any]:

@@ -107,14 +107,13 @@ def package_coreml(
     valid_days: int | None = None,
     samples: int = 4,
 ) -> ExportResult:
-    """Check a zipped .mlpackage made from `lm` and write its (signed) package."""
+    """Check a zipped .mlpackage made from `lm` (an ExportableModel) and write its (signed) package."""
     from export.package import build_package
     from export.pipeline import ExportResult, _clean
     from export.signing import key_id
 
-    wl = lm.workload
-    info = verify_coreml(model_file, dtype, [s.name for s in wl.inputs], [s.name for s in wl.outputs])
-    sample_inputs = wl.sample_inputs(samples)
+    info = verify_coreml(model_file, dtype, [s.name for s in lm.input_specs], [s.name for s in lm.output_specs])
+    sample_inputs = lm.sample_inputs(samples)
     expected = {k: np.asarray(v, np.float32) for k, v in lm.predict(sample_inputs).items()}
     scale = max((float(np.abs(v).max()) for v in expected.values()), default=1.0)
     reference_metric = _clean(lm.evaluate())
@@ -131,15 +130,15 @@ def package_coreml(
         **(extra_report or {}),
     }
     fields = {
-        "name": name or wl.name,
+        "name": name or lm.name,
         "version": version,
         "format": "coreml",
         "dtype": dtype,
         "device": device or "iphone-15",
-        "workload": wl.name,
+        "workload": lm.workload_name,
         "inputs": [TensorSpec(f["name"], tuple(f["shape"]), f["dtype"]) for f in info["inputs"]],
-        "outputs": [TensorSpec(s.name, (1, *expected[s.name].shape[1:]), "float32") for s in wl.outputs],
-        "preprocessing": wl.preprocessing,
+        "outputs": [TensorSpec(s.name, (1, *expected[s.name].shape[1:]), "float32") for s in lm.output_specs],
+        "preprocessing": lm.preprocessing,
         "report": report,
         "extra": extra or {},
     }

@@ -77,3 +77,11 @@ class OversizeError(VerificationError):
 
 class MalformedPackageError(VerificationError):
     """The zip is well-formed but breaks the package rules (duplicate or compressed members, directories)."""
+
+
+class DowngradeError(VerificationError):
+    """A package's version is not newer than the highest version installed (rollback protection)."""
+
+
+class HeadError(PocketfleetError):
+    """A manifest's trainable_head entry or the head weights are malformed (names the field or tensor)."""

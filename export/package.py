@@ -260,7 +260,7 @@ def _write_zip(
     out_path: Path, members: Sequence[tuple[str, Content]], sizes: Mapping[str, int] | None = None
 ) -> None:
     """Write members STORED, in order, to a temp file then rename over out_path (atomic)."""
-    from edge_agent.fsutil import atomic_file
+    from pocketfleet.fs import atomic_file
 
     with atomic_file(out_path) as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, src in members:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from export.errors import ParityError
+from export.evaluate import run_batched
 
 Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 KINDS = ("classifier", "embedding", "tensor")
@@ -195,8 +196,6 @@ def check_parity(
     raise_on_failure: bool = True,
 ) -> ParityReport:
     """Run both predict functions on `inputs` and compare; raises ParityError naming output and numbers."""
-    from compress.zoo.evaluate import run_batched  # numpy-only batching shared with the workload metrics
-
     bounds = bounds or ParityBounds()
     ref = run_batched(reference, dict(inputs), batch_size)
     cand = run_batched(candidate, dict(inputs), batch_size)

@@ -1,11 +1,13 @@
-"""Model directory -> exported file -> parity in the real runtime -> signed package.
+"""A PyTorch model -> exported file -> parity in the real runtime -> signed package.
 
-    result = export_model("models/digits-cnn", format="onnx", dtype="fp16", out="cnn.pfpkg",
-                          version=3, key="keys/pocketfleet.key")
+    result = export_model(my_module, format="onnx", dtype="fp16", out="model.pfpkg",
+                          example_inputs=torch.randn(8, 3, 32, 32), version=3, key="keys/pocketfleet.key")
 
+`model` is any `nn.Module` with its `example_inputs` (export.source.UserModel infers names, shapes and
+dtypes), or an `ExportableModel` such as a reference workload (`compress.zoo.load_model_dir(path)`).
 `package_artifact` is the lower-level entry for callers that produced the .onnx/.tflite file themselves
 (quantization, pruning): it checks parity against the PyTorch model in the file's own runtime, scores the
-workload metric, records samples and writes the package — or raises ParityError and writes nothing.
+model's metric, records samples and writes the package — or raises ParityError and writes nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +26,7 @@ from export.errors import ExportError
 from export.manifest import Manifest
 from export.parity import ParityBounds, ParityReport, Predict, Recorded, check_parity
 from export.samples import Samples
-
-if TYPE_CHECKING:
-    from compress.zoo import LoadedModel
+from export.source import ExportableModel, as_source
 
 FORMATS = ("onnx", "tflite", "pte", "coreml")
 DTYPES = ("fp32", "fp16")
@@ -71,48 +71,42 @@ class ExportResult:
         }
 
 
-def _loaded(model: Any) -> LoadedModel:
-    if isinstance(model, (str, Path)):
-        from compress.zoo import load_model_dir
-
-        return load_model_dir(model)
-    return model
-
-
 def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> str:
     if value not in allowed:
         raise ExportError(f"{what} must be one of {list(allowed)}, got {value!r}")
     return value
 
 
-def convert(model: Any, format: str, dtype: str, path: str | Path) -> Path:
-    """Write `model` (model dir or LoadedModel) as an ONNX or TFLite file traced on real test inputs."""
+def convert(model: Any, format: str, dtype: str, path: str | Path, example_inputs: Any = None,
+            **source: Any) -> Path:
+    """Write `model` (an ExportableModel, or an nn.Module with `example_inputs`) as an ONNX or TFLite file
+    traced on its real inputs."""
     import torch
 
-    lm = _loaded(model)
+    src = as_source(model, example_inputs, **source)
     _check_choice(format, FORMATS, "format")
     _check_choice(dtype, FORMAT_DTYPES[format], "dtype")
-    wl = lm.workload
     batch = ONNX_EXAMPLE_BATCH if format == "onnx" else TFLITE_BATCH  # pte, coreml: fixed batch 1 too
-    sample = wl.sample_inputs(batch)
-    example = {s.name: torch.from_numpy(np.ascontiguousarray(sample[s.name])) for s in wl.inputs}
+    sample = src.sample_inputs(batch)
+    example = {s.name: torch.from_numpy(np.ascontiguousarray(sample[s.name])) for s in src.input_specs}
     if format == "onnx":
         from export.onnx import export_onnx
 
-        return export_onnx(lm.module, wl.inputs, wl.outputs, tuple(example.values()), path, dtype=dtype)
+        return export_onnx(src.module, src.input_specs, src.output_specs, tuple(example.values()), path, dtype=dtype)
     if format == "pte":
-        from export.pte import export_pte
+        from export.pte import calibration_rows, export_pte
 
-        calib = wl.calib_inputs(CALIB_ROWS) if dtype == "int8" else None
-        names = [s.name for s in wl.inputs]
-        return export_pte(lm.module, names, [s.name for s in wl.outputs], tuple(example.values()), path, dtype, calib)
+        calib = calibration_rows(src, CALIB_ROWS) if dtype == "int8" else None
+        names = [s.name for s in src.input_specs]
+        outs = [s.name for s in src.output_specs]
+        return export_pte(src.module, names, outs, tuple(example.values()), path, dtype, calib)
     if format == "coreml":
         from export.coreml_package import convert_coreml
 
-        return convert_coreml(lm.module, wl.inputs, wl.outputs, tuple(example.values()), path, dtype)
+        return convert_coreml(src.module, src.input_specs, src.output_specs, tuple(example.values()), path, dtype)
     from export.tflite import export_tflite
 
-    return export_tflite(lm.module, [s.name for s in wl.outputs], example, path, dtype=dtype)
+    return export_tflite(src.module, [s.name for s in src.output_specs], example, path, dtype=dtype)
 
 
 def package_artifact(
@@ -137,17 +131,16 @@ def package_artifact(
 ) -> ExportResult:
     """Verify an already-made model file against its source model and package it.
 
-    Parity: `reference` (default: the PyTorch module of `loaded_model`) vs the file run by
-    edge_agent.runtimes on the workload's evaluation inputs, within `bounds` (default per dtype);
+    Parity: `reference` (default: the PyTorch module of `loaded_model`, an ExportableModel) vs the file run
+    by export.runtimes on the model's evaluation inputs, within `bounds` (default per dtype);
     raises ParityError (no package written) otherwise. `dtype` is recorded as given (fp32, fp16, int8...).
     `extra_files` ({member: path}) go into the package beside the model (e.g. head weights).
     """
-    from edge_agent.runtimes import load_runtime
     from export.package import build_package
+    from export.runtimes import load_runtime
     from export.signing import key_id, load_private_key
 
-    lm = _loaded(loaded_model)
-    wl = lm.workload
+    lm = as_source(loaded_model)
     model_file = Path(model_file)
     _check_choice(format, FORMATS, "format")
     private = load_private_key(key) if key is not None else None  # fail on a bad key before the slow part
@@ -160,7 +153,7 @@ def package_artifact(
     parity, metric, reference_metric = _parity_and_metrics(
         lm, runtime.run, reference, bounds, dtype, model_file, format
     )
-    sample_inputs = wl.sample_inputs(samples)
+    sample_inputs = lm.sample_inputs(samples)
     sample_outputs = runtime.run(sample_inputs)
     size = model_file.stat().st_size
     report = {
@@ -171,15 +164,15 @@ def package_artifact(
         **(extra_report or {}),
     }
     fields = {
-        "name": name or wl.name,
+        "name": name or lm.name,
         "version": version,
         "format": format,
         "dtype": dtype,
         "device": device,
-        "workload": wl.name,
+        "workload": lm.workload_name,
         "inputs": runtime.inputs,
         "outputs": runtime.outputs,
-        "preprocessing": wl.preprocessing,
+        "preprocessing": lm.preprocessing,
         "report": report,
         "trainable_head": trainable_head,
         "extra": extra or {},
@@ -221,8 +214,18 @@ def export_model(
     progress: bool = False,
     reference: Predict | None = None,
     trainable_head: bool = False,
+    example_inputs: Any = None,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    dynamic_axes: dict[str, Any] | None = None,
+    parity_inputs: Any = None,
 ) -> ExportResult:
     """Convert, check parity in the real runtime, and write the package `out` (signed when `key`).
+
+    `model`: an `nn.Module` with `example_inputs` (a tensor/array or a tuple of them, batch first; the batch
+    dimension is dynamic unless `dynamic_axes` says otherwise; names default to input / output), or an
+    ExportableModel (e.g. `compress.zoo.load_model_dir(path)`). Parity is checked against the module on the
+    example inputs plus `parity_inputs`, in the exported file's own runtime.
 
     `trainable_head` (ONNX classifiers ending in nn.Linear): the file also outputs `features` (the final
     layer's input) and the package carries that layer as a trainable head (export.head).
@@ -238,7 +241,8 @@ def export_model(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=3, desc="load model", unit="stage", disable=not progress, file=sys.stderr, leave=False)
-    lm = _loaded(model)
+    lm = as_source(model, example_inputs, input_names=input_names, output_names=output_names,
+                   dynamic_axes=dynamic_axes, parity_inputs=parity_inputs) if example_inputs is not None else as_source(model)
     bar.update()
     work = Path(tempfile.mkdtemp(prefix="pf-export-"))
     try:
@@ -247,7 +251,7 @@ def export_model(
         path = convert(lm, format, dtype, work / f"model{SUFFIX[format]}")
         head: dict[str, Any] = {}
         if trainable_head:
-            head = _split_head(path, lm.workload.outputs[0].name, work)
+            head = _split_head(path, lm.output_specs[0].name, work)
         seconds = time.perf_counter() - started
         bar.update()
         bar.set_description("parity + metric in the runtime" + (", package" if out is not None else ""))
@@ -277,7 +281,8 @@ def _split_head(path: Path, output: str, work: Path) -> dict[str, Any]:
     """package_artifact arguments for a trainable head over `output` (the file gains `features`)."""
     from safetensors.numpy import save_file
 
-    from export.head import HEAD_FILE, head_manifest, split_head
+    from export.head import HEAD_FILE
+    from export.head_split import head_manifest, split_head
 
     weights = split_head(path, output)
     save_file(weights, str(work / HEAD_FILE))
@@ -285,7 +290,7 @@ def _split_head(path: Path, output: str, work: Path) -> dict[str, Any]:
 
 
 def _parity_and_metrics(
-    lm: LoadedModel,
+    lm: ExportableModel,
     candidate: Predict,
     reference: Predict | None,
     bounds: ParityBounds | None,
@@ -293,24 +298,24 @@ def _parity_and_metrics(
     model_file: Path,
     format: str,
 ) -> tuple[ParityReport, dict[str, Any], dict[str, Any]]:
-    """Parity on the eval split, then the workload metric of both sides from the recorded outputs."""
+    """Parity on the evaluation inputs, then the model's metric of both sides from the recorded outputs."""
     ref, cand = Recorded(reference or lm.predict), Recorded(candidate)
     parity = check_parity(
-        ref, cand, lm.workload.eval_inputs(), bounds or ParityBounds.for_dtype(dtype),
-        metric=lm.workload.metric.name, what=f"{model_file.name} ({format}/{dtype})",
+        ref, cand, lm.eval_inputs(), bounds or ParityBounds.for_dtype(dtype),
+        metric=lm.metric_name, what=f"{model_file.name} ({format}/{dtype})",
     )  # fmt: skip
     return parity, _clean(lm.evaluate(predict=cand)), _clean(lm.evaluate(predict=ref))
 
 
 def _parity_only(
     path: Path,
-    lm: LoadedModel,
+    lm: ExportableModel,
     format: str,
     dtype: str,
     bounds: ParityBounds | None,
     reference: Predict | None,
 ) -> ExportResult:
-    from edge_agent.runtimes import load_runtime
+    from export.runtimes import load_runtime
 
     if format == "coreml":
         from export.coreml_package import coreml_check_only

@@ -21,19 +21,29 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from export._quiet import quiet
 from export.errors import ExportError
+from export.runtime_pte import IO_METHOD  # the constant method holding the tensor names (torch-free module)
 
 if TYPE_CHECKING:
     import torch
 
 DTYPES = ("fp32", "int8")
-IO_METHOD = "pf_io"  # constant method holding {"inputs": [...], "outputs": [...]} as a list of bytes
 MAX_CALIB_ROWS = 256
+
+
+def calibration_rows(source: Any, n: int) -> dict[str, np.ndarray]:
+    """Calibration rows of an ExportableModel: its `calib_inputs(n)` (a zoo model: the train split) when it
+    has one, else `sample_inputs(n)`."""
+    for owner in (source, getattr(source, "workload", None)):
+        calib = getattr(owner, "calib_inputs", None)
+        if callable(calib):
+            return calib(n)
+    return source.sample_inputs(n)
 
 
 def io_names_method(input_names: Sequence[str], output_names: Sequence[str]) -> dict[str, list[int]]:

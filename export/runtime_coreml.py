@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.runtimes import Runtime, RuntimeLoadError, _first_line
-from export.coreml import can_predict, unzip_mlpackage
+from export.mlpackage import can_predict, unzip_mlpackage
+from export.runtimes import Runtime, RuntimeLoadError, _first_line
 from export.specs import TensorSpec
 
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.runtimes import Runtime, RuntimeLoadError, _first_line
-from export.pte import IO_METHOD
+from export.runtimes import Runtime, RuntimeLoadError, _first_line
 from export.specs import TensorSpec
 
+IO_METHOD = "pf_io"  # constant method holding {"inputs": [...], "outputs": [...]} as a list of bytes
 # executorch ScalarType codes (runtime/core/portable_type/scalar_type.h) -> numpy dtype names
 _SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32",
                  7: "float64", 11: "bool"}  # fmt: skip

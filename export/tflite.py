@@ -2,7 +2,7 @@
 
 The model is traced with named keyword inputs and returns a dict, so the LiteRT signature keeps the
 workload's input and output names. Shapes are those of the example (batch fixed, usually 1): LiteRT
-models here are static, and `edge_agent.runtimes` runs larger batches in chunks. 64-bit integer inputs
+models here are static, and `export.runtimes` runs larger batches in chunks. 64-bit integer inputs
 become int32 (LiteRT's default); the runtime converts int64 ids losslessly.
 """
 

@@ -24,16 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = "digits"
 X = np.random.default_rng(7).random((3, 1, 8, 8), dtype=np.float32)
 
-NO_TORCH = """
-import sys
-BLOCKED = ("torch", "onnx", "onnxscript", "litert_torch", "ai_edge_quantizer", "sklearn", "compress.zoo")
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ImportError(f"{name} is blocked in this test (device footprint)")
-        return None
-sys.meta_path.insert(0, _Block())
-"""
 
 
 def conv_net(path: Path, seed: int) -> Path:
@@ -89,7 +79,7 @@ class Packages:
 
 
 def build_packages(base: Path) -> Packages:
-    from edge_agent.runtimes import load_runtime
+    from export.runtimes import load_runtime
     from tests.test_runtimes import _tflite_int8_requantize
 
     keys = generate_keys(base / "keys")
@@ -132,7 +122,7 @@ def session_packages(factory: pytest.TempPathFactory) -> Packages:
 
 def cli(*args: str, env: dict[str, str] | None = None, prelude: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `pocketfleet ARGS` in a fresh interpreter (optionally behind a prelude, e.g. NO_TORCH)."""
-    code = prelude + "\nimport sys\nfrom pocketfleet import main\nsys.exit(main(sys.argv[1:]))"
+    code = prelude + "\nimport sys\nfrom pocketfleet.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
         env={**os.environ, **(env or {})}, timeout=timeout,
@@ -140,7 +130,7 @@ def cli(*args: str, env: dict[str, str] | None = None, prelude: str = "", timeou
 
 
 def spawn(*args: str, env: dict[str, str] | None = None, prelude: str = "", **kw: Any) -> subprocess.Popen:
-    code = prelude + "\nimport sys\nfrom pocketfleet import main\nsys.exit(main(sys.argv[1:]))"
+    code = prelude + "\nimport sys\nfrom pocketfleet.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.Popen(
         [sys.executable, "-c", code, *args], cwd=ROOT, env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,

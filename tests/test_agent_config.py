@@ -8,7 +8,7 @@ import pytest
 
 from edge_agent.config import AgentConfig, flag_overrides, load_config
 from edge_agent.errors import ConfigError
-from pocketfleet import build_parser
+from pocketfleet.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,9 +42,9 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        ('state_dir = "s"\nmax_bach = 3\n', ["unknown key 'max_bach'", "max_batch"]),
-        ('state_dir = "s"\nmax_batch = "32"\n', ["max_batch must be an integer", "str '32'"]),
-        ('state_dir = "s"\nthreads = true\n', ["threads must be an integer", "bool"]),
+        ('state_dir = "s"\nmax_bach = 3\n', ["max_bach: unknown key", "max_batch"]),
+        ('state_dir = "s"\nmax_batch = "32"\n', ["max_batch: expected an integer", "'32'"]),
+        ('state_dir = "s"\nthreads = true\n', ["threads: expected an integer", "True"]),
         ('state_dir = "s"\nmax_batch = 0\n', ["max_batch must be >= 1"]),
         ('state_dir = "s"\nlisten = "localhost"\n', ["listen must be HOST:PORT"]),
         ('state_dir = "s"\nsink = "kafka:x"\n', ["sink must be"]),

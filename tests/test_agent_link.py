@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from cloud_sync.cloud import wait_for
-from cloud_sync.fleet import Fleet, make_digits_package
 from edge_agent import Agent, AgentConfig, Client
 from edge_agent.errors import AgentError, ConfigError
+from pocketfleet.sim.fleet import Fleet, make_digits_package
 from tests.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.mosquitto
@@ -83,5 +83,5 @@ def test_agent_config_mqtt_paths_are_relative_to_the_config_file(tmp_path: Path)
     assert cfg.state_dir == str(tmp_path / "state") and cfg.base_dir == str(tmp_path)
     assert device.mqtt.secret() == "s3cret" and device.group == "lab" and device.device_id == "edge-9"
     conf.write_text('state_dir = "state"\nbase_dir = "/elsewhere"\n')  # internal, not a config key
-    with pytest.raises(ConfigError, match="unknown key 'base_dir'"):
+    with pytest.raises(ConfigError, match="base_dir: unknown key"):
         load_config(conf)

@@ -19,8 +19,9 @@ from edge_agent.client import Client
 from edge_agent.config import AgentConfig
 from edge_agent.daemon import Agent, running_agent
 from edge_agent.store import ModelStore
-from edge_agent.verify import verify_installed
-from tests.agent_fixtures import NAME, NO_TORCH, Packages, X, cli, session_packages, spawn
+from export.installed import verify_installed
+from tests.agent_fixtures import NAME, Packages, X, cli, session_packages, spawn
+from tests.conftest import NO_TORCH
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +160,7 @@ def test_swap_to_a_version_that_fails_keeps_serving_and_reverts(tmp_path: Path, 
 
 
 def test_demo_stage_swaps_under_load_and_reports_each_version(tmp_path: Path, packages: Packages) -> None:
-    from edge_agent.demo import swap_under_load
+    from pocketfleet.sim.swap import swap_under_load
 
     result = swap_under_load(tmp_path / "state", packages.public_key, [packages.versions[1], packages.versions[2]], dwell_s=0.4)
     assert result["failures"] == 0, result["errors"]

@@ -13,8 +13,8 @@ import pytest
 
 from edge_agent.errors import DowngradeError, HealthCheckError, StoreError
 from edge_agent.store import ModelStore
-from edge_agent.verify import verify_installed
 from export import FileMismatchError, Samples, UntrustedKeyError, build_package, extract_package
+from export.installed import verify_installed
 from tests.agent_fixtures import FIELDS, NAME, Packages, X, cli, session_packages
 
 

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pocketfleet
-from edge_agent.runtimes import load_runtime
 from export import (
     ExportError,
     ExportResult,
@@ -28,6 +26,8 @@ from export import (
     verify_package,
 )
 from export.parity import compare_outputs
+from export.runtimes import load_runtime
+from pocketfleet import cli as pocketfleet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,10 +45,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRe
 
     def get(workload: str, fmt: str, dtype: str) -> ExportResult:
         if (workload, fmt, dtype) not in cache:
+            from compress.zoo import load_model_dir
+
             model_dir = request.getfixturevalue(workload.replace("-", "_") + "_dir")
             stem = f"{workload}-{fmt}-{dtype}"
             cache[workload, fmt, dtype] = export_model(
-                model_dir, fmt, dtype, out=out / f"{stem}.pfpkg", version=2, key=keys["private_key"],
+                load_model_dir(model_dir), fmt, dtype, out=out / f"{stem}.pfpkg", version=2, key=keys["private_key"],
                 model_out=out / f"{stem}.{fmt}",
             )  # fmt: skip
         return cache[workload, fmt, dtype]
@@ -274,6 +276,8 @@ def test_onnx_fp16_weights_halve_size_and_keep_float_io(tmp_path: Path) -> None:
 def test_bad_format_or_dtype_is_an_export_error(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="format must be one of"):
         export_model(object(), "coreml", "fp32")
+    with pytest.raises(ExportError, match="expected a torch.nn.Module.*load_model_dir"):
+        export_model(tmp_path, "onnx", "fp32")
     with pytest.raises(ExportError, match="dtype must be one of"):
         export_model(object(), "onnx", "int3")
 

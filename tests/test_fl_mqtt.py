@@ -18,8 +18,9 @@ import pytest
 
 from cloud_sync.client import MqttClient
 from cloud_sync.fl import tensors as T
-from cloud_sync.fl.client import FLClient, head_trainer_fn
+from cloud_sync.fl.client import FLClient
 from cloud_sync.fl.mqtt import MqttDeviceTransport, wait_until
+from edge_agent.fl import head_trainer_fn
 from edge_agent.training import DenseLayer, Head, HeadTrainer, LocalDataset
 from tests.fl_helpers import digits_flat
 from tests.mosquitto import Mosquitto
@@ -122,7 +123,7 @@ def test_rounds_over_mosquitto_survive_aggregator_kill_and_broker_restart(tmp_pa
 
 @pytest.mark.mosquitto
 def test_demo_rounds_print_accuracy_per_round(tmp_path):
-    from cloud_sync.fl.agent import demo_rounds
+    from pocketfleet.sim.fl_rounds import demo_rounds
 
     lines: list[str] = []
     with Mosquitto(tmp_path, accounts=None) as broker:
@@ -134,10 +135,10 @@ def test_demo_rounds_print_accuracy_per_round(tmp_path):
 
 @pytest.mark.mosquitto
 def test_agent_glue_trains_the_active_package_head_on_posted_samples(tmp_path):
-    from cloud_sync.fl.agent import device_fl
     from cloud_sync.fl.mqtt import MqttCloudTransport
     from cloud_sync.fl.rounds import Aggregator, TaskConfig
     from compress.zoo.digits_data import digits_split
+    from edge_agent.fl import device_fl
     from edge_agent.training import SampleStore
     from tests.fl_helpers import head_package
 
@@ -183,7 +184,7 @@ def test_agent_glue_trains_the_active_package_head_on_posted_samples(tmp_path):
 
 @pytest.mark.mosquitto
 def test_secure_aggregation_rounds_over_mosquitto(tmp_path):
-    from cloud_sync.fl.agent import demo_rounds
+    from pocketfleet.sim.fl_rounds import demo_rounds
 
     with Mosquitto(tmp_path, accounts=None) as broker:
         out = demo_rounds(lambda user: broker.mqtt_config(user), [f"sec{i}" for i in range(6)], rounds=2,

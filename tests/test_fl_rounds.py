@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from cloud_sync.fl import tensors as T
-from cloud_sync.fl.client import FLClient, head_trainer_fn
+from cloud_sync.fl.client import FLClient
 from cloud_sync.fl.codecs import CodecConfig, encode_update
 from cloud_sync.fl.rounds import Aggregator, TaskConfig
 from cloud_sync.fl.transport import InProcessHub
+from edge_agent.fl import head_trainer_fn
 from edge_agent.training import DenseLayer, Head, HeadTrainer, LocalDataset
 from tests.fl_helpers import digits_flat
 

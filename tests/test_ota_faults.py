@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from cloud_sync.cloud import wait_for
-from cloud_sync.fleet import Fleet, make_digits_package
 from cloud_sync.ota_client import OtaSettings
+from pocketfleet.sim.fleet import Fleet, make_digits_package
 from tests.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.mosquitto

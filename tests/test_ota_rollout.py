@@ -12,10 +12,10 @@ import pytest
 from cloud_sync.client import MqttClient
 from cloud_sync.cloud import wait_for
 from cloud_sync.errors import ReleaseError
-from cloud_sync.fleet import Fleet, make_digits_package
 from cloud_sync.ota_client import OtaSettings
 from cloud_sync.protocol import dev_topic, encode
 from cloud_sync.registry import Registry
+from pocketfleet.sim.fleet import Fleet, make_digits_package
 from tests.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.mosquitto

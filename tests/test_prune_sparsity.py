@@ -131,9 +131,9 @@ def test_nm_mask_keeps_the_two_largest_of_every_four_input_channels():
 
 @pytest.mark.slow
 def test_two_four_pattern_is_in_the_exported_onnx_and_zstd_pays_for_zeros(tmp_path):
-    from edge_agent.runtimes import load_runtime
     from export.onnx import export_onnx
     from export.parity import check_parity
+    from export.runtimes import load_runtime
 
     model = net()
     sp = Sparsifier(model, SparsityConfig(pattern="2:4"))

@@ -175,9 +175,9 @@ def test_attention_heads_and_ffn_are_removed_consistently():
 def _onnx_parity(
     module: nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec], example: tuple, arrays: dict, path
 ) -> None:
-    from edge_agent.runtimes import load_runtime
     from export.onnx import export_onnx
     from export.parity import ParityBounds, check_parity
+    from export.runtimes import load_runtime
 
     def reference(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
@@ -196,8 +196,8 @@ def _onnx_parity(
 @pytest.mark.slow
 def test_pruned_couplings_and_mbnet_export_with_parity_and_devices_macs(tmp_path):
     from devices.analysis import count_macs as onnx_macs
-    from edge_agent.runtimes import load_runtime
     from export.parity import check_parity
+    from export.runtimes import load_runtime
     from export.tflite import export_tflite
 
     images = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)

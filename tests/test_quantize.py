@@ -105,7 +105,7 @@ def cnn_onnx_stats(cnn, tmp_path_factory):
 def test_each_calibration_method_runs_int8_in_onnxruntime(cnn, cnn_onnx_stats, tmp_path, method):
     from compress.quantize.onnx_graph import analyze_runtime
     from compress.quantize.onnx_static import io_names, quantize_onnx_static, ranges_from_stats
-    from edge_agent.runtimes import load_runtime
+    from export.runtimes import load_runtime
 
     fp32, stats = cnn_onnx_stats
     ranges = ranges_from_stats(stats, method, 99.99, io_names(fp32))
@@ -182,8 +182,8 @@ def test_op_that_cannot_be_quantized_is_named_or_falls_back(cnn, tmp_path):
 
 
 def test_static_int8_onnx_and_full_integer_tflite(cnn, tmp_path):
-    from edge_agent.runtimes import load_runtime
     from export import read_manifest
+    from export.runtimes import load_runtime
 
     result = quantize(cnn, QuantConfig(mode="static", calibration="mse", calib_samples=128), out_dir=tmp_path,
                       latency_runs=5)  # fmt: skip

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-import pocketfleet
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from pocketfleet import cli as pocketfleet
+from pocketfleet.config import loads_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -67,7 +62,7 @@ def dump_toml(doc: dict[str, Any]) -> str:
 
 def write_recipe(path: Path, doc: dict[str, Any]) -> Path:
     path.write_text(dump_toml(doc))
-    assert tomllib.loads(path.read_text()) == doc  # the writer round-trips
+    assert loads_toml(path.read_text()) == doc  # the writer round-trips
     return path
 
 
@@ -90,7 +85,7 @@ def cnn_run(digits_cnn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> R
 
     tmp = tmp_path_factory.mktemp("recipe")
     keys = generate_keys(tmp / "keys")
-    doc = tomllib.loads((EXAMPLES / "digits-cnn-int8.toml").read_text())
+    doc = loads_toml((EXAMPLES / "digits-cnn-int8.toml").read_text())
     doc["model"] = {"path": str(digits_cnn_dir)}
     doc["data"] = {"calibration": {"split": "train", "samples": 64}, "finetune": {"samples": 512}}
     doc["run"] = {"latency_seconds": 0.1, "latency_runs": 10}
@@ -439,9 +434,9 @@ def test_out_dir_must_be_empty(digits_cnn_dir: Path, tmp_path: Path) -> None:
 
 def test_docs_name_every_recipe_key() -> None:
     """docs/recipes.md documents every key a recipe accepts (step options come from the configs)."""
-    from compress.recipe.options import fields_of
     from compress.recipe.schema import TOP_LEVEL, DataSource, ModelSpec, RunSettings, Target
     from compress.recipe.steps import step_types
+    from pocketfleet.config import fields_of
 
     text = (ROOT / "docs" / "recipes.md").read_text()
     keys = {"top level": set(TOP_LEVEL)}

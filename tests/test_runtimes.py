@@ -1,4 +1,4 @@
-"""edge_agent.runtimes: real onnxruntime and LiteRT runs on tiny models built here."""
+"""export.runtimes: real onnxruntime and LiteRT runs on tiny models built here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.runtimes import InputError, RuntimeLoadError, load_runtime
+from export.runtimes import InputError, RuntimeLoadError, load_runtime
 from export.specs import Quantization, TensorSpec
 from pocketfleet import PocketfleetError
 

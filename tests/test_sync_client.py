@@ -13,6 +13,7 @@ from cloud_sync.client import Message, MqttClient
 from cloud_sync.cloud import Cloud, CloudConfig, CloudSettings, wait_for
 from cloud_sync.device import DeviceConfig, DeviceLink, MqttSink
 from cloud_sync.protocol import decode, dev_topic, encode
+from edge_agent.store import ModelStore
 from tests.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.mosquitto
@@ -76,7 +77,8 @@ def test_message_expiry_drops_stale_commands(broker: Mosquitto) -> None:
 
 
 def test_last_will_marks_a_vanished_device_offline(broker: Mosquitto, tmp_path: Path) -> None:
-    link = DeviceLink(DeviceConfig("dev-a", str(tmp_path / "dev-a"), mqtt=broker.mqtt_config("dev-a"))).start()
+    cfg = DeviceConfig("dev-a", str(tmp_path / "dev-a"), mqtt=broker.mqtt_config("dev-a"))
+    link = DeviceLink(cfg, store=ModelStore(cfg.state_dir, None)).start()
     link.client.wait_connected()
     time.sleep(0.3)
     link.stop(clean=False)  # no DISCONNECT: the broker must publish the will
@@ -104,7 +106,8 @@ def test_reconnects_after_a_broker_restart(broker: Mosquitto) -> None:
 
 
 def test_malformed_and_oversized_messages_are_counted_and_dropped(broker: Mosquitto, tmp_path: Path) -> None:
-    link = DeviceLink(DeviceConfig("dev-a", str(tmp_path / "dev-a"), mqtt=broker.mqtt_config("dev-a"))).start()
+    cfg = DeviceConfig("dev-a", str(tmp_path / "dev-a"), mqtt=broker.mqtt_config("dev-a"))
+    link = DeviceLink(cfg, store=ModelStore(cfg.state_dir, None)).start()
     link.client.wait_connected()
     cloud = MqttClient(broker.mqtt_config("cloud-1"))
     reports = _collect(cloud, dev_topic("dev-a", "ota"))

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from compress.zoo import load_model_dir
 from edge_agent.errors import HealthCheckError
 from edge_agent.health import health_check
-from edge_agent.runtimes import RuntimeLoadError, load_runtime
 from export import ExportError, ExportResult, export_model, extract_package, generate_keys, verify_package
 from export.coreml import NOT_RUN, inspect_mlpackage, zip_mlpackage
+from export.runtimes import RuntimeLoadError, load_runtime
 
 LINUX = platform.system() != "Darwin"
 
@@ -31,7 +32,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, digits_mbnet_dir: Path, k
     def get(dtype: str) -> ExportResult:
         if dtype not in cache:
             cache[dtype] = export_model(
-                digits_mbnet_dir, "coreml", dtype, out=out / f"mbnet-{dtype}.pfpkg", version=1,
+                load_model_dir(digits_mbnet_dir), "coreml", dtype, out=out / f"mbnet-{dtype}.pfpkg", version=1,
                 key=keys["private_key"], device="iphone-15", model_out=out / f"mbnet-{dtype}.mlpackage.zip",
             )  # fmt: skip
         return cache[dtype]
@@ -95,7 +96,7 @@ def test_linux_agent_refuses_a_coreml_package_at_its_health_check(exported, keys
 
 def test_coreml_rejects_a_bad_dtype_and_a_non_mlpackage(digits_cnn_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="dtype must be one of"):
-        export_model(digits_cnn_dir, "coreml", "int4")
+        export_model(load_model_dir(digits_cnn_dir), "coreml", "int4")
     (tmp_path / "x.zip").write_bytes(b"PK junk")
     with pytest.raises(ExportError, match="not an .mlpackage directory"):
         zip_mlpackage(tmp_path / "missing.mlpackage", tmp_path / "y.zip")

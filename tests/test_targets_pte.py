@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from compress.zoo import load_model_dir
 from edge_agent.health import health_check
-from edge_agent.runtimes import RuntimeLoadError, load_runtime
 from export import (
     ExportError,
     ExportResult,
@@ -21,6 +21,7 @@ from export import (
     verify_package,
 )
 from export.manifest import Manifest
+from export.runtimes import RuntimeLoadError, load_runtime
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRe
 
     def get(workload: str, dtype: str) -> ExportResult:
         if (workload, dtype) not in cache:
-            model_dir = request.getfixturevalue(workload.replace("-", "_") + "_dir")
+            model_dir = load_model_dir(request.getfixturevalue(workload.replace("-", "_") + "_dir"))
             stem = f"{workload}-{dtype}"
             cache[workload, dtype] = export_model(
                 model_dir, "pte", dtype, out=out / f"{stem}.pfpkg", version=3, key=keys["private_key"],
@@ -109,7 +110,7 @@ def test_pte_bad_file_and_bad_dtype_fail_with_one_line(digits_cnn_dir: Path, tmp
     with pytest.raises(RuntimeLoadError, match="ExecuTorch cannot load"):
         load_runtime(bad)
     with pytest.raises(ExportError, match="dtype must be one of"):
-        export_model(digits_cnn_dir, "pte", "fp16")
+        export_model(load_model_dir(digits_cnn_dir), "pte", "fp16")
 
 
 @pytest.mark.slow

@@ -70,9 +70,10 @@ def test_bad_head_requests_are_refused(exported: dict, digits_mbnet_dir: Path) -
     with pytest.raises(ExportError, match="ONNX exports only"):
         export_model(exported["lm"], format="tflite", out=exported["dir"] / "t.pfpkg", trainable_head=True)
     from compress.zoo import load_model_dir
-    from edge_agent.training import Head, TrainingError
+    from export.errors import HeadError
+    from export.head import Head
 
-    with pytest.raises(TrainingError, match="cannot be the features"):
+    with pytest.raises(HeadError, match="cannot be the features"):
         Head.from_manifest({**exported["result"].manifest.trainable_head, "output": "features"})
     mbnet = load_model_dir(digits_mbnet_dir)  # ends in a Linear too: the head must work there as well
     res = export_model(mbnet, format="onnx", out=exported["dir"] / "mb.pfpkg", trainable_head=True)
@@ -86,7 +87,7 @@ def test_cli_fp16_export_serves_the_head_at_any_batch(exported: dict, digits_cnn
     import onnx
     from safetensors.numpy import load_file
 
-    from pocketfleet import main
+    from pocketfleet.cli import main
 
     d, keys, lm = exported["dir"], exported["keys"], exported["lm"]
     assert main(["export", str(digits_cnn_dir), "--format", "onnx", "--dtype", "fp16", "--out", str(d / "h16.pfpkg"),
@@ -113,7 +114,7 @@ def test_a_model_without_a_final_linear_is_refused(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from export.head import split_head
+    from export.head_split import split_head
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["logits"])], "no_linear",

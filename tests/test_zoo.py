@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import pocketfleet
 from compress.zoo import (
     get_workload,
     list_workloads,
@@ -25,6 +24,7 @@ from compress.zoo import (
 from compress.zoo.digits_data import digits_split, split_indices
 from compress.zoo.sentences import is_prose, stdlib_sentences
 from pocketfleet import PocketfleetError
+from pocketfleet import cli as pocketfleet
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.fsutil import atomic_write_bytes
+from pocketfleet.fs import atomic_write_bytes
 
 from . import messages as M
 from . import tensors as T
@@ -175,23 +175,3 @@ class FLClient:
         except (UpdatePayloadError, SecAggError) as exc:
             self.counters["secagg_errors"] += 1
             log.warning("%s: secure aggregation message refused: %s", self.device, exc)
-
-
-def head_trainer_fn(trainer: Any, dataset: Any) -> Trainer:
-    """Adapter: an edge_agent.training.HeadTrainer on a LocalDataset as an FLClient trainer."""
-    from edge_agent.training import TrainConfig
-
-    def fit(weights: Mapping[str, np.ndarray], train: dict[str, Any]) -> Any:
-        return trainer.fit(weights, dataset, TrainConfig.from_dict(train))
-
-    return fit
-
-
-def torch_trainer_fn(module: Any, dataset: Any, input_names: list[str] | None = None, threads: int = 1) -> Trainer:
-    """Adapter: whole-model fine-tuning (needs torch on the device) as an FLClient trainer."""
-    from edge_agent.training import TrainConfig, finetune_torch
-
-    def fit(weights: Mapping[str, np.ndarray], train: dict[str, Any]) -> Any:
-        return finetune_torch(module, dataset, TrainConfig.from_dict(train), weights, input_names, threads)
-
-    return fit

@@ -120,7 +120,7 @@ class ErrorFeedback:
         """Atomic write (temp file, fsync, rename)."""
         from safetensors.numpy import save
 
-        from edge_agent.fsutil import atomic_write_bytes
+        from pocketfleet.fs import atomic_write_bytes
 
         data = save({k: np.ascontiguousarray(v, np.float32) for k, v in self.residuals.items()}) if self.residuals else b""
         atomic_write_bytes(path, data)

@@ -66,7 +66,7 @@ def head_release(
 
 def _recompute_head_output(samples: Any, entry: Mapping[str, Any], weights: Mapping[str, np.ndarray],
                            base: str | Path) -> None:
-    from edge_agent.training import Head
+    from export.head import Head
 
     head = Head.from_manifest(entry)
     if head.output is None:

@@ -7,6 +7,7 @@ docs/quantization.md.
 is callable, so the name works both as the package and as the function.
 """
 
+from export.latency import measure_latency
 from pocketfleet import callable_package
 
 from .api import QuantArtifact, QuantResult, fold_model, quantization_sensitivity, quantize
@@ -15,7 +16,6 @@ from .config import METHODS, MODES, QuantConfig
 from .data import check_calib_data
 from .errors import CalibrationDataError, QuantizeError, UnsupportedOpError
 from .fold import fold_batchnorm
-from .latency import measure_latency
 from .sensitivity import FloatChoice, SensitivityTable, choose_float_layers, layer_sensitivity
 
 __all__ = [

@@ -350,9 +350,9 @@ def quantize(
     artifact or package, and `details["dropped"]` gives both figures (compress.quantize.speed_guard).
     """
     from compress.zoo.base import torch_predict
+    from export.latency import measure_latency, single_input
     from export.pipeline import convert, package_artifact
 
-    from .latency import measure_latency, single_input
     from .scoring import CachedPredict, Scorer
 
     cfg = _config(config)

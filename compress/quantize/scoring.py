@@ -1,7 +1,7 @@
 """The workload metric on a (sub)split, for any predict callable or model file (sensitivity, max_drop).
 
 top-1 workloads are scored against their labels; embedding workloads (cosine) against the fp32 model's
-own outputs on the same rows, with the same functions the workloads use (compress.zoo.evaluate).
+own outputs on the same rows, with the same functions the workloads use (export.evaluate).
 Other metrics fall back to the workload's own evaluation on the whole split.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.zoo.evaluate import embedding_fidelity, pick_output, run_batched, top1_accuracy
+from export.evaluate import embedding_fidelity, pick_output, run_batched, top1_accuracy
 
 Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -53,7 +53,7 @@ class Scorer:
         )
 
     def __call__(self, path: Path) -> float:
-        from edge_agent.runtimes import load_runtime
+        from export.runtimes import load_runtime
 
         return self.score_predict(load_runtime(path, threads=self.threads).run)
 

@@ -57,7 +57,8 @@ def faster_onnx_variant(
     when it is not slower, else (None, verdict) and the file is removed."""
     from pathlib import Path
 
-    from .latency import measure_latency
+    from export.latency import measure_latency
+
     from .onnx_graph import compact
     from .onnx_static import quantize_onnx_static
 

@@ -4,7 +4,7 @@ the fp32 .tflite with ai-edge-quantizer, our calibration ranges and our float-la
 For full-integer models the activation ranges (min/max per tensor) that ai-edge-quantizer would
 estimate with a running average are replaced by ours (minmax / percentile / entropy / mse over
 histograms gathered by running the fp32 model in LiteRT). Its output has int8 input and output tensors;
-their scale and zero-point are what `edge_agent.runtimes` reads and what the package manifest records.
+their scale and zero-point are what `export.runtimes` reads and what the package manifest records.
 """
 
 from __future__ import annotations

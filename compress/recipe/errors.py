@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pocketfleet import PocketfleetError
+from pocketfleet.config import ConfigError
 
 
-class RecipeError(PocketfleetError):
+class RecipeError(ConfigError):
     """A recipe that cannot run: `{file}: {path}: {problem}` (e.g. `r.toml: steps[1].ratio: ...`)."""
-
-    def __init__(self, problem: str, path: str = "", file: str | Path | None = None) -> None:
-        self.problem, self.path, self.file = problem, path, str(file) if file is not None else None
-        where = ": ".join(p for p in (self.file, path) if p)
-        super().__init__(f"{where}: {problem}" if where else problem)

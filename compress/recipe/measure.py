@@ -1,6 +1,6 @@
 """Measurements shared by every row of a report: the workload metric, file size (raw and zstd), MACs
 and parameters of the file (devices.analyze_model), and host latency in the file's own runtime
-(edge_agent.runtimes, batch 1 of real test data, all files of a run timed round-robin together)."""
+(export.runtimes, batch 1 of real test data, all files of a run timed round-robin together)."""
 
 from __future__ import annotations
 

@@ -7,19 +7,14 @@ signing keys, and whether the steps can produce every target's format and dtype.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
-from .options import check_keys, check_type, parse_config, require_table
-from .steps.base import Step, StepContext, get_step
+from pocketfleet.config import ConfigError, check_keys, check_type, load_toml, parse_config, require_table
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .errors import RecipeError
+from .steps.base import Step, StepContext, get_step
 
 FORMATS = ("onnx", "tflite")
 DTYPES = ("fp32", "fp16", "int8")
@@ -153,13 +148,7 @@ class Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; RecipeError (naming the file and the field) when it is wrong."""
     file = Path(path)
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RecipeError(f"cannot read the recipe ({exc.strerror or exc})", file=file) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"not valid TOML ({exc})", file=file) from None
-    return parse_recipe(data, file)
+    return parse_recipe(load_toml(file, RecipeError), file)
 
 
 def parse_recipe(data: dict[str, Any], file: str | Path = "<recipe>") -> Recipe:
@@ -167,7 +156,7 @@ def parse_recipe(data: dict[str, Any], file: str | Path = "<recipe>") -> Recipe:
     file = Path(file)
     try:
         return _parse(data, file)
-    except RecipeError as exc:
+    except ConfigError as exc:
         raise RecipeError(exc.problem, exc.path, file) from None
 
 

@@ -21,9 +21,9 @@ _EXPORTS = {
     "LoadedModel": "modeldir",
     "ModelDirError": "modeldir",
     "MODEL_FORMAT": "modeldir",
-    "run_batched": "evaluate",
-    "top1_accuracy": "evaluate",
-    "embedding_fidelity": "evaluate",
+    "run_batched": "export.evaluate",
+    "top1_accuracy": "export.evaluate",
+    "embedding_fidelity": "export.evaluate",
     "digits_split": "digits_data",
     "stdlib_sentences": "sentences",
 }

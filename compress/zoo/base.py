@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from export.evaluate import Predict, num_rows
 from export.specs import MetricSpec, TensorSpec
-
-from .evaluate import Predict, num_rows
 
 if TYPE_CHECKING:
     from torch import nn

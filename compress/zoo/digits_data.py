@@ -38,3 +38,9 @@ def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels, split_idx = _load()
     idx = split_idx[check_split(split)]
     return images[idx].copy(), labels[idx].copy()
+
+
+def digits_all() -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 [1797,1,8,8] = pixels/16, labels int64 [1797]) in scikit-learn's order (copies)."""
+    images, labels, _ = _load()
+    return images.copy(), labels.copy()

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from export.evaluate import Predict, pick_output, run_batched, top1_accuracy
 from export.specs import MetricSpec, TensorSpec
 
 from .base import Workload
 from .digits_data import digits_split
-from .evaluate import Predict, pick_output, run_batched, top1_accuracy
 
 if TYPE_CHECKING:
     from .digits_train import TrainConfig

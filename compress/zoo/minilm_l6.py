@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from export.evaluate import Predict, embedding_fidelity, pick_output, run_batched
 from export.specs import MetricSpec, TensorSpec
 
 from .base import Workload, check_split, torch_predict
-from .evaluate import Predict, embedding_fidelity, pick_output, run_batched
 from .sentences import SPLIT_SEED, stdlib_sentences
 
 if TYPE_CHECKING:

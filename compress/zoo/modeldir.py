@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from export.evaluate import Predict
+from export.specs import TensorSpec
 from pocketfleet import PocketfleetError
 
 from .base import Workload, torch_predict
-from .evaluate import Predict
 
 if TYPE_CHECKING:
     import torch
@@ -96,13 +97,46 @@ def _json_default(value: Any) -> Any:
 
 @dataclass
 class LoadedModel:
-    """A model directory loaded back: the module (eval mode) and the workload it belongs to."""
+    """A model directory loaded back: the module (eval mode) and the workload it belongs to.
+
+    It satisfies export.source.ExportableModel (the properties below), so export and compress take it
+    like any user's model."""
 
     module: nn.Module
     workload: Workload
     config: dict[str, Any]
     meta: dict[str, Any]
     path: Path
+
+    @property
+    def name(self) -> str:
+        return self.workload.name
+
+    @property
+    def workload_name(self) -> str:
+        return self.workload.name
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return self.workload.inputs
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        return self.workload.outputs
+
+    @property
+    def preprocessing(self) -> str:
+        return self.workload.preprocessing
+
+    @property
+    def metric_name(self) -> str:
+        return self.workload.metric.name
+
+    def sample_inputs(self, n: int = 4) -> dict[str, np.ndarray]:
+        return self.workload.sample_inputs(n)
+
+    def eval_inputs(self) -> dict[str, np.ndarray]:
+        return self.workload.eval_inputs()
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the PyTorch module (no grad) on numpy inputs; outputs by output name."""

@@ -13,16 +13,18 @@ from typing import Any
 
 import numpy as np
 
+from export.head import Head, Weights
+
 from .config import TrainConfig
 from .dataset import LocalDataset
 from .errors import TrainingError
-from .head import Head, TrainResult, Weights, train_head
+from .head import TrainResult, train_head
 
 FEATURES = "features"
 
 
 def compute_features(runtime: Any, inputs: Mapping[str, np.ndarray], output: str, batch_size: int = 256) -> np.ndarray:
-    """Run `runtime` (edge_agent.runtimes.Runtime) over `inputs` in batches; return output `output`."""
+    """Run `runtime` (export.runtimes.Runtime) over `inputs` in batches; return output `output`."""
     names = [s.name for s in runtime.inputs]
     missing = [n for n in names if n not in inputs]
     if missing:
@@ -49,7 +51,7 @@ class HeadTrainer:
         """From an extracted, verified package directory (manifest.json + model + head weights)."""
         from safetensors.numpy import load_file
 
-        from edge_agent.runtimes import load_runtime
+        from export.runtimes import load_runtime
 
         path = Path(path)
         manifest = json.loads((path / "manifest.json").read_text())

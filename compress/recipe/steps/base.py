@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pocketfleet.config import Extra, parse_config
+
 from ..errors import RecipeError
-from ..options import Extra, parse_config
 
 if TYPE_CHECKING:
     from ..runner import Pipeline

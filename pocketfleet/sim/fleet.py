@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,15 +41,6 @@ MqttFor = Callable[[str], MqttConfig]
 
 
 # ------------------------------------------------------------------------------------------- packages
-
-
-def _digits() -> tuple[Any, Any]:
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    return x, bunch.target.astype(np.int64)
 
 
 def make_digits_package(
@@ -74,10 +66,12 @@ def make_digits_package(
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from compress.zoo.digits_data import digits_all
     from export.package import build_package
     from export.samples import Samples
 
-    x, y = _digits()
+    images, y = digits_all()
+    x = images.reshape(len(images), -1)
     rng = np.random.default_rng(seed)
     w1 = (rng.standard_normal((64, hidden)) / 4).astype(np.float32)
     b1 = (rng.standard_normal(hidden) / 4).astype(np.float32)
@@ -160,6 +154,8 @@ class Fleet:
         self.workers: list[Cloud] = []
         self.devices: dict[str, DeviceLink] = {}
         self.cloud_config: CloudConfig | None = None
+        # every simulated device shares this process: at most two installs or probes hold a model at once
+        self.install_slots = threading.BoundedSemaphore(2)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -234,7 +230,7 @@ class Fleet:
     def start_device(self, device: str) -> DeviceLink:
         cfg = DeviceConfig(device_id=device, state_dir=str(self.state_dir(device)), trust=str(self.trust),
                            group=self.group, mqtt=self.mqtt_for(device), ota=self.ota_settings)
-        link = DeviceLink(cfg, store=self.store(device)).start()
+        link = DeviceLink(cfg, store=self.store(device), install_slots=self.install_slots).start()
         self.devices[device] = link
         return link
 

@@ -3,7 +3,7 @@
 Stages: make digits-cnn; export it to ONNX and TFLite as fp32 (version 1) and fp16 (version 2), and
 quantize it to int8 (version 3: ONNX QDQ and full-integer TFLite), each with parity checks; sign every
 package, verify it against the trusted key, run it in its runtime; start an agent, install version 1
-and swap to the int8 version while clients keep asking; then the fleet stage (cloud_sync.demo_fleet):
+and swap to the int8 version while clients keep asking; then the fleet stage (pocketfleet.demo.fleet_stage):
 embedded broker, cloud and several agents, a canary rollout, federated rounds on the agents' local data,
 and the federated head rolled out as a release.
 """
@@ -57,9 +57,9 @@ def _say(msg: str) -> None:
 
 def run_demo(workdir: Path, model: str = "digits-cnn", devices: int = 4, rounds: int = 3) -> dict[str, Any]:
     from compress.zoo import load_model_dir, make_model_dir
-    from devices.timing import time_calls
-    from edge_agent.runtimes import load_runtime
     from export import export_model, extract_package, generate_keys, verify_package
+    from export.runtimes import load_runtime
+    from pocketfleet.timing import time_calls
 
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def run_demo(workdir: Path, model: str = "digits-cnn", devices: int = 4, rounds:
     if not rows:
         raise PocketfleetError("demo produced no packages")
 
-    from edge_agent.demo import swap_under_load
+    from pocketfleet.sim.swap import swap_under_load
 
     _say("starting an agent: install version 1 (fp32), swap to version 3 (int8) under load")
     state = workdir / "agent-state"
@@ -128,7 +128,7 @@ def run_demo(workdir: Path, model: str = "digits-cnn", devices: int = 4, rounds:
         raise PocketfleetError(f"{swap['failures']} requests failed during the swap: {swap['errors']}")
     fleet = None
     if devices:
-        from cloud_sync.demo_fleet import run_fleet_stage
+        from pocketfleet.demo.fleet_stage import run_fleet_stage
 
         _say(f"fleet stage: {devices} agents, canary rollout, {rounds} federated rounds, head rollout")
         heads = [_head_package(lm, workdir, v, dtype, private) for v, dtype in ((1, "fp32"), (2, "fp16"))]

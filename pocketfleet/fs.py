@@ -1,4 +1,5 @@
-"""Crash-safe file operations: fsync of files and directories, atomic JSON writes, an advisory lock."""
+"""Crash-safe file operations, one way for the whole project: fsync of files and directories, atomic
+writes (temp file, fsync, rename, directory fsync) of bytes, JSON and copies, and an advisory lock."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from edge_agent.faults import fault_point
+from pocketfleet.faults import fault_point
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -38,43 +39,52 @@ def fsync_tree(root: str | Path) -> None:
         fsync_dir(d)
 
 
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    """Write tmp + fsync, os.replace over `path`, fsync the directory: readers see old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    payload = json.dumps(data, indent=2, sort_keys=True).encode()
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    fault_point("state.after_tmp")
-    os.replace(tmp, path)
-    fault_point("state.after_replace")
-    fsync_dir(path.parent)
-
-
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_file(path: str | Path, fault: str = "", mode: int | None = None) -> Iterator[BinaryIO]:
     """A binary file that becomes `path` only when the block ends without error: a unique temp file
-    beside it, fsync, os.replace, fsync of the directory. On an error the temp file is removed."""
+    beside it, fsync, os.replace, fsync of the directory. On an error the temp file is removed.
+
+    `fault` names the crash-test points `{fault}.after_tmp` (temp file complete, not yet renamed) and
+    `{fault}.after_replace` (renamed, directory not yet fsynced); see pocketfleet.faults. The file is
+    created 0600 (mkstemp) unless `mode` says otherwise.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        if fault:
+            fault_point(f"{fault}.after_tmp")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if fault:
+        fault_point(f"{fault}.after_replace")
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_file(path) as fh:
+def atomic_write_bytes(path: str | Path, data: bytes, fault: str = "", mode: int | None = None) -> None:
+    """Write `data` to `path` crash-safely: readers see the old bytes or the new ones, never half."""
+    with atomic_file(path, fault, mode) as fh:
         fh.write(data)
+
+
+def atomic_write_json(path: str | Path, data: Any, fault: str = "") -> None:
+    """`data` as indented, key-sorted JSON, written like atomic_write_bytes."""
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode(), fault)
+
+
+def atomic_copy(src: str | Path, dst: str | Path, chunk: int = 1 << 20) -> None:
+    """Copy `src` to `dst` crash-safely (streamed, fsynced, renamed into place)."""
+    with open(src, "rb") as fin, atomic_file(dst) as fout:
+        while block := fin.read(chunk):
+            fout.write(block)
 
 
 class FileLock:

@@ -1,5 +1,5 @@
-"""Glue for the agent daemon and the demo: FL on a device from its active package and local data, and
-a few federated rounds across a set of devices (used by `pocketfleet demo`)."""
+"""A few federated rounds of a NumPy head on the digits across simulated devices over a real broker
+(used by `pocketfleet demo`, the tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -9,42 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .client import FLClient
-from .mqtt import MqttDeviceTransport
-
-log = logging.getLogger("pocketfleet.fl.agent")
-
-
-def device_fl(
-    client: Any, device: str, group: str, state_dir: str | Path,
-    package_dir: Callable[[], Path], dataset: Callable[[], Any], count: Callable[[], int] | None = None,
-) -> MqttDeviceTransport:
-    """Start FL on a device: head training on the active package (re-read when its path changes) with
-    the data `dataset()` returns (e.g. SampleStore(...).dataset or load_dataset_dir). `count()` says how
-    many samples there are without loading them (default: len(dataset())); 0 = do not check in. Returns
-    the link (call .stop() on shutdown). `client` is the agent's cloud_sync.client.MqttClient."""
-    from edge_agent.training import HeadTrainer, TrainConfig
-
-    cache: dict[str, Any] = {}
-
-    def trainer(weights: dict[str, np.ndarray], train: dict[str, Any]) -> Any:
-        path = str(package_dir())
-        if cache.get("path") != path:
-            cache.update(path=path, trainer=HeadTrainer.from_package_dir(path))
-        return cache["trainer"].fit(weights, dataset(), TrainConfig.from_dict(train))
-
-    def samples() -> int:
-        try:
-            return count() if count is not None else len(dataset())
-        except Exception:  # noqa: BLE001 - no data yet: do not check in
-            return 0
-
-    link = MqttDeviceTransport(client, device, group)
-    link.bind(FLClient(device, trainer, samples, Path(state_dir) / "fl", link.send_checkin, link.send_update,
-                       send_secagg=link.send_secagg))
-    return link
+log = logging.getLogger("pocketfleet.sim.fl")
 
 
 def demo_rounds(
@@ -58,13 +23,13 @@ def demo_rounds(
     Each device gets a Dirichlet(0.5) share of the digits train split (raw 8x8 pixels as features).
     """
     from cloud_sync.client import MqttClient
+    from cloud_sync.fl.client import FLClient
+    from cloud_sync.fl.mqtt import MqttCloudTransport, MqttDeviceTransport
+    from cloud_sync.fl.partition import dirichlet_split
+    from cloud_sync.fl.rounds import Aggregator, TaskConfig
     from compress.zoo.digits_data import digits_split
+    from edge_agent.fl import head_trainer_fn
     from edge_agent.training import DenseLayer, Head, LocalDataset
-
-    from .client import head_trainer_fn
-    from .mqtt import MqttCloudTransport
-    from .partition import dirichlet_split
-    from .rounds import Aggregator, TaskConfig
 
     work = Path(workdir or tempfile.mkdtemp(prefix="pf-fl-demo-"))
     x, y = digits_split("train")

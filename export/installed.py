@@ -1,6 +1,6 @@
-"""Re-verify an installed (extracted) version directory: the same checks as export.verify_package, on
-the files as they lie in the store. Thin wrapper over export's manifest parsing and signature check;
-only the per-file hashing of a directory is here because export verifies zip packages.
+"""Re-verify an installed (extracted) package directory: the same checks as export.verify_package, on the
+files as they lie in a device's model store (signature over manifest.json, then every file's size and
+SHA-256). Used by the agent at start-up and before it serves a version.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.device import DeviceConfig, DeviceLink
+from edge_agent.fl import device_fl
+from edge_agent.outbox import Drainer
 
 log = logging.getLogger("pocketfleet.agent.link")
 
@@ -27,11 +29,10 @@ class AgentLink:
         cfg = agent.config
         self.agent = agent
         device = DeviceConfig.from_agent(cfg, base=Path(cfg.base_dir) if cfg.base_dir else None)
-        self.link = DeviceLink(device, store=agent.store, outbox=agent.outbox if drain else None,
-                               drain_interval_s=cfg.drain_interval_s)
+        self.link = DeviceLink(device, store=agent.store)
         self.client = self.link.client
-        from cloud_sync.fl.agent import device_fl
-
+        # the agent's durable outbox drains through the link's MQTT sink (acknowledged after PUBACK)
+        self.drainer = Drainer(agent.outbox, self.link.sink, interval_s=cfg.drain_interval_s) if drain else None
         self.fl = device_fl(self.client, device.device_id, device.group or "default", cfg.state_dir,
                             self._package, self._dataset, self._count)
 
@@ -67,8 +68,12 @@ class AgentLink:
 
     def start(self) -> AgentLink:
         self.link.start()
+        if self.drainer is not None:
+            self.drainer.start()
         return self
 
     def stop(self) -> None:
+        if self.drainer is not None:
+            self.drainer.stop()
         self.fl.stop()
         self.link.stop()

@@ -1,7 +1,7 @@
 """The agent stage of `pocketfleet demo`: start an agent, install a package, swap to the next ones while
 client threads keep asking, and report what every version answered (for the demo's table).
 
-    from edge_agent.demo import swap_under_load
+    from pocketfleet.sim.swap import swap_under_load
     result = swap_under_load("demo/agent-state", "keys/pocketfleet.pub", [pkg_v1, pkg_v2])
     result["rows"]   # one row per version served: requests, failures, p50/max latency
 """

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cloud_sync.fleet import Fleet
+from pocketfleet.sim.fleet import Fleet
 
 Say = Callable[[str], None]
 
