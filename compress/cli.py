@@ -25,14 +25,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_export(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
-        help="export a model directory to ONNX/TFLite, check parity, write a signed package",
+        help="export a model directory to ONNX/TFLite/ExecuTorch/Core ML, check parity, write a signed package",
         description="Convert a model directory to ONNX or TFLite, check numeric parity of the exported file "
         "in its real runtime against PyTorch on the workload's evaluation data, and write a .pfpkg package "
         "(signed when --key is given). Fails without writing a package when parity is out of bounds.",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="model directory (see compress.zoo.make_model_dir)")
-    p.add_argument("--format", required=True, choices=["onnx", "tflite"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--format", required=True, choices=["onnx", "tflite", "pte", "coreml"],
+                   help="pte: ExecuTorch (XNNPACK); coreml: Core ML .mlpackage (parity needs macOS)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8", "pal4"],
+                   help="onnx/tflite: fp32, fp16; pte: fp32, int8; coreml: fp32, fp16, int8, pal4")
     p.add_argument("--out", required=True, metavar="PKG", help="package path to write (.pfpkg)")
     p.add_argument("--name", help="model name in the manifest (default: the workload name)")
     p.add_argument("--version", type=int, default=1, help="integer model version (monotonic per name)")
