@@ -59,11 +59,14 @@ def build_files(model_dir: Path, work: Path) -> dict[str, tuple[str, str, Path]]
                         "coreml": ("fp32", "fp16", "int8", "pal4")}.items():  # fmt: skip
         for dtype in dtypes:
             path = work / f"{fmt}-{dtype}{SUFFIX[fmt]}"
-            convert(lm, fmt, dtype, path)
+            if not path.exists():  # kept from an earlier run with the same --work
+                convert(lm, fmt, dtype, path)
             files[f"{fmt}/{dtype}"] = (fmt, dtype, path)
-    result = quantize(lm, QuantConfig(mode="static"), out_dir=work / "int8", latency_runs=0)
-    for art in result.artifacts:
-        files[f"{art.format}/int8"] = (art.format, "int8", art.path)
+    done = {fmt: work / "int8" / f"{lm.name}.static.int8{SUFFIX[fmt]}" for fmt in ("onnx", "tflite")}
+    if not all(p.exists() for p in done.values()):
+        quantize(lm, QuantConfig(mode="static"), out_dir=work / "int8", latency_runs=0)
+    for fmt, p in done.items():
+        files[f"{fmt}/int8"] = (fmt, "int8", p)
     return files
 
 
