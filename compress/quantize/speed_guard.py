@@ -9,7 +9,7 @@ package is written) and the result's `details["dropped"]` says so with both figu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 MIN_RUNS = 20
@@ -42,33 +42,28 @@ def slower_than_fp32(
     return dropped, verdict
 
 
-# The static ONNX variant tried when the QDQ per-channel model is slower than fp32. Measured on digits-mbnet
-# (x86, AVX-512 VNNI, 1 thread, loaded 2-core machine, 3000-4000 interleaved runs, p50 vs fp32):
-# QDQ per-channel u8s8 0.96-1.02x, QDQ per-tensor 0.87-0.93x, QOperator per-channel 0.92-0.94x,
-# QOperator per-tensor 0.85-0.88x, QDQ s8s8 2.3x. onnxruntime fuses both forms into the same QLinear ops;
-# per-tensor weights make the requantization of its small depthwise convs cheaper.
-FAST_VARIANT = {"per_channel": False, "quant_format": "qoperator"}
+# The static ONNX variant tried when the QDQ per-channel model is slower than fp32: per-tensor weights.
+# Measured on digits-mbnet (x86, AVX-512 VNNI, 1 thread, loaded 2-core machine, 3000-4000 interleaved runs,
+# p50 vs fp32): QDQ per-channel u8s8 0.96-1.02x, QDQ per-tensor 0.87-0.93x, QOperator per-channel
+# 0.92-0.94x, QOperator per-tensor 0.85-0.88x, QDQ s8s8 2.3x. onnxruntime fuses QDQ and QOperator into
+# the same QLinear ops; per-tensor weights make the requantization of small depthwise convs cheaper.
+VARIANT = "per-tensor weights (QDQ)"
 
 
-def faster_onnx_variant(
-    target: Any, float_layers: list[str], path: Any, fp32_file: Any, probe: Any, threads: int, runs: int, mode: str
+def retry_variant(
+    rebuild: Callable[[], Any], fp32_file: Any, probe: Any, threads: int, runs: int, mode: str
 ) -> tuple[Any | None, dict[str, Any]]:
-    """Rebuild a static ONNX target as FAST_VARIANT at `path` and time it against fp32 again: (path, verdict)
-    when it is not slower, else (None, verdict) and the file is removed."""
+    """Build the variant (`rebuild()` -> a QuantizedFile) and time it against the fp32 file again:
+    (file, verdict) when it is not slower, else (None, verdict) and its file is removed."""
     from pathlib import Path
 
     from export.latency import measure_latency
 
-    from .onnx_graph import compact
-    from .onnx_static import quantize_onnx_static
-
-    out = quantize_onnx_static(target.fp32, path, target.ranges, float_layers, None, reduce_range=target.reduce_range,
-                               **FAST_VARIANT)  # fmt: skip
-    compact(out)
-    latency = measure_latency({"fp32.onnx": fp32_file, f"{mode}.onnx": out}, probe, threads=threads, runs=runs)
+    alt = rebuild()
+    latency = measure_latency({"fp32.onnx": fp32_file, f"{mode}.onnx": alt.path}, probe, threads=threads, runs=runs)
     dropped, verdict = slower_than_fp32(latency, ["onnx"], mode, runs)
-    result = {**verdict["onnx"], "variant": "per-tensor weights, QOperator", "latency_ms": latency[f"{mode}.onnx"]}
+    result = {**verdict["onnx"], "variant": VARIANT, "latency_ms": latency[f"{mode}.onnx"]}
     if dropped:
-        Path(out).unlink(missing_ok=True)
+        Path(alt.path).unlink(missing_ok=True)
         return None, result
-    return out, result
+    return alt, result
