@@ -153,6 +153,8 @@ def _load_model(recipe: Recipe, out: Path) -> LoadedModel:
     from compress.zoo import load_model_dir, make_model_dir
 
     spec = recipe.model
+    if recipe.user is not None and recipe.user.model is not None:
+        return recipe.user.model  # a factory model, built (and its data read) by the recipe check
     if spec.zoo is not None:
         path = make_model_dir(spec.zoo, out / "model", seed=spec.seed, progress=False)
     else:
@@ -186,7 +188,7 @@ def _run(p: Pipeline, bar: Any, started: float) -> dict[str, Any]:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {
             "workload": wl.name,
-            "source": "zoo" if recipe.model.zoo is not None else "path",
+            "source": next(k for k in ("zoo", "path", "factory", "onnx") if getattr(recipe.model, k) is not None),
             "path": str(p.original.path),
             "params": int(sum(x.numel() for x in p.original.module.parameters())),
         },
