@@ -22,6 +22,7 @@ standard-normal floats): fidelity, not accuracy, is what is measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -140,7 +141,7 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
     from compress.quantize import QuantConfig, quantize
     from compress.recipe.user import user_model
     from examples.byom_zoo import ARCHS, rows_like
-    from export.pipeline import convert, export_model
+    from export.pipeline import export_model
     from export.specs import TensorSpec
 
     cells: dict[str, dict[str, Any]] = {}
@@ -171,12 +172,11 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
     fp32_files: dict[str, Path] = {}
 
     def export_fp32(fmt: str) -> dict[str, Any]:
+        path = work / f"{name}.fp32.{'onnx' if fmt == 'onnx' else 'tflite'}"
         res = export_model(module, fmt, "fp32", out=None, example_inputs=examples, input_names=names,
-                           output_names=out_names, parity_inputs=evalr)
+                           output_names=out_names, parity_inputs=evalr, model_out=path)
         if not res.parity.passed:
             raise RuntimeError(f"parity out of bounds: {res.parity.to_dict()}")
-        path = work / f"{name}.fp32.{'onnx' if fmt == 'onnx' else 'tflite'}"
-        convert(module, fmt, "fp32", path, example_inputs=examples, input_names=names, output_names=out_names)
         fp32_files[fmt] = path
         return {"fidelity": fidelity(path, reference, evalr)}
 
@@ -194,14 +194,20 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
         cfg = QuantConfig(mode=kind, formats=formats, calib_samples=CALIB_ROWS, parity_min_agreement=0.0,
                           parity_min_cosine=-1.0)
         t0 = time.perf_counter()
-        try:
-            result = quantize(lm, cfg, calib, out_dir=work / f"q-{kind}", latency_runs=0, name=name,
-                              fp32={f: fp32_files[f] for f in formats})
-            by_fmt: dict[str, Any] = {a.format: a for a in result.artifacts}
-        except Exception as exc:  # noqa: BLE001
-            by_fmt = {f: exc for f in formats}
-            if os.environ.get("BYOM_TRACE"):
-                traceback.print_exc()
+        by_fmt: dict[str, Any] = {}
+        # one call for both formats; when it fails, one call per format (so that one format's failure is its own)
+        for group in ([formats] if len(formats) == 1 else [formats, *[[f] for f in formats]]):
+            try:
+                result = quantize(lm, dataclasses.replace(cfg, formats=group), calib, out_dir=work / f"q-{kind}",
+                                  latency_runs=0, name=name, fp32={f: fp32_files[f] for f in group})
+                by_fmt.update({a.format: a for a in result.artifacts})
+                if len(group) > 1:
+                    break
+            except Exception as exc:  # noqa: BLE001
+                if len(group) == 1:
+                    by_fmt[group[0]] = exc
+                if os.environ.get("BYOM_TRACE"):
+                    traceback.print_exc()
         seconds = round((time.perf_counter() - t0) / len(formats), 1)
         for fmt in ("onnx", "tflite"):
             step = f"{fmt}_int8_{kind}"
@@ -210,7 +216,8 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
                 continue
             peers = (ort_peers if fmt == "onnx" else aeq_peer)(fp32_files[fmt], calib, kind, work)
 
-            def measure(fmt: str = fmt, peers: dict[str, Any] = peers) -> dict[str, Any]:
+            def measure(fmt: str = fmt, peers: dict[str, Any] = peers, by_fmt: dict[str, Any] = by_fmt,
+                        seconds: float = seconds) -> dict[str, Any]:
                 art = by_fmt[fmt]
                 if isinstance(art, Exception):
                     raise art
@@ -232,19 +239,33 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
             cell(step, measure)
 
     def pruned() -> dict[str, Any]:
-        import torch as _t
+        """Half the channels; when tracing fails in a module, do what the error says (add that module to
+        PruneConfig.ignore, keeping it whole) and try again, up to 8 times; the ignored modules are recorded."""
+        import re
 
-        ex = tuple(_t.from_numpy(examples[n]) for n in names)
-        small = prune(module, PruneConfig(ratio=0.5), ex)
-        before = params
+        from compress.prune.errors import PruneTraceError
+
+        ex = tuple(torch.from_numpy(examples[n]) for n in names)
+        ignore: list[str] = []
+        for _ in range(9):
+            try:
+                small = prune(module, PruneConfig(ratio=0.5, ignore=list(ignore)), ex)
+                break
+            except PruneTraceError as exc:
+                hint = re.search(r"Add '([^']+)' to PruneConfig.ignore", str(exc))
+                if hint is None or hint.group(1) in ignore or len(ignore) >= 8:
+                    raise
+                generic = re.sub(r"\.\d+\.", ".*.", hint.group(1))  # the same layer in every block
+                ignore.append(generic if generic != hint.group(1) else hint.group(1))
         after = int(sum(p.numel() for p in small.parameters()))
-        if after >= before:
-            raise RuntimeError(f"nothing was pruned ({before} parameters before and after)")
+        if after >= params:
+            raise RuntimeError(f"nothing was pruned ({params} parameters before and after; ignored {ignore})")
         res = export_model(small, "onnx", "fp32", out=None, example_inputs=examples, input_names=names,
                            output_names=out_names, parity_inputs=evalr)
         if not res.parity.passed:
             raise RuntimeError(f"parity of the pruned export out of bounds: {res.parity.to_dict()}")
-        return {"params_before": before, "params_after": after, "params_ratio": round(after / before, 3)}
+        return {"params_before": params, "params_after": after, "params_ratio": round(after / params, 3),
+                "ignored": ignore}
 
     cell("prune_export", pruned)
     return {"arch": name, "params": params, "inputs": {n: [list(a.shape[1:]), str(a.dtype)] for n, a in examples.items()},
