@@ -42,10 +42,11 @@ def export_onnx(
 
     path = Path(path)
     names = [s.name for s in inputs]
-    dynamic = {
-        s.name: {axis: torch.export.Dim.DYNAMIC for axis, d in enumerate(s.shape) if isinstance(d, str)}
+    # positional: torch.export keys a dict by the forward's argument names, which need not be ours
+    dynamic = tuple(
+        {axis: torch.export.Dim.DYNAMIC for axis, d in enumerate(s.shape) if isinstance(d, str)} or None
         for s in inputs
-    }
+    )
     with quiet() as log:
         try:
             program = torch.onnx.export(
@@ -59,6 +60,11 @@ def export_onnx(
                 optimize=True,
             )
         except Exception as exc:
+            from export.diagnose import explain
+
+            hint = explain(exc, module, example, "the ONNX exporter", names)
+            if hint is not None:
+                raise ExportError(hint) from exc
             raise ExportError(
                 f"torch.onnx.export failed for {path.name}: {type(exc).__name__}: {_summary(exc)[:500]}"
                 + (f"\n{log.tail()}" if log.text else "")
