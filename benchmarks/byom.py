@@ -139,10 +139,8 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
 
     from compress.prune import PruneConfig, prune
     from compress.quantize import QuantConfig, quantize
-    from compress.recipe.user import user_model
     from examples.byom_zoo import ARCHS, rows_like
     from export.pipeline import export_model
-    from export.specs import TensorSpec
 
     cells: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
@@ -183,8 +181,6 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
     cell("onnx_fp32", lambda: export_fp32("onnx"))
     cell("tflite_fp32", lambda: export_fp32("tflite"))
 
-    specs = [TensorSpec(n, ("batch", *a.shape[1:]), str(a.dtype)) for n, a in examples.items()]
-    lm = user_model(module, inputs=specs, splits={"train": (calib, None), "test": (evalr, None)}, name=name)
     for kind in ("static", "dynamic"):
         formats = [f for f in ("onnx", "tflite") if f in fp32_files]
         if not formats:
@@ -198,7 +194,8 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
         # one call for both formats; when it fails, one call per format (so that one format's failure is its own)
         for group in ([formats] if len(formats) == 1 else [formats, *[[f] for f in formats]]):
             try:
-                result = quantize(lm, dataclasses.replace(cfg, formats=group), calib, out_dir=work / f"q-{kind}",
+                result = quantize(module, dataclasses.replace(cfg, formats=group), calib, out_dir=work / f"q-{kind}",
+                                  example_inputs=examples, input_names=names, output_names=out_names,
                                   latency_runs=0, name=name, fp32={f: fp32_files[f] for f in group})
                 by_fmt.update({a.format: a for a in result.artifacts})
                 if len(group) > 1:
@@ -259,7 +256,14 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
                 ignore.append(generic if generic != hint.group(1) else hint.group(1))
         after = int(sum(p.numel() for p in small.parameters()))
         if after >= params:
-            raise RuntimeError(f"nothing was pruned ({params} parameters before and after; ignored {ignore})")
+            from torch import nn
+
+            known = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.Embedding,
+                     nn.Dropout, nn.ReLU, nn.GELU, nn.Identity)
+            other = sorted({f"{n} ({type(m).__name__})" for n, m in module.named_modules()
+                            if not list(m.children()) and m is not module and not isinstance(m, known)})
+            raise RuntimeError(f"nothing was pruned: every channel group feeds a layer compress.prune cannot shrink "
+                               f"({', '.join(other[:4]) or 'the outputs'}){'; kept whole: ' + str(ignore) if ignore else ''}")
         res = export_model(small, "onnx", "fp32", out=None, example_inputs=examples, input_names=names,
                            output_names=out_names, parity_inputs=evalr)
         if not res.parity.passed:

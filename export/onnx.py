@@ -53,7 +53,7 @@ def export_onnx(
                 module.eval(),
                 tuple(example),
                 input_names=names,
-                dynamic_shapes=tuple(dynamic[n] for n in names),  # by position: forward's own arg names may differ
+                dynamic_shapes=dynamic,
                 dynamo=True,
                 opset_version=opset,
                 verbose=False,
