@@ -261,7 +261,8 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
             known = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.Embedding,
                      nn.Dropout, nn.ReLU, nn.GELU, nn.Identity)
             other = sorted({f"{n} ({type(m).__name__})" for n, m in module.named_modules()
-                            if not list(m.children()) and m is not module and not isinstance(m, known)})
+                            if not list(m.children()) and m is not module and not isinstance(m, known)
+                            and any(True for _ in m.parameters(recurse=False))})
             raise RuntimeError(f"nothing was pruned: every channel group feeds a layer compress.prune cannot shrink "
                                f"({', '.join(other[:4]) or 'the outputs'}){'; kept whole: ' + str(ignore) if ignore else ''}")
         res = export_model(small, "onnx", "fp32", out=None, example_inputs=examples, input_names=names,
