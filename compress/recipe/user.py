@@ -195,7 +195,7 @@ class UserWorkload(Workload):
         )
 
     def _probe(self) -> dict[str, np.ndarray]:
-        for split in ("test", "val", "train"):
+        for split in ("test", "val", "train", "calibration"):
             if split in self.splits:
                 return {k: v[:2] for k, v in self.splits[split][0].items()}
         return example_arrays(self.inputs, 2, self.seed)
@@ -212,7 +212,8 @@ class UserWorkload(Workload):
         return build_module(self.factory, config if config is not None else self.kwargs)
 
     def data(self, split: str) -> Split:
-        order = {"train": ("train", "test", "val"), "val": ("val", "test", "train"), "test": ("test", "val", "train")}
+        order = {"train": ("train", "test", "val", "calibration"), "val": ("val", "test", "train", "calibration"),
+                 "test": ("test", "val", "train", "calibration")}
         for name in order.get(split, (split,)):
             if name in self.splits:
                 return self.splits[name]
