@@ -12,11 +12,11 @@ Binary index format (all big-endian): b"PFIX", u8 version (1), 3 zero bytes, u32
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import mmap
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cloud_sync.errors import ProtocolError
 from cloud_sync.protocol import MAX_CHUNK_BYTES, MAX_INDEX_BYTES
+from pocketfleet.fs import atomic_write_bytes
 
 INDEX_MAGIC = b"PFIX"
 INDEX_VERSION = 1
@@ -176,13 +177,8 @@ class LocalChunks:
                 pass
         index = index_file(path, c)
         if cache is not None:
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(cache.name + ".tmp")
-                tmp.write_text(json.dumps({"key": key, "hashes": index.hashes, "sizes": index.sizes}))
-                os.replace(tmp, cache)
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):  # a cache that cannot be written is only slower next time
+                atomic_write_bytes(cache, json.dumps({"key": key, "hashes": index.hashes, "sizes": index.sizes}).encode())
         return index
 
     def read(self, sha256: str) -> bytes | None:

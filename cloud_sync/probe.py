@@ -26,7 +26,7 @@ def golden_labels(manifest: Any) -> tuple[list[int], str | None] | None:
 
 
 def run_probe(loaded: Any, runs: int = 20) -> dict[str, Any]:
-    """Probe a LoadedModel (edge_agent.health) on its samples; returns the pf.ota.report/1 `probe` object."""
+    """Probe a served model (edge_agent.health.ServedModel) on its samples; returns the pf.ota.report/1 `probe` object."""
     from export.samples import Samples
 
     manifest = loaded.manifest

@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 from cloud_sync.chunks import choose_chunking, file_sha256, index_file
 from cloud_sync.errors import ReleaseError
 from cloud_sync.registry import Registry, Release
+from pocketfleet.fs import atomic_copy, atomic_write_bytes
 
 GATE_RE = re.compile(r"^\s*(error_rate|p95_ms|golden|failures)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
 GATE_METRICS = {
@@ -80,24 +79,6 @@ def parse_canary(text: str | float) -> float:
 
 def new_id() -> str:
     return secrets.token_hex(8)
-
-
-def _copy_fsync(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.replace(tmp, dst)
-
-
-def _write_fsync(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def sign_rollback(key: Any, release_id: str, name: str, version: int, sha256: str, from_version: int,
@@ -160,13 +141,13 @@ def create_release(
     artifacts = Path(artifacts_dir)
     artifacts.mkdir(parents=True, exist_ok=True)
     stored = artifacts / f"{release_id}.pfpkg"
-    _copy_fsync(package, stored)
+    atomic_copy(package, stored)
     size = stored.stat().st_size
     chunking = choose_chunking(size)
     index = index_file(stored, chunking)
     index_raw = index.to_bytes()
     index_path = artifacts / f"{release_id}.index"
-    _write_fsync(index_path, index_raw)
+    atomic_write_bytes(index_path, index_raw)
     sha = file_sha256(stored)
     if rollback:
         if rollback_key is None:

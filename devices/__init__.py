@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from devices.analysis import ModelAnalysis, OpCost, analyze_model, count_macs
 from devices.cost import CostEstimate, estimate_cost
-from devices.estimate import Estimate, Measurement, estimate, measure_latency
+from devices.estimate import Estimate, Measurement, estimate, measure_model
 from devices.graph import ModelReadError
 from devices.probe import probe_host
 from devices.profile import DeviceProfile, ProfileError, list_profiles, load_profile, profile_names
@@ -31,7 +31,7 @@ __all__ = [
     "estimate_cost",
     "list_profiles",
     "load_profile",
-    "measure_latency",
+    "measure_model",
     "probe_host",
     "profile_names",
 ]

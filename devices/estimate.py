@@ -17,7 +17,6 @@ from devices.analysis import ModelAnalysis, analyze_model
 from devices.cost import estimate_cost
 from devices.profile import DeviceProfile, load_profile
 from devices.source import ModelSource, open_model
-from pocketfleet.timing import time_calls
 
 
 @dataclass
@@ -112,7 +111,7 @@ def estimate(
             analysis=analysis,
         )
         if measure:
-            m = measure_latency(src, seq_len, profile.threads, min_runs, min_seconds)
+            m = measure_model(src, seq_len, profile.threads, min_runs, min_seconds)
             out.measured_ms, out.measured_cpu_ms, out.measured_runs = m.wall_ms, m.cpu_ms, m.runs
             out.measured_threads = profile.threads
             if cost.estimated_ms > 0:
@@ -128,14 +127,16 @@ class Measurement:
     runs: int
 
 
-def measure_latency(
+def measure_model(
     src: ModelSource, seq_len: int, threads: int = 1, min_runs: int = 20, min_seconds: float = 1.0
 ) -> Measurement:
-    """Median milliseconds of one batch-1 inference through export.runtimes (warm-up first).
+    """Median milliseconds of one batch-1 inference of `src` in its runtime (export.latency).
 
     Wall-clock time is the latency; the calling thread's CPU time is reported too because on a shared,
-    overloaded machine the wall clock also counts the time the process waited for a core.
+    overloaded machine the wall clock also counts the time the process waited for a core. Inputs are the
+    package's samples when their shape matches, else seeded random data (ones for `*mask*` inputs).
     """
+    from export.latency import measure_latency
     from export.runtimes import io_dtype, load_runtime
 
     runtime = load_runtime(src.model_path, src.format, threads=threads)
@@ -157,5 +158,7 @@ def measure_latency(
             feeds[spec.name] = np.ones(shape, dtype)
         else:
             feeds[spec.name] = rng.integers(1, 100, shape).astype(dtype)
-    stats = time_calls(lambda: runtime.run(feeds), min_runs=min_runs, min_seconds=min_seconds)
-    return Measurement(stats.p50_ms, stats.cpu_p50_ms or stats.p50_ms, stats.runs)
+    del runtime
+    stats = measure_latency({"model": src.model_path}, feeds, threads=threads, runs=min_runs,
+                            min_seconds=min_seconds, formats={"model": src.format})["model"]
+    return Measurement(stats["p50"], stats["cpu_p50"] or stats["p50"], stats["runs"])

@@ -19,18 +19,20 @@ not make the host look slower than it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from devices.profile import DeviceProfile, ProfileError
+from pocketfleet.fs import atomic_write_json
+from pocketfleet.timing import time_calls
 
 SCHEMA = "pocketfleet.host-probe/1"
 PROBE_DIR = Path(__file__).parent / "probe_models"
@@ -71,13 +73,8 @@ def probe_host(refresh: bool = False, cache: Path | None = None) -> DeviceProfil
         "timestamp": profile.measured["timestamp"],
         "profile": profile.to_dict(),
     }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home still gets a (not cached) profile
+    with contextlib.suppress(OSError):  # a read-only home still gets a (not cached) profile
+        atomic_write_json(path, doc)
     return profile
 
 
@@ -238,14 +235,8 @@ def _median_us(fn: Any, runs: int) -> float:
     thread CPU time measures the machine and not how busy it is; wall-clock best-of would be preempted
     on a loaded machine.
     """
-    import numpy as np
-
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.thread_time()
-        fn()
-        times[i] = time.thread_time() - start
-    return float(np.median(times) * 1e6)
+    stats = time_calls(fn, min_runs=runs, min_seconds=0.0, max_runs=runs, warmup_seconds=0.0)
+    return float(stats.cpu_p50_ms or 0.0) * 1e3
 
 
 def _runtime_overheads(fmt: str) -> dict[str, Any]:

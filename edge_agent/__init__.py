@@ -18,7 +18,7 @@ _EXPORTS = {
     "load_config": "edge_agent.config",
     "ModelStore": "edge_agent.store",
     "InstallResult": "edge_agent.store",
-    "LoadedModel": "edge_agent.health",
+    "ServedModel": "edge_agent.health",
     "health_check": "edge_agent.health",
     "verify_installed": "export.installed",
     "Client": "edge_agent.client",

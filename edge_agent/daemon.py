@@ -1,7 +1,7 @@
 """The agent daemon: recovers the store, serves the local API, hot-swaps versions, writes telemetry.
 
 Hot swap: the served models live in a dict that is replaced, never mutated (copy-on-write). A request
-looks its model up once and keeps that LoadedModel to the end, so requests already running finish on the
+looks its model up once and keeps that ServedModel to the end, so requests already running finish on the
 old version while new ones go to the new version; the old runtime is freed when its last request ends.
 The new version is verified, loaded and warmed (health check on its samples) before the switch, so no
 request ever waits for a load or sees a failure.
@@ -27,7 +27,7 @@ from typing import Any
 from edge_agent.api import Api
 from edge_agent.config import AgentConfig
 from edge_agent.errors import AgentError, RequestError, StoreError
-from edge_agent.health import LoadedModel
+from edge_agent.health import ServedModel
 from edge_agent.httpd import HttpServer
 from edge_agent.metrics import Metrics
 from edge_agent.outbox import Drainer, Outbox, Priority, make_sink
@@ -53,7 +53,7 @@ class Agent:
         self._samples: Any = None
         self._samples_lock = threading.Lock()
         self.link: Any = None  # edge_agent.link.AgentLink when the config has an [mqtt] table
-        self._models: dict[str, LoadedModel] = {}
+        self._models: dict[str, ServedModel] = {}
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
         self._stamp: tuple[int, int] | None = None
@@ -70,7 +70,7 @@ class Agent:
 
     # ------------------------------------------------------------------------------------------ models
 
-    def model(self, name: str | None) -> LoadedModel:
+    def model(self, name: str | None) -> ServedModel:
         """The model a request should use (one dict lookup: the request keeps this object)."""
         models = self._models
         if name is None:
@@ -84,7 +84,7 @@ class Agent:
             raise RequestError(404, "unknown_model", f"unknown model {name!r}; the agent serves {sorted(models)}", model=name)
         return model
 
-    def _publish(self, model: LoadedModel) -> None:
+    def _publish(self, model: ServedModel) -> None:
         self._models = {**self._models, model.name: model}
         self.metrics.set_active(model.name, model.version)
 
@@ -120,7 +120,7 @@ class Agent:
                     self._swap_failed(name, version, current, exc)
             return {"swapped": swapped, "failed": failed, "models": self.served()}
 
-    def _swap(self, name: str, version: int, current: LoadedModel | None) -> None:
+    def _swap(self, name: str, version: int, current: ServedModel | None) -> None:
         start = time.perf_counter()
         new = self.store.load(name, version)  # verify + load + health check (= warm-up), beside the old one
         fault_point("swap.after_load")
@@ -131,7 +131,7 @@ class Agent:
         self._event({"event": "swap", "model": name, "version": version, "previous": current.version if current else None,
                      "load_s": round(time.perf_counter() - start, 4)})
 
-    def _swap_failed(self, name: str, version: int, current: LoadedModel | None, exc: Exception) -> None:
+    def _swap_failed(self, name: str, version: int, current: ServedModel | None, exc: Exception) -> None:
         """The new version failed: set it aside, point state.json back at what is served, keep serving."""
         self.metrics.count("swap_failures", name)
         with contextlib.suppress(PocketfleetError, OSError), self.store.lock():

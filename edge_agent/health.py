@@ -1,5 +1,5 @@
 """Load a verified version and prove it works: run the package's sample inputs and compare with the
-expected outputs within the manifest's tolerance (export.check_samples). The result is a LoadedModel,
+expected outputs within the manifest's tolerance (export.check_samples). The result is a ServedModel,
 ready to serve (the samples run doubles as the warm-up).
 """
 
@@ -21,7 +21,7 @@ from pocketfleet import PocketfleetError
 
 
 @dataclass(eq=False)
-class LoadedModel:
+class ServedModel:
     """One served version. Requests keep a reference to the object they started with (hot swap)."""
 
     name: str
@@ -54,7 +54,7 @@ class LoadedModel:
         }
 
 
-def health_check(directory: str | Path, manifest: Manifest, threads: int = 1) -> LoadedModel:
+def health_check(directory: str | Path, manifest: Manifest, threads: int = 1) -> ServedModel:
     """Load the model of a verified version directory and check it on its samples; HealthCheckError else."""
     directory = Path(directory)
     where = f"{manifest.name} v{manifest.version}"
@@ -79,7 +79,7 @@ def health_check(directory: str | Path, manifest: Manifest, threads: int = 1) ->
         raise HealthCheckError(f"{where}: health check failed: {exc}") from exc
     except Exception as exc:  # a runtime failure on the samples is a failed health check, not a crash
         raise HealthCheckError(f"{where}: health check failed: {type(exc).__name__}: {exc}") from exc
-    return LoadedModel(
+    return ServedModel(
         manifest.name, manifest.version, manifest, runtime, directory, errors, time.perf_counter() - start
     )
 

@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import DowngradeError, HealthCheckError, StoreError
-from edge_agent.health import LoadedModel, health_check
+from edge_agent.health import ServedModel, health_check
 from export.installed import verify_installed
 from export.manifest import iso, utc_now
 from export.signing import Trust, TrustLike, load_trust
 from export.verify import extract_package, verify_package
 from pocketfleet import PocketfleetError
 from pocketfleet.faults import fault_point
-from pocketfleet.fs import FileLock, atomic_write_json, fsync_dir, fsync_tree
+from pocketfleet.fs import FileLock, atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree
 
 STATE_FILE = "state.json"
 EVENTS_FILE = "events.jsonl"
@@ -157,9 +157,7 @@ class ModelStore:
             os.close(fd)
         if size > MAX_EVENTS_BYTES:
             lines = self.events_path.read_bytes().splitlines(keepends=True)
-            tmp = self.events_path.with_name(EVENTS_FILE + ".tmp")
-            tmp.write_bytes(b"".join(lines[len(lines) // 2 :]))
-            os.replace(tmp, self.events_path)
+            atomic_write_bytes(self.events_path, b"".join(lines[len(lines) // 2 :]))
         return entry
 
     def events(self, last: int = 20) -> list[dict[str, Any]]:
@@ -189,7 +187,7 @@ class ModelStore:
     def names(self) -> list[str]:
         return sorted(p.name for p in self.versions.iterdir() if p.is_dir())
 
-    def load(self, name: str, version: int) -> LoadedModel:
+    def load(self, name: str, version: int) -> ServedModel:
         """Verify the installed files and health-check the version; HealthCheckError/VerificationError else."""
         path = self.version_dir(name, version)
         if not path.is_dir():
@@ -365,11 +363,11 @@ class ModelStore:
             self.record("state-rebuilt", reason=str(exc), models={n: m.to_dict() for n, m in models.items()})
             return models
 
-    def recover(self, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, LoadedModel]:
+    def recover(self, on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, ServedModel]:
         """Start-up: clear staging leftovers, then load each model's active version; a version that fails
         to verify, load or pass its health check is quarantined and the next known-good one is tried.
         Returns the loaded models (the agent serves these objects directly)."""
-        loaded: dict[str, LoadedModel] = {}
+        loaded: dict[str, ServedModel] = {}
         with self.lock():
             self._clear_tmp()
             models = self._state_or_rebuild()

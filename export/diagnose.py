@@ -60,6 +60,19 @@ def module_paths(module: Any, example: Sequence[Any], op: str) -> list[str]:
     return paths
 
 
+def _our_name(module: Any, arg: str, input_names: Sequence[str]) -> str:
+    """Our input name for the forward argument `arg` (torch.export names dims by the forward's parameters)."""
+    import inspect
+
+    if arg in input_names:
+        return arg
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters if p not in ("self",)]
+    except (TypeError, ValueError):
+        return arg
+    return input_names[params.index(arg)] if arg in params and params.index(arg) < len(input_names) else arg
+
+
 def explain(exc: BaseException, module: Any, example: Sequence[Any], converter: str,
             input_names: Sequence[str] = ()) -> str | None:  # fmt: skip
     """The actionable one-line cause of a failed conversion, or None when none is recognised."""
@@ -68,7 +81,7 @@ def explain(exc: BaseException, module: Any, example: Sequence[Any], converter: 
     for text in texts:
         m = _STATIC.search(text)
         if m:
-            size, name, axis = m.group(1), m.group(2), m.group(3)
+            size, name, axis = m.group(1), _our_name(module, m.group(2), input_names), m.group(3)
             return (f"{label} only traces at one input size: the model code fixes dimension {axis} of input "
                     f"{name!r} to {size} (a reshape/view with a constant, or a loop over that size); make it follow "
                     f"the input's shape (x.shape[{axis}] or -1), or export with fixed sizes (dynamic_axes={{}})")  # fmt: skip

@@ -245,3 +245,18 @@ def from_table(
                 resolved = Path(value).expanduser()
                 setattr(config, name, str(resolved if resolved.is_absolute() else base / resolved))
     return config
+
+
+def config_from_dict(cls: type[T], data: Mapping[str, Any] | None, what: str, error: type[Exception]) -> T:
+    """`cls(**data)` for a Python-API config dict (values already typed by the caller): unknown keys are one
+    `error` naming them and the known ones; then the config's own `validate()`."""
+    data = dict(data or {})
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise error(f"{what}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    obj = cls(**data)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj

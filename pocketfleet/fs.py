@@ -40,18 +40,21 @@ def fsync_tree(root: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, fault: str = "") -> Iterator[BinaryIO]:
+def atomic_file(path: str | Path, fault: str = "", mode: int | None = None) -> Iterator[BinaryIO]:
     """A binary file that becomes `path` only when the block ends without error: a unique temp file
     beside it, fsync, os.replace, fsync of the directory. On an error the temp file is removed.
 
     `fault` names the crash-test points `{fault}.after_tmp` (temp file complete, not yet renamed) and
-    `{fault}.after_replace` (renamed, directory not yet fsynced); see pocketfleet.faults.
+    `{fault}.after_replace` (renamed, directory not yet fsynced); see pocketfleet.faults. The file is
+    created 0600 (mkstemp) unless `mode` says otherwise.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -66,9 +69,9 @@ def atomic_file(path: str | Path, fault: str = "") -> Iterator[BinaryIO]:
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, fault: str = "") -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, fault: str = "", mode: int | None = None) -> None:
     """Write `data` to `path` crash-safely: readers see the old bytes or the new ones, never half."""
-    with atomic_file(path, fault) as fh:
+    with atomic_file(path, fault, mode) as fh:
         fh.write(data)
 
 

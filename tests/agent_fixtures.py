@@ -24,16 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = "digits"
 X = np.random.default_rng(7).random((3, 1, 8, 8), dtype=np.float32)
 
-NO_TORCH = """
-import sys
-BLOCKED = ("torch", "onnx", "onnxscript", "litert_torch", "ai_edge_quantizer", "sklearn", "compress.zoo")
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ImportError(f"{name} is blocked in this test (device footprint)")
-        return None
-sys.meta_path.insert(0, _Block())
-"""
 
 
 def conv_net(path: Path, seed: int) -> Path:

@@ -2,9 +2,53 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --- a device footprint: a fresh interpreter where torch and the workstation packages cannot import ------
+
+NO_TORCH = """
+import sys
+BLOCKED = ("torch", "onnx", "onnxscript", "litert_torch", "ai_edge_quantizer", "sklearn", "compress.zoo")
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ImportError(f"{name} is blocked in this test (device footprint)")
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+class NoTorch:
+    """Run Python code or the `pocketfleet` command in a fresh interpreter behind NO_TORCH."""
+
+    prelude = NO_TORCH
+
+    def python(self, code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120,
+               allow: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        """`allow`: blocked packages this code may import after all (e.g. onnx for ONNX analysis)."""
+        prelude = NO_TORCH + (f"BLOCKED = tuple(b for b in BLOCKED if b not in {allow!r})\n" if allow else "")
+        return subprocess.run([sys.executable, "-c", prelude + code, *args], capture_output=True,
+                              text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
+
+    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        return self.python("import sys\nfrom pocketfleet.cli import main\nsys.exit(main(sys.argv[1:]))", *args,
+                           env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def no_torch() -> NoTorch:
+    """The one way tests check the device footprint: `no_torch.python(code)`, `no_torch.cli(*args)`."""
+    blocked = NoTorch().python("import torch")
+    assert blocked.returncode != 0 and "blocked" in blocked.stderr, "the NO_TORCH prelude does not block torch"
+    return NoTorch()
+
 
 # --- reference model directories (compress.zoo), made once per test session -------------------------
 

@@ -20,7 +20,8 @@ from edge_agent.config import AgentConfig
 from edge_agent.daemon import Agent, running_agent
 from edge_agent.store import ModelStore
 from export.installed import verify_installed
-from tests.agent_fixtures import NAME, NO_TORCH, Packages, X, cli, session_packages, spawn
+from tests.agent_fixtures import NAME, Packages, X, cli, session_packages, spawn
+from tests.conftest import NO_TORCH
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@ features, torch fine-tuning, and the torch-free import rule."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -79,7 +77,7 @@ def test_train_head_rejects_bad_inputs():
         train_head(MLP, w0, x[:10, :32], y[:10], TrainConfig())
     with pytest.raises(TrainingError, match="lr"):
         TrainConfig.from_dict({"lr": -1})
-    with pytest.raises(TrainingError, match="unknown field"):
+    with pytest.raises(TrainingError, match="train config.learning_rate: unknown key"):
         TrainConfig.from_dict({"learning_rate": 0.1})
     with pytest.raises(HeadError, match="schema"):
         Head.from_manifest({"schema": "other", "layers": []})
@@ -157,11 +155,9 @@ def test_finetune_torch_with_fedprox():
     assert set(free.weights) == set(w0)
 
 
-def test_training_imports_and_runs_without_torch():
+def test_training_imports_and_runs_without_torch(no_torch):
     code = textwrap.dedent(
         """
-        import sys
-        sys.modules["torch"] = None  # any `import torch` now raises ImportError
         import numpy as np
         from edge_agent.training import Head, DenseLayer, TrainConfig, train_head, finetune_torch, LocalDataset
         from edge_agent.training import TrainingError, torch_available
@@ -175,7 +171,7 @@ def test_training_imports_and_runs_without_torch():
             print("ok", e)
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = no_torch.python(code)
     assert out.returncode == 0, out.stderr
     assert "ok full-model fine-tuning needs torch" in out.stdout
 

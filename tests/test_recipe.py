@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,7 @@ import numpy as np
 import pytest
 
 from pocketfleet import cli as pocketfleet
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from pocketfleet.config import loads_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -67,7 +62,7 @@ def dump_toml(doc: dict[str, Any]) -> str:
 
 def write_recipe(path: Path, doc: dict[str, Any]) -> Path:
     path.write_text(dump_toml(doc))
-    assert tomllib.loads(path.read_text()) == doc  # the writer round-trips
+    assert loads_toml(path.read_text()) == doc  # the writer round-trips
     return path
 
 
@@ -90,7 +85,7 @@ def cnn_run(digits_cnn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> R
 
     tmp = tmp_path_factory.mktemp("recipe")
     keys = generate_keys(tmp / "keys")
-    doc = tomllib.loads((EXAMPLES / "digits-cnn-int8.toml").read_text())
+    doc = loads_toml((EXAMPLES / "digits-cnn-int8.toml").read_text())
     doc["model"] = {"path": str(digits_cnn_dir)}
     doc["data"] = {"calibration": {"split": "train", "samples": 64}, "finetune": {"samples": 512}}
     doc["run"] = {"latency_seconds": 0.1, "latency_runs": 10}

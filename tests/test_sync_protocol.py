@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -188,14 +186,11 @@ def test_mosquitto_password_hash_and_acl_rules() -> None:
     assert render_passwd(accounts).splitlines()[0].startswith("cloud-1:$7$")
 
 
-def test_device_side_imports_without_torch(tmp_path: Path) -> None:
+def test_device_side_imports_without_torch(no_torch) -> None:
     """The device half of cloud_sync must import where `import torch` fails."""
-    blocker = tmp_path / "torch.py"
-    blocker.write_text("raise ImportError('torch is not installed on this device')\n")
     code = ("import sys, cloud_sync.device, cloud_sync.ota_client, cloud_sync.probe, cloud_sync.client;"
             "from cloud_sync import DeviceLink, OtaClient, MqttSink;"
             "assert 'torch' not in sys.modules; print('ok')")
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    out = no_torch.python(code, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from compress.config_util import config_from_dict
 from pocketfleet import PocketfleetError
+from pocketfleet.config import config_from_dict
 
 OUTPUT_LOSSES = ("auto", "kl", "mse", "cosine")
 

@@ -14,6 +14,7 @@ sets `compress.quantize` to the package), so a plain function of that name in `c
 with the package.
 """
 
+from export.latency import measure_latency
 from pocketfleet import callable_package
 
 from .api import QuantArtifact, QuantResult, fold_model, quantization_sensitivity, quantize
@@ -23,7 +24,6 @@ from .core import QuantizedFile, quantize_files
 from .data import check_calib_data, collect_eval, collect_rows
 from .errors import CalibrationDataError, QuantizeError, UnsupportedOpError
 from .fold import fold_batchnorm
-from .latency import measure_latency
 from .sensitivity import FloatChoice, SensitivityTable, choose_float_layers, layer_sensitivity
 from .source import QuantModel
 

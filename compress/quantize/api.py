@@ -198,9 +198,8 @@ def quantize(
       package and in `artifact.details["estimate"]`). `fp32`: {format: file} already exported from this
       model (skips the export; must be BN-folded). `latency_runs=0` skips latency.
     """
+    from export.latency import measure_latency, single_input
     from export.pipeline import package_artifact
-
-    from .latency import measure_latency, single_input
 
     cfg = _config(config)
     qm, calib = resolve(

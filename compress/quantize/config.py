@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from compress.config_util import config_from_dict
+from pocketfleet.config import config_from_dict
 
 from .errors import QuantizeError
 

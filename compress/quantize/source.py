@@ -248,6 +248,8 @@ def _from_onnx(
 
     if not path.is_file():
         raise QuantizeError(f"{path}: no such ONNX file")
+    original = path
+    path = _batch_dynamic(path)
     try:
         runtime = load_runtime(path, format="onnx", threads=threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors: name the file
@@ -271,5 +273,47 @@ def _from_onnx(
     return QuantModel(
         module=None, name=path.stem, input_specs=specs, output_specs=list(runtime.outputs), reference=reference,
         parity_rows=parity, scorer=Scorer(score_inputs, labels, chosen, reference, first, batch, threads),
-        onnx_file=path, path=str(path),
+        onnx_file=path, path=str(original),
     ), calib  # fmt: skip
+
+
+def _batch_dynamic(path: Path) -> Path:
+    """`path`, or a copy whose fixed leading (batch) dimension is made symbolic so that parity, metrics and
+    calibration can run in batches; a model that does not run at another batch size is refused."""
+    import tempfile
+
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf's own errors: name the file
+        raise QuantizeError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+    inits = {i.name for i in model.graph.initializer}
+    fixed = [(i.name, i.type.tensor_type.shape.dim[0].dim_value) for i in model.graph.input
+             if i.name not in inits and i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value > 0]  # fmt: skip
+    if not fixed:
+        return path
+    for vi in (*model.graph.input, *model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name not in inits and dims and dims[0].dim_value == fixed[0][1]:
+            dims[0].dim_param = "batch"
+    del model.graph.value_info[:]
+    out = Path(tempfile.mkdtemp(prefix="pf-onnx-")) / path.name
+    onnx.save(model, str(out))
+    try:
+        from export.runtimes import load_runtime
+
+        rt = load_runtime(out, format="onnx")
+        other = 1 if fixed[0][1] > 1 else 2
+        feed = {}
+        for spec in rt.inputs:
+            shape = [other if i == 0 else (d if isinstance(d, int) else 1) for i, d in enumerate(spec.shape)]
+            feed[spec.name] = np.zeros(shape, np.dtype(spec.dtype))
+        rt.run(feed)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors
+        name, size = fixed[0]
+        raise QuantizeError(
+            f"{path.name} has a fixed batch size of {size} on input {name!r} and does not run at another batch "
+            f"size ({str(exc).splitlines()[0][:200]}); re-export it with a dynamic batch dimension"
+        ) from None
+    return out

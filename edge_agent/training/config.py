@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from pocketfleet.config import ConfigError, parse_config
 
 from .errors import TrainingError
 
@@ -41,16 +43,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> TrainConfig:
-        data = dict(data or {})
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise TrainingError(f"train config: unknown field(s) {unknown}; known: {sorted(known)}")
+        """From a round's JSON config (outside data): unknown keys and non-numbers are TrainingErrors."""
         try:
-            out = {k: (float(v) if known[k] == "float" else int(v)) for k, v in data.items()}
-        except (TypeError, ValueError) as exc:
-            raise TrainingError(f"train config: a value is not a number ({exc})") from exc
-        return cls(**out)
+            config, _ = parse_config(cls, data or {}, "train config")
+        except ConfigError as exc:
+            raise TrainingError(str(exc)) from None
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
