@@ -206,3 +206,24 @@ def test_cli_export_factory_errors(argv: list[str], message: str, tmp_path: Path
     err = capsys.readouterr().err
     assert rc != 0 and message in err and "Traceback" not in err
     assert not (tmp_path / "p.pfpkg").exists()
+
+
+def test_onnx_recipe_packages_the_file_and_refuses_model_steps(data_dir: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    onnx_file = data_dir / "given.onnx"
+    torch.onnx.export(tiny(), (torch.zeros(2, 6),), str(onnx_file), input_names=["x"], dynamo=False,
+                      dynamic_axes={"x": {0: "n"}})
+    doc = {"model": {"onnx": "given.onnx", "metric": "top1"}, "data": {"eval": {"file": "train.npz"}},
+           "run": {"latency_seconds": 0.0, "latency_runs": 1}, "targets": [{"format": "onnx"}]}
+    file = data_dir / "onnx.toml"
+    file.write_text(dump_toml(doc))
+    assert pocketfleet.main(["compress", str(file), "--out", str(tmp_path / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["source"] == "onnx" and report["metric"]["name"] == "top1"
+    (art,) = report["artifacts"]
+    assert art["parity"]["passed"] and Path(art["package"]).exists()
+    assert art["metric"]["value"] == report["baseline"]["metric"]["value"]
+    err = check_fails(data_dir, {**doc, "steps": [{"type": "prune", "ratio": 0.5}]})
+    assert err.path == "steps[0].type" and "model.factory" in str(err)
+    err = check_fails(data_dir, {**doc, "targets": [{"format": "tflite"}]})
+    assert "needs the PyTorch module" in str(err)

@@ -216,8 +216,9 @@ def _parse(data: dict[str, Any], file: Path) -> Recipe:
         from .user_recipe import check_user_model
 
         user = check_user_model(model, data_table, base)
-        data_spec, wl = user.data_spec, user.model.workload
-        workload = wl.name
+        data_spec = user.data_spec
+        wl = user.model.workload if user.model is not None else None  # an onnx model has no workload
+        workload = wl.name if wl is not None else (model.name or Path(model.onnx or "model").stem)
     else:
         workload = _check_model(model, base)
         wl = _workload(workload)
@@ -363,6 +364,8 @@ class _LabelCheck:
         self.wl, self.data, self.value = wl, data, None
 
     def __call__(self) -> bool:
+        if self.value is None and self.wl is None:  # an onnx model: no model steps run on it
+            self.value = False
         if self.value is None:
             source = self.data.finetune
             if source.file is not None:
