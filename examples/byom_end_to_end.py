@@ -39,7 +39,7 @@ def main(out, epochs: int = 12, rows: int | None = None) -> dict:
     torch.manual_seed(0)
     teacher = compress.distill(Net(), None, compress.DistillConfig(epochs=epochs, lr=3e-3, shift=2), train)
     student = compress.prune(teacher, compress.PruneConfig(ratio=0.5, ignore=["model.resnet.embedder"]), train[0][:8])
-    compress.distill(student, teacher, compress.DistillConfig(epochs=epochs, lr=2e-3, shift=2), train, eval_data=test)
+    compress.distill(student, teacher, compress.DistillConfig(epochs=epochs, lr=2e-3, shift=2), train)
     keys = export.generate_keys(out / "keys")
     result = compress.quantize(student, compress.QuantConfig(mode="static", formats=["onnx"]), train[0][:256], out / "q",
                                eval_data=test, metric="top1", key=keys["private_key"], name="digits-resnet",
