@@ -6,23 +6,42 @@ its client id, and the ACL patterns (`%u`, which then equals `%c`) confine each 
 it may write only pf/v1/dev/<self>/{status,ota,req,telemetry,fl/up/#} and read only
 pf/v1/dev/<self>/{cmd,chunk,fl/down/#} plus its group's pf/v1/grp/<group>/#. Cloud workers may read
 and write everything under pf/v1/.
+
+mosquitto's ACL file never refuses a SUBSCRIBE (it checks read access when it delivers), so a device could
+subscribe to the cloud's shared group (`$share/<group>/pf/v1/dev/+/telemetry`) and mosquitto would hand it
+its share of every device's messages, then drop them at delivery. mosquitto 2's dynamic-security plugin does
+check subscriptions: devices are its clients (it holds their password hashes, so a device it does not know
+cannot log in at all: fail closed) with the role `pf-device`, which denies every `$share/#` subscription. Its
+other checks defer to the ACL file. Cloud workers stay in the password file. The plugin reads its file only
+at start; `cloud provision` changes a running broker through `$CONTROL/dynamic-security/v1` as `pf-admin`.
 """
 
 from __future__ import annotations
 
 import base64
+import glob
 import hashlib
 import hmac
+import json
 import os
+import pwd
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cloud_sync.protocol import DEVICE_PUBLISHES, DEVICE_RECEIVES, ROOT, check_id
+from pocketfleet.fs import atomic_write_bytes
 
 PBKDF2_ITERATIONS = 101  # mosquitto 2.0's default for $7$ hashes
 ROLES = ("device", "cloud")
+DYNSEC_ADMIN = "pf-admin"  # the dynamic-security plugin's administrator (only `cloud provision` uses it)
+DEVICE_ROLE = "pf-device"
+ADMIN_ROLE = "pf-admin"
+BROKER_USER = "mosquitto"  # a packaged mosquitto drops to this user after start
+DYNSEC_PLUGIN_GLOBS = ("/usr/lib/*/mosquitto_dynamic_security.so", "/usr/lib/mosquitto_dynamic_security.so",
+                       "/usr/local/lib/mosquitto_dynamic_security.so", "/usr/lib/*/mosquitto/mosquitto_dynamic_security.so")
 
 
 @dataclass(frozen=True)
@@ -52,8 +71,51 @@ def check_password(password: str, pw_hash: str) -> bool:
     return hmac.compare_digest(base64.b64encode(got).decode(), digest)
 
 
-def render_passwd(accounts: Iterable[Account]) -> str:
-    return "".join(f"{check_id(a.username, 'username')}:{a.pw_hash}\n" for a in sorted(accounts, key=lambda a: a.username))
+def render_passwd(accounts: Iterable[Account], roles: tuple[str, ...] = ROLES) -> str:
+    return "".join(f"{check_id(a.username, 'username')}:{a.pw_hash}\n"
+                   for a in sorted(accounts, key=lambda a: a.username) if a.role in roles)
+
+
+def find_dynsec_plugin() -> str | None:
+    """The path of mosquitto's dynamic-security plugin (Debian: /usr/lib/<arch>/mosquitto_dynamic_security.so)."""
+    for pattern in DYNSEC_PLUGIN_GLOBS:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _dynsec_password(pw_hash: str) -> dict[str, Any]:
+    _, alg, iterations, salt, digest = pw_hash.split("$")
+    if alg != "7" or len(base64.b64decode(salt)) != 12:
+        raise ValueError("the dynamic-security plugin needs a $7$ hash with a 12-byte salt")
+    return {"password": digest, "salt": salt, "iterations": int(iterations)}
+
+
+def dynsec_roles() -> list[dict[str, Any]]:
+    deny_share = {"acltype": "subscribePattern", "topic": "$share/#", "allow": False, "priority": 0}
+    admin = [{"acltype": t, "topic": "$CONTROL/dynamic-security/#", "allow": True, "priority": 0}
+             for t in ("publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern")]
+    return [{"rolename": DEVICE_ROLE, "textname": "a device: never a member of a shared subscription group",
+             "acls": [deny_share]},
+            {"rolename": ADMIN_ROLE, "textname": "pocketfleet provisioning", "acls": admin}]
+
+
+def render_dynsec(accounts: Iterable[Account], admin_hash: str) -> str:
+    """The dynamic-security plugin's file: every device (with its password hash) under the pf-device role."""
+    clients: list[dict[str, Any]] = [{"username": DYNSEC_ADMIN, **_dynsec_password(admin_hash),
+                                      "roles": [{"rolename": ADMIN_ROLE}]}]
+    for acc in sorted(accounts, key=lambda a: a.username):
+        if acc.role == "device":
+            clients.append({"username": check_id(acc.username, "username"), **_dynsec_password(acc.pw_hash),
+                            "roles": [{"rolename": DEVICE_ROLE}]})
+    doc = {
+        # no match in a role = defer to the ACL file (publish/receive) and to mosquitto's default (subscribe)
+        "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False, "subscribe": False,
+                             "unsubscribe": False},
+        "clients": clients, "groups": [], "roles": dynsec_roles(),
+    }
+    return json.dumps(doc, indent=2) + "\n"
 
 
 def render_acl(accounts: Iterable[Account]) -> str:
@@ -71,18 +133,52 @@ def render_acl(accounts: Iterable[Account]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_files(accounts: Iterable[Account], passwd_path: Path, acl_path: Path) -> None:
-    """Write both files atomically (temp + rename); mosquitto re-reads them on SIGHUP."""
+def broker_owner(user: str = BROKER_USER) -> tuple[int, int] | None:
+    """(uid, gid) the broker's files must belong to: the `mosquitto` user when we run as root and it exists."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _write_private(path: Path, text: str, owner: tuple[int, int] | None) -> None:
+    # mode 0600, but owned by the user mosquitto drops to so that it can read the file
+    atomic_write_bytes(path, text.encode(), mode=0o600, owner=owner)
+
+
+def write_files(accounts: Iterable[Account], passwd_path: Path, acl_path: Path, dynsec_path: Path | None = None,
+                admin_hash: str | None = None, owner: tuple[int, int] | None | str = "auto") -> None:
+    """Write the files atomically (temp + rename); mosquitto re-reads the password and ACL files on SIGHUP.
+
+    With `dynsec_path` (and the admin's hash), devices go into the dynamic-security file and only cloud
+    workers into the password file. When run as root the files (mode 0600) and the folder holding the
+    dynamic-security file (which the plugin rewrites) are given to the `mosquitto` user (`owner="auto"`).
+    """
     accounts = list(accounts)
-    for path, text in ((passwd_path, render_passwd(accounts)), (acl_path, render_acl(accounts))):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+    who = broker_owner() if owner == "auto" else owner
+    assert not isinstance(who, str)
+    roles = ("cloud",) if dynsec_path is not None else ROLES
+    files = [(passwd_path, render_passwd(accounts, roles)), (acl_path, render_acl(accounts))]
+    if dynsec_path is not None:
+        if admin_hash is None:
+            raise ValueError("write_files: a dynamic-security file needs the admin's password hash")
+        files.append((dynsec_path, render_dynsec(accounts, admin_hash)))
+    for path, text in files:
+        _write_private(path, text, who)
+    if dynsec_path is not None and who is not None:
+        os.chown(dynsec_path.parent, *who)  # the plugin saves changes as <file>.new + rename
+
+
+def admin_password(path: Path) -> str:
+    """The dynamic-security admin's password, made on first use (mode 0600, readable only by us)."""
+    if path.exists():
+        return path.read_text().strip()
+    password = new_password()
+    _write_private(path, password + "\n", None)
+    return password
 
 
 def mosquitto_conf(
@@ -97,6 +193,8 @@ def mosquitto_conf(
     max_packet_size: int = 4 * 1024 * 1024,
     log_path: Path | None = None,
     extra: Iterable[str] = (),
+    dynsec_path: Path | None = None,
+    dynsec_plugin: str | None = None,
 ) -> str:
     """A mosquitto 2.x config for a pocketfleet broker.
 
@@ -123,6 +221,12 @@ def mosquitto_conf(
         lines += ["allow_anonymous true"]
     if acl_path is not None:
         lines.append(f"acl_file {acl_path}")
+    if dynsec_path is not None:
+        plugin = dynsec_plugin or find_dynsec_plugin()
+        if plugin is None:
+            raise ValueError("mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) was not found; "
+                             "without it devices can join the cloud's shared subscription groups")
+        lines += [f"plugin {plugin}", f"plugin_opt_config_file {dynsec_path}"]
     if persistence_dir is not None:
         lines += ["persistence true", f"persistence_location {persistence_dir}/", "autosave_interval 1"]
     if log_path is not None:

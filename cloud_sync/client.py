@@ -109,6 +109,14 @@ def packet_bytes(topic: str, payload_len: int, qos: int, props: int = 0) -> int:
     return 1 + varint + remaining
 
 
+def topic_kind(topic: str) -> str:
+    """The leaf kind of a pf/v1 topic for per-kind counters: status, ota, req, telemetry, cmd, chunk, fl, ..."""
+    parts = topic.split("/")
+    if len(parts) >= 5 and parts[0] == "pf" and parts[2] in ("dev", "grp"):
+        return parts[4]
+    return "other"
+
+
 class MqttClient:
     """One broker connection. Thread-safe: publish/subscribe may be called from any thread."""
 
@@ -148,6 +156,7 @@ class MqttClient:
         self._socket_opened: float | None = None
         self._ever_connacked = False
         self.connect_timeout_s = 5.0
+        self._fail_logged = -1e9
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -158,6 +167,13 @@ class MqttClient:
     @property
     def mqtt5(self) -> bool:
         return self.protocol == mqtt.MQTTv5
+
+    def link_state(self) -> dict[str, Any]:
+        """What a health endpoint shows: connected or not, to where, the last error, attempts and connects."""
+        c = self.counters
+        return {"connected": self.connected, "broker": f"{self.config.host}:{self.config.port}",
+                "last_error": self.last_error, "connects": c.get("connects"),
+                "connect_failures": c.get("connect_failures"), "connect_refused": c.get("connect_refused")}
 
     def start(self) -> MqttClient:
         """Start connecting in the background (returns at once; see wait_connected)."""
@@ -318,6 +334,11 @@ class MqttClient:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self.counters.add("connect_failures")
         self.last_error = "cannot reach the broker (TCP/TLS connection failed)"
+        now = time.monotonic()
+        if now - self._fail_logged >= 60.0:  # the first failure, then at most one line a minute
+            self._fail_logged = now
+            log.warning("%s: cannot reach the broker at %s:%d (TCP/TLS connection failed; %d attempt(s)); retrying",
+                        self.name, self.config.host, self.config.port, self.counters.get("connect_failures"))
         self._backoff()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -396,6 +417,8 @@ class MqttClient:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.counters.add("received")
+        kind = topic_kind(msg.topic)
+        self.counters.add(f"in:{kind}")
         self.counters.add("bytes_in", packet_bytes(msg.topic, len(msg.payload), msg.qos))
         if msg.qos:
             self.counters.add("bytes_out", 4)  # our PUBACK
@@ -411,6 +434,7 @@ class MqttClient:
             handler(message)
         except ProtocolError as exc:
             self.counters.add("malformed")
+            self.counters.add(f"malformed:{kind}")
             log.warning("%s: dropped malformed message on %s: %s", self.name, msg.topic, exc)
             acks_itself = False
         except Exception:  # noqa: BLE001 - never let one message stop the loop
@@ -456,6 +480,7 @@ class MqttClient:
                 on_ack(False, mqtt.error_string(info.rc))
             return -1
         self.counters.add("published")
+        self.counters.add(f"out:{topic_kind(topic)}")
         self.counters.add("bytes_out", packet_bytes(topic, len(payload), qos, 5 if props else 0))
         early = None
         with self._lock:

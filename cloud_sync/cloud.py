@@ -13,6 +13,8 @@ cloud.toml:
     trust = "keys/pocketfleet.pub"     # releases must verify against these keys
     shared_group = "pfcloud"           # "" = plain subscriptions (single worker, MQTT 3.1.1 brokers)
     auto_register = false              # accept devices that announce a group without being provisioned
+    again_min_s = 2.0                  # chunk requests: an `again` repeat of a chunk at most once per 2 s
+    device_rate_bps = 4194304          # ... and at most this many chunk bytes per second per device
     [mqtt]                             # cloud_sync.config.MqttConfig
     [rollout]                          # cloud_sync.rollout.RolloutConfig
     [broker]                           # files `cloud provision` maintains, and the broker to reload
@@ -21,9 +23,12 @@ cloud.toml:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +39,7 @@ from typing import Any
 
 from cloud_sync.client import Message, MqttClient
 from cloud_sync.config import MqttConfig, from_table, load_toml
+from cloud_sync.console.settings import ConsoleSettings
 from cloud_sync.errors import ConfigError, ProtocolError
 from cloud_sync.protocol import (
     FRAME_CHUNK,
@@ -48,6 +54,8 @@ from cloud_sync.protocol import (
 )
 from cloud_sync.registry import Registry, Release
 from cloud_sync.rollout import RolloutConfig, RolloutController
+from cloud_sync.telemetry_rollup import Rollups, RollupSettings
+from pocketfleet.fs import atomic_write_json
 
 log = logging.getLogger("pocketfleet.cloud")
 
@@ -64,6 +72,8 @@ class CloudSettings:
     chunk_inflight: int = 256
     chunk_ttl_s: int = 600
     recent_s: float = 30.0  # a plain repeat of a request for a chunk sent this recently is a redelivery
+    again_min_s: float = 2.0  # a chunk asked for `again` is sent to a device at most once per this many seconds
+    device_rate_bps: int = 4 << 20  # chunk bytes per second per device (token bucket holding 4 s); 0 = no limit
     lease_s: float = 5.0
 
     def check(self, where: str) -> None:
@@ -77,6 +87,7 @@ class CloudSettings:
 class BrokerSettings:
     passwd_file: str = ""
     acl_file: str = ""
+    dynsec_file: str = ""  # mosquitto's dynamic-security plugin file (default: beside the ACL, in dynsec/)
     pid_file: str = ""
 
 
@@ -97,11 +108,13 @@ class CloudConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     devices: DeviceDefaults = field(default_factory=DeviceDefaults)
+    telemetry: RollupSettings = field(default_factory=RollupSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     path: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: Path | None = None, where: str = "cloud.toml") -> CloudConfig:
-        known = ("cloud", "mqtt", "rollout", "broker", "devices")
+        known = ("cloud", "mqtt", "rollout", "broker", "devices", "telemetry", "console")
         for key in data:
             if key not in known:
                 raise ConfigError(f"{where}: unknown table [{key}] (known: {', '.join(known)})")
@@ -111,6 +124,8 @@ class CloudConfig:
             rollout=from_table(RolloutConfig, data.get("rollout"), f"{where} [rollout]", base),
             broker=from_table(BrokerSettings, data.get("broker"), f"{where} [broker]", base),
             devices=from_table(DeviceDefaults, data.get("devices"), f"{where} [devices]", base),
+            telemetry=from_table(RollupSettings, data.get("telemetry"), f"{where} [telemetry]", base),
+            console=from_table(ConsoleSettings, data.get("console"), f"{where} [console]", base),
         )
         if base is not None and not Path(cfg.cloud.state_dir).is_absolute():
             cfg.cloud.state_dir = str(base / cfg.cloud.state_dir)
@@ -190,12 +205,15 @@ class Cloud:
         self.client = MqttClient(config.mqtt, client_id=config.cloud.worker_id, name=config.cloud.worker_id,
                                  manual_ack=True)
         self.counters = self.client.counters
+        self.rollups = Rollups(self.registry, config.telemetry)
+        self.console: Any = None
         self._artifacts = _Artifacts(self.registry)
         self._allowed: set[tuple[str, str]] = set()
         self._requests: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._queued: set[tuple[str, str, int]] = set()  # chunks waiting to be sent: repeats are dropped
         self._recent: dict[tuple[str, str, int], float] = {}  # chunks sent lately (request redeliveries)
         self._queued_lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens in bytes, monotonic time)
         self._telemetry: queue.Queue[tuple[str, dict[str, Any], Message]] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -221,6 +239,16 @@ class Cloud:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
+    @property
+    def counters_path(self) -> Path:
+        return self.config.state_dir / "workers" / f"{self.config.cloud.worker_id}.json"
+
+    def write_counters(self) -> None:
+        """Save this worker's counters (received, malformed, dead letters, ...) for `pocketfleet cloud counters`."""
+        doc = {"worker": self.config.cloud.worker_id, "pid": os.getpid(), "ts": time.time(),
+               "connected": self.client.connected, "leader": self.is_leader, "counters": self.counters()}
+        atomic_write_json(self.counters_path, doc)
+
     def start(self, wait_s: float | None = 10.0) -> Cloud:
         """Connect and start the threads; with wait_s=None it does not wait for the broker (it keeps trying)."""
         self.client.start()
@@ -231,16 +259,26 @@ class Cloud:
             t = threading.Thread(target=target, name=f"{self.config.cloud.worker_id}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.config.console.listen:
+            from cloud_sync.console.server import ConsoleServer
+
+            self.console = ConsoleServer(self, self.config.console).start()
         log.info("cloud worker %s running (state %s)", self.config.cloud.worker_id, self.config.state_dir)
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self.console is not None:
+            self.console.stop()
+            self.console = None
         self._requests.put(None)
         for t in self._threads:
             t.join(10)
         if self.is_leader:
             self.registry.release_lease(LEASE, self.config.cloud.worker_id)
+        with contextlib.suppress(OSError):
+            self.write_counters()
+        log.info("worker %s counters: %s", self.config.cloud.worker_id, json.dumps(self.counters(), sort_keys=True))
         self.client.stop()
         self._artifacts.close()
         self.registry.close()
@@ -314,35 +352,99 @@ class Cloud:
                     batch.append(self._telemetry.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            while not self._stop.is_set():
-                try:
-                    new = self.registry.add_telemetry_batch([(d, b) for d, b, _ in batch])
-                    break
-                except Exception:  # noqa: BLE001 - not acknowledged: retried here, redelivered if we die
-                    log.exception("telemetry commit failed; retrying")
-                    self._stop.wait(1.0)
-            else:
+            new = self._commit_telemetry(batch)
+            if new is None:
                 return
             self.counters.add("telemetry_stored", new)
-            self.counters.add("telemetry_duplicates", len(batch) - new)
+            try:
+                self.rollups.prune()
+            except Exception:  # noqa: BLE001 - retention is retried on the next batch
+                log.exception("telemetry retention failed")
             for _, _, msg in batch:
                 self.client.ack(msg)
 
+    def _commit_telemetry(self, batch: list[tuple[str, dict[str, Any], Message]]) -> int | None:
+        """Store a batch; returns how many records were new (None: stopping with the batch unacknowledged).
+
+        A batch that fails is committed one record at a time: a record SQLite refuses for what it holds
+        (a poison message: it passed validation, it can never be stored) is set aside in the dead-letter
+        table, counted and logged, and then acknowledged like the others, so it is never redelivered.
+        Only an operational error (database locked, disk full) is retried, since it can pass.
+        """
+        while not self._stop.is_set():
+            try:
+                new = self.registry.add_telemetry_batch([(d, b) for d, b, _ in batch], on_new=self.rollups.fold)
+                self.counters.add("telemetry_duplicates", len(batch) - new)
+                return new
+            except sqlite3.OperationalError:
+                log.exception("telemetry commit failed; retrying")
+                self._stop.wait(1.0)
+                continue
+            except Exception:  # noqa: BLE001 - one of the records is poison: find it below
+                break
+        else:
+            return None
+        new = 0
+        for device, body, msg in batch:
+            while not self._stop.is_set():
+                try:
+                    added = self.registry.add_telemetry_batch([(device, body)], on_new=self.rollups.fold)
+                    new += added
+                    self.counters.add("telemetry_duplicates", 1 - added)
+                    break
+                except sqlite3.OperationalError:
+                    log.exception("telemetry commit failed; retrying")
+                    self._stop.wait(1.0)
+                except Exception as exc:  # noqa: BLE001 - poison: dead-letter, count, log, acknowledge
+                    self._dead_letter(msg, device, f"{type(exc).__name__}: {exc}")
+                    break
+            else:
+                return None
+        return new
+
+    def _dead_letter(self, msg: Message, device: str | None, error: str) -> None:
+        self.counters.add(f"{parse_dev_topic(msg.topic)[1]}_dead_letter")
+        log.warning("message on %s from %s cannot be stored (%s); set aside in dead_letters", msg.topic, device, error)
+        try:
+            self.registry.add_dead_letter(msg.topic, device, msg.payload, error)
+        except Exception:  # noqa: BLE001 - counted and logged above; the message is still acknowledged
+            self.counters.add("dead_letter_errors")
+            log.exception("could not record the dead letter from %s", device)
+
     def _on_request(self, msg: Message) -> None:
+        """Queue the chunks a device asks for, each at most once: repeats within a request, chunks already
+        queued, plain repeats of chunks sent within `recent_s` (redeliveries) and `again` repeats within
+        `again_min_s` are dropped and counted (a device cannot make the cloud send one chunk many times)."""
         device, body = self._device_msg(msg, ("pf.chunk.request/1",))
         rid = body["release_id"]
         now = time.monotonic()
-        window = self.config.cloud.recent_s
+        cfg = self.config.cloud
+        gap = cfg.again_min_s if body.get("again") else cfg.recent_s
+        asked = list(dict.fromkeys(body["idx"][:MAX_REQUEST_IDX]))
         with self._queued_lock:
-            fresh = [i for i in body["idx"][:MAX_REQUEST_IDX] if (device, rid, i) not in self._queued and (
-                body.get("again") or now - self._recent.get((device, rid, i), -window) >= window)]
+            fresh = [i for i in asked if (device, rid, i) not in self._queued
+                     and now - self._recent.get((device, rid, i), -gap) >= gap]
             self._queued.update((device, rid, i) for i in fresh)
             if len(self._recent) > 100_000:
-                self._recent = {k: t for k, t in self._recent.items() if now - t < window}
+                self._recent = {k: t for k, t in self._recent.items() if now - t < max(cfg.recent_s, cfg.again_min_s)}
         if len(fresh) < len(body["idx"]):
             self.counters.add("duplicate_requests", len(body["idx"]) - len(fresh))
         if fresh or body.get("index"):
             self._requests.put((device, {**body, "idx": fresh}))
+
+    def _take(self, device: str, nbytes: int) -> bool:
+        """Per-device token bucket over chunk bytes: False (the chunk is not sent) when the device is over its rate."""
+        rate = self.config.cloud.device_rate_bps
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        tokens, last = self._buckets.get(device, (4.0 * rate, now))
+        tokens = min(4.0 * rate, tokens + (now - last) * rate)
+        if tokens < nbytes:
+            self._buckets[device] = (tokens, now)
+            return False
+        self._buckets[device] = (tokens - nbytes, now)
+        return True
 
     # ------------------------------------------------------------------------------------ chunk service
 
@@ -352,8 +454,9 @@ class Cloud:
             if item is None:
                 return
             device, req = item
+            sent: list[int] = []
             try:
-                self._answer(device, req)
+                self._answer(device, req, sent)
             except Exception:  # noqa: BLE001 - a bad request must not stop the service
                 self.counters.add("request_errors")
                 log.exception("chunk request from %s failed", device)
@@ -361,11 +464,11 @@ class Cloud:
                 now = time.monotonic()
                 with self._queued_lock:
                     for i in req["idx"]:
-                        key = (device, req["release_id"], i)
-                        self._queued.discard(key)
-                        self._recent[key] = now
+                        self._queued.discard((device, req["release_id"], i))
+                    for i in sent:
+                        self._recent[(device, req["release_id"], i)] = now
 
-    def _answer(self, device: str, req: dict[str, Any]) -> None:
+    def _answer(self, device: str, req: dict[str, Any], sent: list[int]) -> None:
         rid = req["release_id"]
         if (device, rid) not in self._allowed:
             if not self.registry.device_release_allowed(device, rid):
@@ -382,17 +485,26 @@ class Cloud:
         ttl = self.config.cloud.chunk_ttl_s
         if req.get("index"):
             self.client.publish(topic, encode_frame(FRAME_INDEX, rid, 0, 0, index_raw), qos=1, expiry_s=ttl)
+        limited = 0
         for i in req["idx"][:MAX_REQUEST_IDX]:
             if i >= len(offsets):
                 self.counters.add("requests_refused")
+                continue
+            if not self._take(device, sizes[i]):
+                limited += 1
                 continue
             data = os.pread(fd, sizes[i], offsets[i])
             if self.chunk_filter is not None:
                 data = self.chunk_filter(rid, i, data)
             self.client.wait_capacity(self.config.cloud.chunk_inflight, timeout=30)
             self.client.publish(topic, encode_frame(FRAME_CHUNK, rid, i, offsets[i], data), qos=1, expiry_s=ttl)
+            sent.append(i)
             self.counters.add("chunks_sent")
             self.counters.add("chunk_bytes_sent", len(data))
+        if limited:
+            self.counters.add("chunks_rate_limited", limited)
+            log.warning("device %s is over its chunk rate (%d B/s): %d chunk(s) not sent", device,
+                        self.config.cloud.device_rate_bps, limited)
 
     # ---------------------------------------------------------------------------------------- controller
 
@@ -401,7 +513,14 @@ class Cloud:
 
     def _control_loop(self) -> None:
         cfg = self.config
+        saved = 0.0
         while not self._stop.is_set():
+            if time.monotonic() - saved >= 2.0:
+                saved = time.monotonic()
+                try:
+                    self.write_counters()
+                except OSError:
+                    log.exception("could not save the counters")
             try:
                 self.is_leader = self.registry.try_lease(LEASE, cfg.cloud.worker_id, cfg.cloud.lease_s)
                 if self.is_leader and self.client.connected:

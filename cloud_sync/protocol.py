@@ -36,10 +36,13 @@ MAX_ID_LEN = 64
 DEVICE_PUBLISHES = ("status", "ota", "req", "telemetry", "fl/up")
 DEVICE_RECEIVES = ("cmd", "chunk", "fl/down")
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_HEX16_RE = re.compile(r"^[0-9a-f]{16}$")
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# always used with fullmatch: `$` alone would accept a trailing newline ("dev-a\n")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HEX16_RE = re.compile(r"[0-9a-f]{16}")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# every integer on the wire fits a signed 64-bit SQLite column; larger ones are refused as malformed
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 OTA_STATES = (
     "accepted",  # update command validated, job created
@@ -56,7 +59,7 @@ OTA_STATES = (
 
 def valid_id(value: Any) -> bool:
     """Device ids, group names and worker ids: [A-Za-z0-9][A-Za-z0-9_.-]{0,63} (no MQTT wildcards or '/')."""
-    return isinstance(value, str) and bool(_ID_RE.match(value))
+    return isinstance(value, str) and bool(_ID_RE.fullmatch(value))
 
 
 def check_id(value: Any, what: str) -> str:
@@ -108,8 +111,9 @@ class Field:
 
 _KIND_TESTS: dict[str, Callable[[Any], bool]] = {
     "str": lambda v: isinstance(v, str),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "num": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and INT_MIN <= v <= INT_MAX,
+    "num": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    and (isinstance(v, float) or INT_MIN <= v <= INT_MAX),
     "bool": lambda v: isinstance(v, bool),
     "dict": lambda v: isinstance(v, dict),
     "list": lambda v: isinstance(v, list),
@@ -128,18 +132,18 @@ def _nonneg(v: Any) -> bool:
 
 
 def _hex16(v: Any) -> bool:
-    return bool(_HEX16_RE.match(v))
+    return bool(_HEX16_RE.fullmatch(v))
 
 
 def _hex64(v: Any) -> bool:
-    return bool(_HEX64_RE.match(v))
+    return bool(_HEX64_RE.fullmatch(v))
 
 
 def _short(v: Any) -> bool:
     return len(v) <= 512
 
 
-_MODEL_REF = {"name": _f("str", check=lambda v: bool(_NAME_RE.match(v)), what="a model name"),
+_MODEL_REF = {"name": _f("str", check=lambda v: bool(_NAME_RE.fullmatch(v)), what="a model name"),
               "version": _f("int", check=_nonneg, what=">= 0")}
 _CHUNKING = {
     "algo": _f("str", check=lambda v: v == "fastcdc", what="'fastcdc'"),
@@ -182,7 +186,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "group": _f("str", "null", required=False, check=valid_id, what="a group name"),
         "active": _f("dict", "null", required=False, sub=_MODEL_REF),
         "models": _f("dict", required=False, check=lambda v: len(v) <= 64 and all(
-            isinstance(x, int) and not isinstance(x, bool) for x in v.values()), what="model name -> version"),
+            _KIND_TESTS["int"](x) for x in v.values()), what="model name -> version"),
         "ota": _f("dict", "null", required=False),
         "agent": _f("str", "null", required=False, check=_short),
         "proto": _f("int", required=False),
@@ -236,7 +240,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "pf.outbox/1": {
         **_COMMON,
         "device": _f("str", check=valid_id, what="a device id"),
-        "id": _f("int", "str"),
+        "id": _f("int", "str", check=lambda v: not isinstance(v, str) or 0 < len(v) <= 128, what="1..128 chars"),
         "kind": _f("str", check=lambda v: 0 < len(v) <= 64, what="1..64 chars"),
         "created": _f("num"),
         "body": _f("any"),
@@ -254,13 +258,20 @@ def _validate(obj: Mapping[str, Any], spec: Mapping[str, Field], where: str) -> 
             continue
         value = obj[key]
         if not any(_KIND_TESTS[k](value) for k in field.kinds):
-            raise ProtocolError(f"{where}: field {key!r} must be {'/'.join(field.kinds)}, got {type(value).__name__}")
+            raise ProtocolError(f"{where}: field {key!r} must be {'/'.join(field.kinds)} (integers within signed "
+                                f"64 bits), got {type(value).__name__} {_short_repr(value)}")
         if value is None:
             continue
         if field.check is not None and not field.check(value):
             raise ProtocolError(f"{where}: field {key!r} must be {field.what or 'valid'}, got {value!r:.80}")
         if field.sub is not None and isinstance(value, dict):
             _validate(value, field.sub, f"{where}.{key}")
+
+
+def _short_repr(value: Any) -> str:
+    if isinstance(value, int):
+        return f"of {value.bit_length()} bits" if abs(value) > 2**64 else str(value)
+    return f"{value!r:.40}"
 
 
 def validate(msg: Mapping[str, Any]) -> str:
@@ -291,7 +302,7 @@ def decode(payload: bytes, accept: tuple[str, ...]) -> dict[str, Any]:
         raise ProtocolError(f"message is {len(payload)} bytes, above the {limit}-byte limit")
     try:
         msg = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit integer
         raise ProtocolError(f"message is not UTF-8 JSON ({exc})") from exc
     if not isinstance(msg, dict):
         raise ProtocolError("message must be a JSON object")
@@ -352,7 +363,10 @@ def decode_frame(payload: bytes) -> Frame:
 
 
 class Counters:
-    """Thread-safe named counters (received, malformed, dropped, ...): every loss is counted somewhere."""
+    """Thread-safe named counters (received, malformed, dropped, ...): every loss is counted somewhere.
+
+    Calling the object (`cloud.counters()`) gives a snapshot dict, as `snapshot()` does.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -369,3 +383,6 @@ class Counters:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._c)
+
+    def __call__(self) -> dict[str, int]:
+        return self.snapshot()

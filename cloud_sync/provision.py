@@ -1,8 +1,12 @@
 """`pocketfleet cloud provision`: device (or cloud worker) credentials, broker files, and an agent config.
 
 The password is generated here, shown once (written to the device's `mqtt.password`), and kept only as a
-mosquitto $7$ hash in the registry; the broker's password and ACL files are regenerated from the registry
-and the broker is told to reload them (SIGHUP to the pid in [broker] pid_file, when set).
+mosquitto $7$ hash in the registry; the broker's password, ACL and dynamic-security files are regenerated
+from the registry and the broker is told to reload them (SIGHUP to the pid in [broker] pid_file, when set;
+a device is also added to the running broker's dynamic-security plugin through its control topic).
+
+Changing an existing account's role (a device into a cloud worker, which may read everything, or a worker
+into a device) is refused unless `allow_role_change` (`--change-role`) says so; the result says what changed.
 """
 
 from __future__ import annotations
@@ -12,7 +16,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.broker_files import Account, hash_password, new_password, write_files
+from cloud_sync.broker_files import (
+    DYNSEC_ADMIN,
+    Account,
+    admin_password,
+    hash_password,
+    new_password,
+    write_files,
+)
 from cloud_sync.cloud import CloudConfig
 from cloud_sync.errors import ConfigError
 from cloud_sync.protocol import check_id
@@ -23,6 +34,21 @@ def broker_paths(config: CloudConfig) -> tuple[Path, Path]:
     passwd = Path(b.passwd_file) if b.passwd_file else config.state_dir / "mosquitto" / "passwd"
     acl = Path(b.acl_file) if b.acl_file else config.state_dir / "mosquitto" / "acl"
     return passwd, acl
+
+
+def dynsec_paths(config: CloudConfig) -> tuple[Path, Path]:
+    """(dynamic-security file, its admin's password file); the file sits in a folder of its own, which the
+    plugin must be able to write."""
+    b = config.broker
+    dynsec = Path(b.dynsec_file) if b.dynsec_file else broker_paths(config)[1].parent / "dynsec" / "dynamic-security.json"
+    return dynsec, broker_paths(config)[1].parent / "dynsec-admin.password"
+
+
+def write_broker_files(config: CloudConfig, accounts: list[Account]) -> dict[str, Path]:
+    passwd, acl = broker_paths(config)
+    dynsec, admin = dynsec_paths(config)
+    write_files(accounts, passwd, acl, dynsec, hash_password(admin_password(admin)))
+    return {"passwd": passwd, "acl": acl, "dynsec": dynsec, "admin": admin}
 
 
 def _toml_str(value: str) -> str:
@@ -55,9 +81,11 @@ def agent_config_text(config: CloudConfig, device: str, group: str, password_fil
 
 
 def provision(config: CloudConfig, name: str, group: str | None, out_dir: str | Path | None = None,
-              role: str = "device", reload_broker: bool = True) -> dict[str, Any]:
+              role: str = "device", reload_broker: bool = True, allow_role_change: bool = False) -> dict[str, Any]:
     """Create or renew the account `name`; returns what was written (never the password itself)."""
     check_id(name, "device id" if role == "device" else "worker id")
+    if name == DYNSEC_ADMIN:
+        raise ConfigError(f"{name!r} is reserved for the broker's dynamic-security administrator")
     if role == "device":
         if not group:
             raise ConfigError("--group is required for a device")
@@ -65,12 +93,17 @@ def provision(config: CloudConfig, name: str, group: str | None, out_dir: str | 
     password = new_password()
     registry = config.open_registry()
     try:
+        old = next((a for a in registry.accounts() if a.username == name), None)
+        if old is not None and old.role != role and not allow_role_change:
+            what = {"cloud": "a cloud worker (read/write pf/v1/#)", "device": "a device (its own topics only)"}
+            raise ConfigError(f"{name} is {what[old.role]}; provisioning it as {what[role]} would change its role "
+                              "and its password: pass --change-role to do that")
         registry.put_account(Account(name, role, hash_password(password), group if role == "device" else None))
         accounts = registry.accounts()
     finally:
         registry.close()
-    passwd, acl = broker_paths(config)
-    write_files(accounts, passwd, acl)
+    files = write_broker_files(config, accounts)
+    passwd, acl = files["passwd"], files["acl"]
     out = Path(out_dir) if out_dir else config.state_dir / "provisioned" / name
     out.mkdir(parents=True, exist_ok=True)
     pw_path = out / "mqtt.password"
@@ -78,7 +111,10 @@ def provision(config: CloudConfig, name: str, group: str | None, out_dir: str | 
     with os.fdopen(fd, "w") as fh:
         fh.write(password + "\n")
     result: dict[str, Any] = {"name": name, "role": role, "group": group, "password_file": str(pw_path),
-                              "broker_passwd": str(passwd), "broker_acl": str(acl), "reloaded": False}
+                              "broker_passwd": str(passwd), "broker_acl": str(acl),
+                              "broker_dynsec": str(files["dynsec"]), "reloaded": False,
+                              "renewed": old is not None,
+                              "role_changed": f"{old.role} -> {role}" if old is not None and old.role != role else None}
     if role == "device":
         ca = config.devices.tls_ca or config.mqtt.tls_ca
         trust = config.devices.trust or config.cloud.trust
@@ -87,6 +123,15 @@ def provision(config: CloudConfig, name: str, group: str | None, out_dir: str | 
         result["agent_config"] = str(agent)
     if reload_broker and config.broker.pid_file:
         result["reloaded"] = _reload(Path(config.broker.pid_file))
+        if result["reloaded"] and (role == "device" or (old is not None and old.role == "device")):
+            from cloud_sync import dynsec
+
+            commands = dynsec.device_commands(name, password) if role == "device" else dynsec.delete_commands(name)
+            try:
+                dynsec.apply(config.mqtt, admin_password(files["admin"]), commands)
+            except Exception as exc:  # noqa: BLE001 - reported: the broker takes the files when it restarts
+                result["reloaded"] = False
+                result["reload_error"] = f"dynamic-security update failed: {exc}"
     return result
 
 

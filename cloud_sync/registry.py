@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +46,15 @@ CREATE TABLE IF NOT EXISTS rollout_devices(
 CREATE TABLE IF NOT EXISTS events(
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, rollout_id TEXT, device TEXT, kind TEXT NOT NULL,
     detail TEXT);
+CREATE TABLE IF NOT EXISTS dead_letters(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, topic TEXT NOT NULL, device TEXT, error TEXT NOT NULL,
+    payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS leases(name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS rollouts_state ON rollouts(state);
 CREATE INDEX IF NOT EXISTS devices_grp ON devices(grp);
 """
 
-ACTIVE_ROLLOUT_STATES = ("canary", "promoted", "rolling_back")
+ACTIVE_ROLLOUT_STATES = ("canary", "promoted", "rolling_back", "staged", "paused")  # superseded by a new one
 # device states in a rollout: pending -> sent -> accepted/downloading -> installed | failed | refused;
 # after a failed canary: rollback_sent -> rolled_back
 DEVICE_TERMINAL = ("installed", "failed", "refused", "rolled_back")
@@ -202,19 +205,36 @@ class Registry:
         """Store one outbox record; False if it was already stored (redelivery)."""
         return self.add_telemetry_batch([(device, msg)]) == 1
 
-    def add_telemetry_batch(self, items: list[tuple[str, dict[str, Any]]]) -> int:
-        """Store many outbox records in one transaction (one fsync); returns how many were new."""
+    def add_telemetry_batch(self, items: list[tuple[str, dict[str, Any]]],
+                            on_new: Callable[[sqlite3.Connection, str, dict[str, Any], float], None] | None = None,
+                            ) -> int:
+        """Store many outbox records in one transaction (one fsync); returns how many were new.
+
+        `on_new(db, device, msg, now)` runs inside the transaction for each record stored for the first time
+        (the telemetry rollups fold it there, so a redelivery is never counted twice)."""
         now = time.time()
         with self.tx() as db:
             new = 0
             for device, msg in items:
-                new += db.execute(
+                added = db.execute(
                     "INSERT INTO telemetry(device, record_id, kind, created, received, body) VALUES(?,?,?,?,?,?) "
                     "ON CONFLICT(device, record_id) DO NOTHING",
                     (device, str(msg["id"]), msg["kind"], msg["created"], now, json.dumps(msg["body"])),
                 ).rowcount
+                new += added
+                if added and on_new is not None:
+                    on_new(db, device, msg, now)
             db.executemany("UPDATE devices SET last_seen=? WHERE id=?", [(now, d) for d in {d for d, _ in items}])
             return new
+
+    def add_dead_letter(self, topic: str, device: str | None, payload: bytes, error: str) -> None:
+        """Set aside a message that passed validation but cannot be stored (kept as received, for a person)."""
+        with self.tx() as db:
+            db.execute("INSERT INTO dead_letters(ts, topic, device, error, payload) VALUES(?,?,?,?,?)",
+                       (time.time(), topic, device, error[:2000], payload))
+
+    def dead_letters(self, limit: int = 1000) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,))
 
     def telemetry(self, device: str | None = None, kind: str | None = None) -> list[sqlite3.Row]:
         sql, args = "SELECT * FROM telemetry WHERE 1=1", []

@@ -37,7 +37,8 @@ _EXPORTS = {
     "RuntimeLoadError": "export.runtimes",
     "FAULT_POINTS": "pocketfleet.faults:POINTS",
 }
-_ERRORS = ["AgentError", "ConfigError", "StoreError", "DowngradeError", "HealthCheckError", "OutboxFullError", "RequestError"]
+_ERRORS = ["AgentError", "ConfigError", "StoreError", "DowngradeError", "HealthCheckError", "OutboxFullError", "RequestError",
+           "TrustConfigError", "VersionConflictError"]
 _EXPORTS.update({name: "edge_agent.errors" for name in _ERRORS})
 
 __all__ = sorted(_EXPORTS)

@@ -104,16 +104,56 @@ def _notify(config: Any, want: dict[str, int]) -> dict[str, Any] | None:
     try:
         with Client(info["urls"][0], timeout=60) as client:
             result["reload"] = client.reload()
+            failed = {(f.get("model"), f.get("version")) for f in result["reload"].get("failed", [])}
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 served = {n: m["version"] for n, m in client.health()["models"].items()}
-                if all(served.get(n) == v for n, v in want.items()):
-                    break
+                if all(served.get(n) == v for n, v in want.items()) or any(w in failed for w in want.items()):
+                    break  # serving it, or the agent said it cannot
+                if _reverted(config, want):
+                    break  # the agent's watcher tried first, failed, and pointed the store back
                 time.sleep(0.1)
             result["serving"] = served
     except PocketfleetError as exc:
         result["error"] = str(exc)
+    if result.get("serving") is not None and any(result["serving"].get(n) != v for n, v in want.items()):
+        failed = [f"{f['model']} v{f['version']}: {f['error']}" for f in (result.get("reload") or {}).get("failed", [])]
+        failed += _swap_failures(config, want)
+        result["error"] = "; ".join(dict.fromkeys(failed)) or "it did not switch within 30 s"
     return result
+
+
+def _reverted(config: Any, want: dict[str, int]) -> bool:
+    from edge_agent.store import ModelStore
+    from pocketfleet import PocketfleetError
+
+    try:
+        models = ModelStore(config.state_dir).read_state()
+    except PocketfleetError:
+        return False
+    return any(n in models and models[n].active != v for n, v in want.items())
+
+
+def _swap_failures(config: Any, want: dict[str, int]) -> list[str]:
+    """Why the running agent did not swap, from the store's event log."""
+    from edge_agent.store import ModelStore
+
+    events = ModelStore(config.state_dir).events(50)
+    return [f"{e['model']} v{e['version']}: {e.get('reason', '')}" for e in events
+            if e.get("event") in ("quarantine",) and (e.get("model"), e.get("version")) in want.items()][-1:]
+
+
+def _check_served(agent: dict[str, Any] | None, want: dict[str, int]) -> None:
+    """Exit non-zero when a running agent does not end up serving what was installed (and say why)."""
+    from edge_agent.errors import AgentError
+
+    if agent is None:
+        return  # no agent runs on this state directory: it serves the version when it starts
+    serving = agent.get("serving")
+    if serving is None or any(serving.get(n) != v for n, v in want.items()):
+        wanted = ", ".join(f"{n} v{v}" for n, v in want.items())
+        raise AgentError(f"the running agent (pid {agent.get('pid')}) does not serve {wanted}: it serves "
+                         f"{serving if serving is not None else 'nothing we could see'} ({agent.get('error', 'no answer')})")
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -133,6 +173,8 @@ def _install(args: argparse.Namespace) -> int:
         return line
 
     emit(out, args.json, render)
+    if not args.no_activate:
+        _check_served(out["agent"], {res.name: res.version})
     return 0
 
 
@@ -143,6 +185,7 @@ def _rollback(args: argparse.Namespace) -> int:
     out = _store(config, must_exist=True).rollback(args.model, args.to)
     out["agent"] = _notify(config, {out["model"]: out["version"]})
     emit(out, args.json, lambda r: f"rolled back {r['model']}: v{r['previous']} -> v{r['version']}")
+    _check_served(out["agent"], {out["model"]: out["version"]})
     return 0
 
 

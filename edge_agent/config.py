@@ -47,6 +47,7 @@ class AgentConfig:
     max_batch: int = _opt(256, "largest batch (leading dimension) per request")
     max_connections: int = _opt(64, "simultaneous API connections (503 above)")
     keepalive_s: float = _opt(60.0, "idle keep-alive connections are closed after this many seconds")
+    request_timeout_s: float = _opt(30.0, "a request (line, headers, body) must arrive whole within this many seconds")
     watch_interval_s: float = _opt(0.5, "how often the agent checks the store for a new active version")
     telemetry_interval_s: float = _opt(60.0, "seconds between telemetry records written to the outbox")
     drift_max_features: int = _opt(256, "per-input features tracked for drift (larger inputs are pooled)")
@@ -67,7 +68,7 @@ class AgentConfig:
         for key in ("threads", "keep_versions", "max_body_bytes", "max_batch", "max_connections", "drift_max_features", "outbox_max_bytes", "samples_max"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("keepalive_s", "watch_interval_s", "telemetry_interval_s", "drain_interval_s"):
+        for key in ("keepalive_s", "request_timeout_s", "watch_interval_s", "telemetry_interval_s", "drain_interval_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.listen:

@@ -179,7 +179,13 @@ class Agent:
             "uptime_s": round(time.time() - self.started, 3),
             "swaps": self.swaps,
             "pid": os.getpid(),
+            "mqtt": self._link_state(),
         }
+
+    def _link_state(self) -> dict[str, Any] | None:
+        """The cloud link (None when the config has no [mqtt] table)."""
+        client = getattr(self.link, "client", None)
+        return client.link_state() if client is not None else None
 
     def describe(self) -> dict[str, Any]:
         return {"models": [m.describe() for _, m in sorted(self._models.items())], "store": self.store.status()["models"]}
@@ -204,7 +210,12 @@ class Agent:
         cfg = self.config
         self._claim()
         self._stamp = self.store.state_stamp()
-        loaded = self.store.recover(on_event=self._on_store_event)
+        try:
+            loaded = self.store.recover(on_event=self._on_store_event)
+        except BaseException:  # e.g. an unusable trust setting: refuse to start, and free the state directory
+            os.close(self._lock_fd)  # type: ignore[arg-type]
+            self._lock_fd = None
+            raise
         for model in loaded.values():
             self._publish(model)
         self._stamp = self.store.state_stamp()
@@ -212,6 +223,7 @@ class Agent:
         self.server = HttpServer(
             Api(self), tcp=tcp, unix_path=cfg.unix_socket or None, max_body=cfg.max_body_bytes,
             max_connections=cfg.max_connections, keepalive_s=cfg.keepalive_s,
+            request_timeout_s=cfg.request_timeout_s,
         ).start()
         watcher = threading.Thread(target=self._watch, name="store-watch", daemon=True)
         watcher.start()
@@ -224,6 +236,11 @@ class Agent:
 
             self.link = AgentLink(self, drain=sink is None).start()
             self._threads.append(self.link)
+            self.metrics.add_gauge("pocketfleet_agent_mqtt_connected", "1 while the MQTT link to the cloud is up",
+                                   lambda: 1.0 if self.link.client.connected else 0.0)
+            self.metrics.add_gauge("pocketfleet_agent_mqtt_connect_failures",
+                                   "Attempts to reach the broker that failed (TCP/TLS) since start",
+                                   lambda: float(self.link.client.counters.get("connect_failures")))
         atomic_write_json(self.store.root / AGENT_FILE, self.address_info())
         for name, m in sorted(self._models.items()):
             log.info("serving %s v%d (%s, loaded in %.3f s)", name, m.version, m.manifest.format, m.load_s)

@@ -19,6 +19,17 @@ class StoreError(AgentError):
     """The model store cannot do what was asked (nothing installed, unknown version, locked, ...)."""
 
 
+class TrustConfigError(StoreError):
+    """The trust setting cannot verify the installed versions (none given, unreadable, not a key, or no
+    installed version is signed by any of its keys): the agent refuses to start instead of quarantining."""
+
+
+class VersionConflictError(StoreError):
+    """A package has the version of an installed one, with other contents (a version is never reused)."""
+
+    exit_code = 4
+
+
 class HealthCheckError(StoreError):
     """A version failed to load or its outputs on the packaged samples differ from the expected ones."""
 

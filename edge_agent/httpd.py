@@ -7,7 +7,10 @@ buffered reader and answers with a single sendall (see docs/agent.md, "Latency")
 
 Limits: request line and each header <= 8 KiB, <= 64 headers, body <= max_body (413, after draining a
 bounded amount so the client can read the answer), no chunked request bodies (411), max_connections
-(503 beyond), idle keep-alive connections closed after keepalive_s.
+(503 beyond, as an answer the client can read), idle keep-alive connections closed after keepalive_s.
+A request must arrive whole (line, headers and body) within request_timeout_s of its first byte, so a
+client that trickles bytes cannot hold a connection; and when every connection is taken, the longest-idle
+keep-alive connection (one waiting for its next request, no byte of it received) is closed to make room.
 """
 
 from __future__ import annotations
@@ -98,11 +101,15 @@ class HttpServer:
         max_body: int = 8 << 20,
         max_connections: int = 64,
         keepalive_s: float = 60.0,
+        request_timeout_s: float = 30.0,
     ) -> None:
         self.handler = handler
         self.max_body, self.max_connections, self.keepalive_s = max_body, max_connections, keepalive_s
+        self.request_timeout_s = request_timeout_s
         self._listeners: list[socket.socket] = []
         self._conns: set[socket.socket] = set()
+        self._idle: dict[socket.socket, float] = {}  # waiting for a request, nothing received: since when
+        self._deadlines: dict[socket.socket, float] = {}  # a request is arriving: it must be whole by then
         self._busy: set[socket.socket] = set()  # connections inside a request (set ops are atomic)
         self._conns_lock = threading.Lock()
         self._closing = threading.Event()
@@ -129,7 +136,21 @@ class HttpServer:
     def start(self) -> HttpServer:
         for sock in self._listeners:
             threading.Thread(target=self._accept_loop, args=(sock,), name="http-accept", daemon=True).start()
+        threading.Thread(target=self._reaper, name="http-reaper", daemon=True).start()
         return self
+
+    def _reaper(self) -> None:
+        """Cut connections whose request did not arrive whole within request_timeout_s."""
+        tick = min(0.25, self.request_timeout_s / 4)
+        while not self._closing.wait(tick):
+            now = time.monotonic()
+            with self._conns_lock:
+                late = [c for c, t in self._deadlines.items() if now > t]
+            for conn in late:
+                self._deadlines.pop(conn, None)
+                log.info("closing a connection whose request took longer than %.1f s", self.request_timeout_s)
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
 
     def close(self, grace_s: float = 5.0) -> None:
         """Stop accepting; let requests in progress finish (up to grace_s); close idle connections."""
@@ -164,19 +185,35 @@ class HttpServer:
                     return
                 time.sleep(0.01)  # EMFILE and friends: back off instead of spinning
                 continue
+            evict = None
             with self._conns_lock:
                 full = len(self._conns) >= self.max_connections
+                if full and self._idle:  # room for a new client: close the longest-idle keep-alive connection
+                    evict = min(self._idle, key=self._idle.__getitem__)
+                    self._idle.pop(evict)
+                    self._conns.discard(evict)
+                    full = False
                 if not full:
                     self._conns.add(conn)
+            if evict is not None:
+                with contextlib.suppress(OSError):
+                    evict.shutdown(socket.SHUT_RDWR)
             if full:
-                self._refuse(conn)
+                threading.Thread(target=self._refuse, args=(conn,), name="http-refuse", daemon=True).start()
                 continue
             threading.Thread(target=self._serve, args=(conn, peer), name="http-conn", daemon=True).start()
 
     def _refuse(self, conn: socket.socket) -> None:
+        """Answer 503 so that the client can read it: send, half-close, read away what it sent, then close
+        (closing with unread bytes would reset the connection and lose the answer)."""
         with contextlib.suppress(OSError):
             body = json.dumps({"error": {"code": "too_many_connections", "message": f"the agent serves at most {self.max_connections} connections"}}).encode()
+            set_io_timeout(conn, 1.0)
             conn.sendall(_head(503, "application/json", len(body), False, []) + body)
+            conn.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and conn.recv(65536):
+                pass
         conn.close()
 
     def _serve(self, conn: socket.socket, peer: Any) -> None:
@@ -186,12 +223,26 @@ class HttpServer:
         rfile = conn.makefile("rb", buffering=65536)
         try:
             while not self._closing.is_set():
+                with self._conns_lock:
+                    self._idle[conn] = time.monotonic()
+                try:
+                    if not rfile.peek(1):  # waits up to keepalive_s for the first byte of a request
+                        return
+                finally:
+                    with self._conns_lock:
+                        idle = self._idle.pop(conn, None) is not None
+                        if idle:
+                            self._deadlines[conn] = time.monotonic() + self.request_timeout_s
+                if not idle:  # evicted to make room for a new client
+                    return
                 try:
                     req, keep = self._read_request(rfile, peer, conn)
                 except _HttpError as exc:
                     body = json.dumps({"error": {"code": exc.code, "message": str(exc)}}).encode()
                     conn.sendall(_head(exc.status, "application/json", len(body), False, []) + body)
                     return
+                finally:
+                    self._deadlines.pop(conn, None)
                 if req is None:
                     return
                 self._busy.add(conn)
@@ -208,6 +259,8 @@ class HttpServer:
         finally:
             with self._conns_lock:
                 self._conns.discard(conn)
+                self._idle.pop(conn, None)
+                self._deadlines.pop(conn, None)
             with contextlib.suppress(OSError):
                 rfile.close()
                 conn.close()
@@ -253,7 +306,7 @@ class HttpServer:
         if "transfer-encoding" in headers:
             raise _HttpError(411, "length_required", "chunked request bodies are not accepted: send Content-Length")
         length_txt = headers.get("content-length", "0")
-        if not length_txt.isdigit():
+        if not (length_txt.isascii() and length_txt.isdigit() and len(length_txt) <= 18):  # "²".isdigit() is True
             raise _HttpError(400, "bad_content_length", f"Content-Length {length_txt[:30]!r} is not a number")
         length = int(length_txt)
         expect = headers.get("expect", "").lower() == "100-continue"  # curl asks before bodies > 1 KiB

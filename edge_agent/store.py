@@ -28,8 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import DowngradeError, HealthCheckError, StoreError
+from edge_agent.errors import (
+    DowngradeError,
+    HealthCheckError,
+    StoreError,
+    TrustConfigError,
+    VersionConflictError,
+)
 from edge_agent.health import ServedModel, health_check
+from export.errors import UntrustedKeyError
 from export.installed import verify_installed
 from export.manifest import iso, utc_now
 from export.signing import Trust, TrustLike, load_trust
@@ -107,8 +114,11 @@ class ModelStore:
     def trust(self) -> Trust:
         if self._trust is None:
             if self._trust_src is None or self._trust_src == "":
-                raise StoreError("no trusted key configured: give --trust PUBLIC_KEY (or trust = ... in the config)")
-            self._trust = load_trust(self._trust_src)
+                raise TrustConfigError("no trusted key configured: give --trust PUBLIC_KEY (or trust = ... in the config)")
+            try:
+                self._trust = load_trust(self._trust_src)
+            except PocketfleetError as exc:
+                raise TrustConfigError(f"the trust setting {self._trust_src!s} is unusable: {exc}") from exc
         return self._trust
 
     def lock(self) -> FileLock:
@@ -121,6 +131,8 @@ class ModelStore:
         try:
             data = json.loads(self.state_path.read_text())
         except FileNotFoundError:
+            if any(self.installed(n) for n in self.names()):  # versions but no state: deleted (recover() rebuilds)
+                raise StoreError(f"{self.state_path} is missing while {self.versions} holds versions") from None
             return {}
         except (OSError, ValueError) as exc:
             raise StoreError(f"{self.state_path} is unreadable: {exc}") from exc
@@ -247,10 +259,15 @@ class ModelStore:
             status = "installed"
             if dest.exists():
                 try:
-                    verify_installed(dest, self.trust)
+                    installed = verify_installed(dest, self.trust)
                     status = "resumed"
                 except PocketfleetError as exc:
                     self.quarantine(name, version, f"incomplete or changed before re-install: {exc}")
+                else:
+                    if installed.to_dict() != manifest.to_dict():
+                        raise VersionConflictError(
+                            f"{package.name}: {name} v{version} is already installed with different contents; "
+                            "a version number is never reused: publish the change as a new version")
             if status == "installed":
                 self._unpack(package, name, version, dest)
             try:
@@ -371,6 +388,9 @@ class ModelStore:
         with self.lock():
             self._clear_tmp()
             models = self._state_or_rebuild()
+            if any(self.installed(n) for n in models):
+                self.trust  # noqa: B018 - TrustConfigError now, before anything could be quarantined
+            untrusted: dict[str, list[str]] = {}
             changed = False
             for name, state in models.items():
                 original = state.active
@@ -385,10 +405,17 @@ class ModelStore:
                     try:
                         loaded[name] = self.load(name, version)
                         break
+                    except UntrustedKeyError as exc:  # a trust setting problem, not a bad version: kept
+                        untrusted.setdefault(name, []).append(str(exc))
                     except PocketfleetError as exc:
                         self.quarantine(name, version, f"failed at start-up: {exc}")
                         state.good = [v for v in state.good if v != version]
                         changed = True
+                if name not in loaded and name in untrusted:
+                    raise TrustConfigError(
+                        f"no installed version of {name} is signed by a key the trust setting "
+                        f"({self._trust_src!s}) holds: {untrusted[name][0]} -- fix the trust setting; nothing was "
+                        "quarantined")
                 if name in loaded:
                     version = loaded[name].version
                     if version != original:

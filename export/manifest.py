@@ -18,9 +18,11 @@ RESERVED = (MANIFEST, SIGNATURE)
 FORMATS = ("onnx", "tflite")
 DEFAULT_VALID_DAYS = 365
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+# always used with fullmatch: `$` alone would accept a trailing newline ("model.onnx\n")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+MAX_INT = 2**63 - 1  # versions and sizes fit a signed 64-bit integer (SQLite, the cloud registry)
 
 
 def utc_now() -> datetime:
@@ -37,7 +39,10 @@ def parse_iso(text: str) -> datetime:
     ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if ts.tzinfo is None:
         raise ValueError(f"{text!r} has no time zone")
-    return ts.astimezone(timezone.utc)
+    try:
+        return ts.astimezone(timezone.utc)
+    except OverflowError as exc:  # 9999-12-31T23:59:59-23:59 is past year 9999 in UTC
+        raise ValueError(f"{text!r} is out of the representable range") from exc
 
 
 def default_expiry(created: datetime, days: int = DEFAULT_VALID_DAYS) -> datetime:
@@ -49,7 +54,7 @@ def safe_member_path(name: str) -> bool:
     if not name or len(name) > 255 or name.startswith("/") or name.endswith("/"):
         return False
     parts = name.split("/")
-    return all(_PART_RE.match(p) and p not in (".", "..") for p in parts)
+    return all(_PART_RE.fullmatch(p) and p not in (".", "..") for p in parts)
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ class Manifest:
                 f"{where}: format_version {fv} is not supported (this reads {FORMAT_VERSION})"
             )
         name = check.str_("name")
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise MalformedManifestError(f"{where}: name {name!r} must match {_NAME_RE.pattern}")
         files = check.files()
         model = check.str_("model")
@@ -181,8 +186,8 @@ class _Checker:
 
     def int_(self, key: str, minimum: int) -> int:
         value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self._fail(key, f"must be an integer >= {minimum}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT:
+            raise self._fail(key, f"must be an integer in [{minimum}, 2**63), got {str(value)[:40]}")
         return value
 
     def time(self, key: str) -> str:
@@ -223,9 +228,9 @@ class _Checker:
             if not isinstance(entry, dict):
                 raise self._fail("files", f"entry {path!r} must be an object")
             sha, size = entry.get("sha256"), entry.get("size")
-            if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+            if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
                 raise self._fail("files", f"entry {path!r} needs a lowercase hex sha256")
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_INT:
                 raise self._fail("files", f"entry {path!r} needs an integer size >= 0")
             out[path] = FileEntry(sha, size)
         return out

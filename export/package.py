@@ -104,6 +104,8 @@ class PackageReader:
                 raise UnsafePathError(f"{where}: member path {name!r} is not a safe relative path")
             if name in out:
                 raise MalformedPackageError(f"{where}: member {name!r} appears twice")
+            if info.flag_bits & 0x1:
+                raise MalformedPackageError(f"{where}: member {name!r} is marked encrypted; package members are not")
             if info.compress_type != zipfile.ZIP_STORED:
                 raise MalformedPackageError(
                     f"{where}: member {name!r} is compressed; package members must be stored"
@@ -151,7 +153,7 @@ class PackageReader:
                         return
                     read += len(chunk)
                     yield chunk
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, ValueError) as exc:
             raise FileMismatchError(f"{self.path.name}: member {name!r} is damaged ({exc})") from exc
 
     def read(self, name: str, limit: int) -> bytes:
@@ -182,11 +184,13 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     """Parse manifest.json bytes, which must be canonical JSON (the bytes that were signed)."""
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError as exc:
+        raise MalformedManifestError(f"{where}: {MANIFEST} is nested too deeply") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also an integer of thousands of digits
         raise MalformedManifestError(f"{where}: {MANIFEST} is not valid JSON ({exc})") from exc
     try:
         canonical = canonical_json(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise MalformedManifestError(f"{where}: {MANIFEST} holds a value JSON cannot carry ({exc})") from exc
     if canonical != raw:
         raise MalformedManifestError(

@@ -136,7 +136,9 @@ def parse_signature(raw: bytes, where: str) -> dict[str, Any]:
     """Parse and shape-check manifest.sig; raises MalformedSignatureError naming `where`."""
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError as exc:
+        raise MalformedSignatureError(f"{where}: manifest.sig is nested too deeply") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
         raise MalformedSignatureError(f"{where}: manifest.sig is not valid JSON ({exc})") from exc
     if not isinstance(doc, dict):
         raise MalformedSignatureError(f"{where}: manifest.sig must be a JSON object")

@@ -40,13 +40,15 @@ def fsync_tree(root: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, fault: str = "", mode: int | None = None) -> Iterator[BinaryIO]:
+def atomic_file(
+    path: str | Path, fault: str = "", mode: int | None = None, owner: tuple[int, int] | None = None
+) -> Iterator[BinaryIO]:
     """A binary file that becomes `path` only when the block ends without error: a unique temp file
     beside it, fsync, os.replace, fsync of the directory. On an error the temp file is removed.
 
     `fault` names the crash-test points `{fault}.after_tmp` (temp file complete, not yet renamed) and
     `{fault}.after_replace` (renamed, directory not yet fsynced); see pocketfleet.faults. The file is
-    created 0600 (mkstemp) unless `mode` says otherwise.
+    created 0600 (mkstemp) unless `mode` says otherwise; `owner` (uid, gid) chowns it before the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +57,8 @@ def atomic_file(path: str | Path, fault: str = "", mode: int | None = None) -> I
         with os.fdopen(fd, "wb") as fh:
             if mode is not None:
                 os.fchmod(fh.fileno(), mode)
+            if owner is not None:
+                os.fchown(fh.fileno(), *owner)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -69,9 +73,11 @@ def atomic_file(path: str | Path, fault: str = "", mode: int | None = None) -> I
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, fault: str = "", mode: int | None = None) -> None:
+def atomic_write_bytes(
+    path: str | Path, data: bytes, fault: str = "", mode: int | None = None, owner: tuple[int, int] | None = None
+) -> None:
     """Write `data` to `path` crash-safely: readers see the old bytes or the new ones, never half."""
-    with atomic_file(path, fault, mode) as fh:
+    with atomic_file(path, fault, mode, owner) as fh:
         fh.write(data)
 
 

@@ -11,6 +11,7 @@ binary FAILS the test (CI installs it); elsewhere the test is skipped.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import ipaddress
 import os
@@ -18,12 +19,20 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from cloud_sync.broker_files import Account, hash_password, mosquitto_conf, write_files
+from cloud_sync.broker_files import (
+    DYNSEC_ADMIN,
+    Account,
+    broker_owner,
+    hash_password,
+    mosquitto_conf,
+    write_files,
+)
 from cloud_sync.config import MqttConfig
 
 BINARY = "/usr/sbin/mosquitto"
@@ -109,30 +118,50 @@ class Mosquitto:
         max_inflight_messages: int = 64,
         max_packet_size: int = 4 * 1024 * 1024,
         port: int | None = None,
-        files: tuple[Path, Path] | None = None,
+        files: tuple[Path, Path] | tuple[Path, Path, Path] | None = None,
+        run_as_root: bool | None = None,
     ) -> None:
-        """`files`: (passwd, acl) maintained by someone else (e.g. `pocketfleet cloud provision`)."""
+        """`files`: (passwd, acl[, dynamic-security file]) maintained by someone else (`pocketfleet cloud
+        provision`). With accounts, devices live in mosquitto's dynamic-security plugin (see broker_files).
+
+        A root test runs mosquitto as the packaged service does: it drops to the `mosquitto` user, so the
+        broker's folder is made under /tmp (pytest's tmp_path is not reachable by that user) and given to
+        it. Only with `files` kept elsewhere (or `run_as_root=True`) does the config say `user root`."""
         self.binary = require_mosquitto()
-        self.dir = Path(workdir) / f"mosquitto-{id(self):x}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.run_as_root = (files is not None) if run_as_root is None else run_as_root
+        self.owner = broker_owner() if not self.run_as_root else None
+        if self.owner is not None:
+            self.dir = Path(tempfile.mkdtemp(prefix="pf-mosquitto-", dir="/tmp"))
+            self.dir.chmod(0o755)
+            os.chown(self.dir, *self.owner)
+            atexit.register(shutil.rmtree, self.dir, True)
+        else:
+            self.dir = Path(workdir) / f"mosquitto-{id(self):x}"
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.accounts = dict(accounts or {})
         self.tls = make_tls(self.dir / "tls") if tls else None
         self.external = files is not None
         self.passwd = files[0] if files else self.dir / "passwd" if accounts is not None else None
         self.acl = files[1] if files else self.dir / "acl" if accounts is not None else None
+        self.dynsec = (files[2] if files and len(files) > 2 else None) if files else (
+            self.dir / "dynsec" / "dynamic-security.json" if accounts is not None else None)
         self.log = self.dir / "mosquitto.log"
         self.conf = self.dir / "mosquitto.conf"
         self.persistence = self.dir / "data" if persistence else None
         if self.persistence:
             self.persistence.mkdir(exist_ok=True)
+        if self.owner is not None:
+            for path in [p for p in (self.persistence,) if p] + ([self.dir / "tls", *self.dir.glob("tls/*")]
+                                                               if self.tls else []):
+                os.chown(path, *self.owner)
         self._write_accounts()
         self.conf.write_text(
             mosquitto_conf(
                 self.port, self.passwd, self.acl, tls=self.tls, persistence_dir=self.persistence,
                 max_queued_messages=max_queued_messages, max_inflight_messages=max_inflight_messages,
-                max_packet_size=max_packet_size, log_path=self.log,
-                extra=["user root"] if os.geteuid() == 0 else [],  # else mosquitto drops to 'mosquitto'
+                max_packet_size=max_packet_size, log_path=self.log, dynsec_path=self.dynsec,
+                extra=["user root"] if os.geteuid() == 0 and self.run_as_root else [],  # else: drops to 'mosquitto'
             )
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -148,15 +177,21 @@ class Mosquitto:
             Account(name, role, hash_password(self.password(name)), group)
             for name, (role, group) in self.accounts.items()
         ]
-        write_files(accounts, self.passwd, self.acl)
+        write_files(accounts, self.passwd, self.acl, self.dynsec, hash_password(self.password(DYNSEC_ADMIN)))
 
     def add_account(self, username: str, role: str = "device", group: str | None = None) -> None:
-        """Add an account and make the running broker reload its password and ACL files (SIGHUP)."""
+        """Add an account and make the running broker reload its password and ACL files (SIGHUP); a device
+        is added to the dynamic-security plugin through its control topic."""
+        from cloud_sync import dynsec
+
         self.accounts[username] = (role, group)
         self._write_accounts()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGHUP)
             time.sleep(0.3)
+            if role == "device":
+                dynsec.apply(self.mqtt_config(), self.password(DYNSEC_ADMIN),
+                             dynsec.device_commands(username, self.password(username)))
 
     def mqtt_config(self, username: str | None = None, **overrides: object) -> MqttConfig:
         cfg = MqttConfig(

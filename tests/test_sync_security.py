@@ -139,6 +139,7 @@ def test_provision_creates_credentials_acl_and_agent_config_the_broker_accepts(t
 
     state = tmp_path / "cloud"
     passwd, acl, pid = state / "mosquitto" / "passwd", state / "mosquitto" / "acl", tmp_path / "mosquitto.pid"
+    dynsec = state / "mosquitto" / "dynsec" / "dynamic-security.json"
     cfg = tmp_path / "cloud.toml"
 
     def run(*argv: str) -> dict:
@@ -154,11 +155,13 @@ def test_provision_creates_credentials_acl_and_agent_config_the_broker_accepts(t
         f'[broker]\npasswd_file = "{passwd}"\nacl_file = "{acl}"\npid_file = "{pid}"\n'
     )
     run("cloud", "provision", "cloud-1", "--cloud-worker", "--out", str(tmp_path / "w1"))
-    broker = Mosquitto(tmp_path, files=(passwd, acl), port=port).start()
+    broker = Mosquitto(tmp_path, files=(passwd, acl, dynsec), port=port).start()
     try:
         pid.write_text(str(broker.pid))
         dev = run("cloud", "provision", "dev-new", "--group", "lab", "--out", str(tmp_path / "dev-new"))
-        assert dev["reloaded"] is True and "dev-new:" in passwd.read_text()
+        assert dev["reloaded"] is True, dev
+        # devices live in the dynamic-security plugin (which saved the change), workers in the password file
+        assert "dev-new" in dynsec.read_text() and "dev-new:" not in passwd.read_text() and "cloud-1:" in passwd.read_text()
         time.sleep(0.5)
         agent = load_config(dev["agent_config"])
         device = DeviceConfig.from_agent(agent, base=Path(dev["agent_config"]).parent)
@@ -220,7 +223,7 @@ def test_generated_mosquitto_conf_runs_with_tls_auth_and_acl(tmp_path: Path) -> 
     assert made["tls"] is True
     text = conf.read_text()
     assert "max_queued_messages 100000" in text and "use_username_as_clientid true" in text
-    (tmp_path / "data").mkdir()
+    (tmp_path / "data").mkdir(exist_ok=True)
     if os.geteuid() == 0:
         conf.write_text(text + "user root\n")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
