@@ -15,7 +15,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 SAMPLES = "samples.safetensors"
 RESERVED = (MANIFEST, SIGNATURE)
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "pte", "coreml")
 DEFAULT_VALID_DAYS = 365
 
 # always used with fullmatch: `$` alone would accept a trailing newline ("model.onnx\n")
