@@ -169,3 +169,25 @@ def test_prune_sensitivity_and_plan_with_the_users_data_and_metric():
     assert compress.prune.count_macs(small, x[:2]) <= 0.6 * compress.prune.count_macs(model, x[:2]) + 1
     mse = compress.layer_sensitivity(model, x[:2], eval_data=(x, None), metric="mse", ratios=(0.5,))
     assert mse.baseline == 0.0 and all(v[0] <= 0.0 for v in mse.metric.values())  # negated: higher is better
+
+
+class TokenClassifier(nn.Module):
+    """Integer token ids in (int64, as PyTorch users write them): embedding, mean pooling, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(1))
+
+
+def test_full_integer_tflite_calibrates_int64_token_ids_against_its_int32_input(tmp_path: Path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (64, 8), generator=torch.Generator().manual_seed(1))
+    result = compress.quantize(TokenClassifier().eval(), QuantConfig(formats=["tflite"], mode="static"), ids,
+                               out_dir=tmp_path, latency_runs=0)  # fmt: skip
+    (art,) = result.artifacts
+    assert (art.format, art.dtype) == ("tflite", "int8")
+    assert art.metric["metric"] == "agreement" and art.metric["value"] >= 0.8

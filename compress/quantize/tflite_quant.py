@@ -156,6 +156,7 @@ def quantize_tflite(
             if kind == "static":
                 if data is None:
                     raise QuantizeError("full-integer TFLite quantization needs calibration data")
+                data = _as_input_dtypes(model, data)  # e.g. int64 token ids for an int32 TFLite input
                 first = {k: v[:1] for k, v in data.items()}
                 template = q.calibrate({SIGNATURE: [first]}, num_threads=1)
                 if stats is None:
@@ -185,6 +186,21 @@ def quantize_tflite(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(bytes(result.quantized_model))
     return out_path, dict(stats) if stats is not None else None
+
+
+def _as_input_dtypes(model: bytes, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Calibration rows cast to the dtypes of the TFLite signature's inputs (litert-torch turns int64
+    inputs into int32; integer values must fit, else a QuantizeError names the input)."""
+    details = _interpreter(model).get_signature_runner(SIGNATURE).get_input_details()
+    out = {}
+    for name, rows in data.items():
+        want = np.dtype(details[name]["dtype"]) if name in details else rows.dtype
+        if want.kind in "iu" and rows.dtype.kind in "iu" and rows.size:
+            info = np.iinfo(want)
+            if rows.min() < info.min or rows.max() > info.max:
+                raise QuantizeError(f"calibration input {name!r} has values outside {want.name}, the TFLite input's dtype")
+        out[name] = np.ascontiguousarray(rows, dtype=want)
+    return out
 
 
 def _io_names(model: bytes) -> set[str]:
