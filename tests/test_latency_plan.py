@@ -23,7 +23,8 @@ SLACK = 1.15  # the re-measurement runs on a loaded 2-core box: p50 ratios move 
 def _doc(model_dir: Path, **plan: Any) -> dict[str, Any]:
     step = {
         "type": "latency_plan", "device": "host", "max_latency_ratio": RATIO, "max_drop": 0.02,
-        "formats": ["onnx"], "threads": [1], "macs_levels": [1.0, 0.5], "float_layers": False,
+        "formats": ["onnx"], "threads": [1], "macs_levels": [1.0, 0.6], "float_layers": False,
+        "recover_epochs": 1, "margin": 0.05,
         "repeats": 2, "latency_runs": 20, "latency_seconds": 0.2, **plan,
     }  # fmt: skip
     return {
@@ -59,7 +60,7 @@ def test_plan_meets_the_latency_ratio_or_says_why(digits_mbnet_dir: Path, tmp_pa
     assert "| candidate |" in table and "interleaved" in table
     # the search covered both levels, fp32 and int8 (QDQ at least)
     names = {c["name"] for c in plan["candidates"]}
-    assert {"m100.onnx.fp32", "m050.onnx.fp32", "m100.onnx.int8-qdq"} <= names, names
+    assert {"m100.onnx.fp32", "m060.onnx.fp32", "m100.onnx.int8-qdq"} <= names, names
     # nothing slower than fp32 on the host is ever picked, and the noise check: the unpruned fp32 file
     # timed as a candidate sits near 1.0x of its reference
     same = next(c for c in plan["candidates"] if c["name"] == "m100.onnx.fp32")

@@ -80,6 +80,7 @@ def pruned_models(
     batches: list[Any],
     val_score: Callable[[Any], float],
     progress: bool = False,
+    train_data: tuple[Any, Any] | None = None,
 ) -> list[tuple[float, Any, dict[str, Any]]]:
     """(level, LoadedModel, prune details) per MACs level: uniform ratio (searched for the level) or
     per-layer ratios from compress.prune's sensitivity (computed once)."""
@@ -104,6 +105,13 @@ def pruned_models(
         plan = plan_pruning(model.module, pc, x, batches)
         module = plan.apply(batches).eval()
         details["macs_ratio"] = round(plan.summary()["macs_ratio"], 4)
+        if cfg.recover_epochs and train_data is not None:
+            from compress.distill import DistillConfig, distill
+
+            dc = DistillConfig(epochs=cfg.recover_epochs, lr=cfg.recover_lr)
+            details["recovered_from"] = round(val_score(module), 5)
+            module = distill(module, model.module, dc, train_data, evaluate=val_score, progress=progress).eval()
+            details["recovered_to"] = round(val_score(module), 5)
         out.append((level, dataclasses.replace(model, module=module), details))
     return out
 
@@ -117,6 +125,7 @@ def build_candidates(
     val_score: Callable[[Any], float],
     work: Path,
     progress: bool = False,
+    train_data: tuple[Any, Any] | None = None,
 ) -> tuple[list[Candidate], dict[str, Any]]:
     """Every candidate file (fp32 and int8 variants per format and pruning level) with its test metric
     and size, and the details of what was tried (including int8 variants the quantizer refused)."""
@@ -137,7 +146,7 @@ def build_candidates(
         cands.append(c)
         return True
 
-    for level, lm, details in pruned_models(model, cfg, batches, val_score, progress):
+    for level, lm, details in pruned_models(model, cfg, batches, val_score, progress, train_data):
         notes["levels"].append({"level": level, **details})
         tag = f"m{int(round(level * 100)):03d}"
         fp32_metric = metric_value(lm.evaluate(), hib)

@@ -22,6 +22,7 @@ class PlanConfig:
       estimated by devices.estimate, the cost model calibrated by the host probe).
     max_latency_ms / max_latency_ratio: the latency budget: p50 in ms, and p50 as a fraction of the
       unpruned fp32 model in the same runtime and thread count (at least one is needed).
+    margin: noise margin: a candidate must beat each latency budget by this fraction (0.05: 5% under).
     max_drop: the most the workload metric may fall below the fp32 model (metric units).
     formats: runtimes searched ([] = the claimed target's format); quant_formats: ONNX int8 graph forms
       ("qoperator" only where the quantizer offers it); threads: thread counts searched ([] = the run's).
@@ -36,6 +37,7 @@ class PlanConfig:
     max_latency_ms: float | None = None
     max_latency_ratio: float | None = None
     max_drop: float = 0.01
+    margin: float = 0.0
     formats: list[str] = field(default_factory=list)
     quant_formats: list[str] = field(default_factory=lambda: ["qdq", "qoperator"])
     threads: list[int] = field(default_factory=list)
@@ -44,6 +46,8 @@ class PlanConfig:
     importance: str = "l2"
     round_to: int = 8
     sensitivity_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    recover_epochs: int = 0
+    recover_lr: float = 2e-3
     float_layers: bool = True
     repeats: int = 3
     latency_runs: int = 30
@@ -57,6 +61,8 @@ class PlanConfig:
             raise PlanError(f"PlanConfig.max_latency_ms must be > 0, got {self.max_latency_ms}")
         if self.max_latency_ratio is not None and not 0 < self.max_latency_ratio <= 10:
             raise PlanError(f"PlanConfig.max_latency_ratio must be in (0, 10], got {self.max_latency_ratio}")
+        if not 0 <= self.margin < 1:
+            raise PlanError(f"PlanConfig.margin must be in [0, 1), got {self.margin}")
         if not 0 <= self.max_drop <= 1:
             raise PlanError(f"PlanConfig.max_drop must be in [0, 1], got {self.max_drop}")
         _subset(self.formats, FORMATS, "formats")
@@ -72,9 +78,11 @@ class PlanConfig:
             raise PlanError(f"PlanConfig.prune_plan must be one of {list(PRUNE_PLANS)}, got {self.prune_plan!r}")
         if any(not 0 < r < 1 for r in self.sensitivity_ratios) or not self.sensitivity_ratios:
             raise PlanError(f"PlanConfig.sensitivity_ratios must be in (0, 1), got {self.sensitivity_ratios}")
-        for name, low in (("round_to", 1), ("repeats", 1), ("latency_runs", 1), ("max_candidates", 0)):
+        for name, low in (("round_to", 1), ("recover_epochs", 0), ("repeats", 1), ("latency_runs", 1), ("max_candidates", 0)):
             if getattr(self, name) < low:
                 raise PlanError(f"PlanConfig.{name} must be an integer >= {low}, got {getattr(self, name)}")
+        if not 0 < self.recover_lr <= 1:
+            raise PlanError(f"PlanConfig.recover_lr must be in (0, 1], got {self.recover_lr}")
         if not 0 <= self.latency_seconds <= 60:
             raise PlanError(f"PlanConfig.latency_seconds must be in [0, 60], got {self.latency_seconds}")
         return self

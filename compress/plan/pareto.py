@@ -25,6 +25,7 @@ def add_ratios(cands: Sequence[Candidate], refs: dict[str, dict[str, Any]]) -> N
 
 def judge(cands: Sequence[Candidate], cfg: PlanConfig, baseline_metric: float) -> None:
     """Record in `c.rejected` every budget a candidate misses (with the numbers)."""
+    keep = 1.0 - cfg.margin
     for c in cands:
         drop = baseline_metric - c.metric
         if drop > cfg.max_drop + 1e-12:
@@ -33,10 +34,12 @@ def judge(cands: Sequence[Candidate], cfg: PlanConfig, baseline_metric: float) -
             c.rejected.append(f"slower than the fp32 model: {c.ratio:.3f}x its p50")
         if c.vs_fp32_same_level is not None and c.vs_fp32_same_level > 1.0:
             c.rejected.append(f"int8 slower than fp32 at the same pruning: {c.vs_fp32_same_level:.3f}x")
-        if cfg.max_latency_ratio is not None and c.ratio is not None and c.ratio > cfg.max_latency_ratio:
-            c.rejected.append(f"latency ratio {c.ratio:.3f} > max_latency_ratio {cfg.max_latency_ratio:g}")
-        if cfg.max_latency_ms is not None and c.p50_ms is not None and c.p50_ms > cfg.max_latency_ms:
-            c.rejected.append(f"p50 {c.p50_ms:.4f} ms > max_latency_ms {cfg.max_latency_ms:g}")
+        if cfg.max_latency_ratio is not None and c.ratio is not None and c.ratio > cfg.max_latency_ratio * keep:
+            c.rejected.append(f"latency ratio {c.ratio:.3f} > max_latency_ratio {cfg.max_latency_ratio:g}"
+                              + (f" less the {cfg.margin:g} margin" if cfg.margin else ""))
+        if cfg.max_latency_ms is not None and c.p50_ms is not None and c.p50_ms > cfg.max_latency_ms * keep:
+            c.rejected.append(f"p50 {c.p50_ms:.4f} ms > max_latency_ms {cfg.max_latency_ms:g}"
+                              + (f" less the {cfg.margin:g} margin" if cfg.margin else ""))
         if c.p50_ms is None:
             c.rejected.append("no latency")
 

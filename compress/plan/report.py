@@ -41,7 +41,8 @@ def write_plan_report(report: dict[str, Any], cands: Sequence[Candidate], front:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "plan.json", "table": out / "plan.md", "plot": out / "plan.png"}
     text = table(cands, front, pick)
-    notes = "\n".join(f"- {line}" for line in [*report.get("why_none", []), *report.get("int8_dropped", [])])
+    notes = "\n".join(f"- {line}" for line in [*report.get("why_none", []), *report.get("int8_dropped", []),
+                                                  *report.get("noise", [])])
     atomic_write_bytes(paths["table"], (text + ("\n" + notes + "\n" if notes else "") + "\n" + report["note"] + "\n").encode())
     _plot(report, cands, front, pick, paths["plot"])
     atomic_write_json(paths["json"], report)

@@ -38,6 +38,7 @@ def run_plan(
     threads: Sequence[int],
     name: str = "plan",
     progress: bool = False,
+    train_data: tuple[Any, Any] | None = None,
 ) -> PlanResult:
     """Search, time (interleaved, `cfg.repeats` repeats, medians) and judge; write out/plan.{json,md,png}."""
     from export.pipeline import convert
@@ -46,7 +47,7 @@ def run_plan(
     hib = model.workload.metric.higher_is_better
     baseline = metric_value(model.evaluate(), hib)
     references = {fmt: convert(model, fmt, "fp32", work / f"reference.fp32{SUFFIX[fmt]}") for fmt in formats}
-    files, notes = build_candidates(model, cfg, formats, calib, batches, val_score, work, progress)
+    files, notes = build_candidates(model, cfg, formats, calib, batches, val_score, work, progress, train_data)
     if cfg.device != "host":
         from devices.profile import load_profile
 
@@ -82,6 +83,13 @@ def run_plan(
         "note": NOISE_NOTE.format(repeats=cfg.repeats) if cfg.device == "host" else
                 "Latencies are devices.estimate predictions (the cost model calibrated by the host probe).",
     }  # fmt: skip
+    same = [c for c in cands if c.level >= 1.0 and c.dtype == "fp32" and c.ratio is not None]
+    report["noise"] = [f"the unpruned fp32 {c.format} file timed as a candidate ({c.threads}t) came out at "
+                       f"{c.ratio:.3f}x its own reference: ratios closer to a budget than this are noise"
+                       for c in same]  # fmt: skip
+    if notes.get("quant_formats_not_offered"):
+        report["noise"].append(f"not searched: int8 forms {notes['quant_formats_not_offered']} (the quantizer "
+                               "does not offer them: compress.quantize.QuantConfig has no quant_format)")  # fmt: skip
     if pick is None and not any(c.dtype == "int8" and not c.rejected for c in cands) and report["int8_dropped"]:
         report["why_none"].append("int8 was dropped because it is slower than fp32 on this target (see int8_dropped)")
     files_out = write_plan_report(report, cands, front, pick, out)

@@ -59,6 +59,7 @@ class LatencyPlanStep(Step):
                     pipeline.val_score, probe_inputs(pipeline.model.workload),
                     pipeline.work_dir / f"plan-{index}", pipeline.out / f"plan-{index}", threads,
                     name=target.name or "plan", progress=pipeline.progress,
+                    train_data=pipeline.data.finetune() if cfg.recover_epochs else None,
                 )  # fmt: skip
             plan = plans[formats]
             summary = {"report": plan.files, "picked": plan.report["picked"], "why_none": plan.report["why_none"],
