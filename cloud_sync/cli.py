@@ -84,11 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _config_arg(cnt)
     add_json_flag(cnt)
     cnt.set_defaults(func=_cmd_counters)
-    devs = csub.add_parser("devices", help="list the fleet registry (presence, versions, last seen)")
-    devs.add_argument("--group")
-    _config_arg(devs)
-    add_json_flag(devs)
-    devs.set_defaults(func=_cmd_devices)
+    from cloud_sync.ops_cli import register_ops
+
+    register_ops(csub, _config_arg)
     cloud.set_defaults(func=lambda args: cloud.print_help() or 2)
 
     rel = subparsers.add_parser(
@@ -103,6 +101,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rel.add_argument("--canary", default="10%", help="share of the group that gets it first (default 10%%; 0 = none)")
     rel.add_argument("--gate", action="append", default=[], metavar="METRIC<=VALUE",
                      help="canary gate, repeatable: error_rate<=0.01, p95_ms<=25, golden>=0.9, failures<=0")
+    rel.add_argument("--stages", metavar="SHARES", help="staged rollout by cumulative shares, e.g. 5%%,25%%,100%%")
+    rel.add_argument("--rate", metavar="BASE[,FACTOR]",
+                     help="staged rollout, exponential: stages of BASE, BASE*FACTOR, ... devices (e.g. 2,2)")
+    rel.add_argument("--soak", default="60s", help="staged: how long each finished stage runs before the next (60s)")
+    rel.add_argument("--abort", action="append", default=[], metavar="METRIC>VALUE[@MIN]",
+                     help="staged: abort criterion, repeatable: error_rate>0.05@3, p95_ratio>1.5@3, p95_ms>50@3, "
+                     "drift>1@3, golden<0.9@1, failure_rate>0.2@1 (default failure_rate>0.2@1)")
     rel.add_argument("--rollback", action="store_true",
                      help="an explicitly signed rollback to an older version (needs --key)")
     rel.add_argument("--key", metavar="PRIVATE", help="Ed25519 private key that signs the rollback authorization")
@@ -110,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_flag(rel)
     rel.set_defaults(func=_cmd_release)
 
-    ro = subparsers.add_parser("rollout", help="inspect rollouts")
+    ro = subparsers.add_parser("rollout", help="inspect, pause, resume or abort rollouts")
     rsub = ro.add_subparsers(dest="rollout_command", metavar="ACTION")
     st = rsub.add_parser("status", help="rollouts and their devices' states",
                          description="Without ROLLOUT: one line per rollout. With ROLLOUT: its devices, gates "
@@ -121,6 +126,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _config_arg(st)
     add_json_flag(st)
     st.set_defaults(func=_cmd_rollout_status)
+    for verb, text in (("pause", "stop starting new stages (devices already sent keep going)"),
+                       ("resume", "continue a paused staged rollout"),
+                       ("abort", "stop and roll back every device that got the release")):
+        vp = rsub.add_parser(verb, help=text)
+        vp.add_argument("rollout_id", metavar="ROLLOUT")
+        vp.add_argument("--reason", help="recorded with the rollout")
+        _config_arg(vp)
+        add_json_flag(vp)
+        vp.set_defaults(func=_cmd_rollout_action, action=verb)
     ro.set_defaults(func=lambda args: ro.print_help() or 2)
 
     try:
@@ -276,36 +290,31 @@ def _cmd_counters(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_devices(args: argparse.Namespace) -> int:
-    import time
-
-    config = _load(args)
-    registry = config.open_registry()
-    try:
-        rows = [
-            {"device": d["id"], "group": d["grp"], "online": bool(d["online"]),
-             "model": d["active_name"], "version": d["active_version"],
-             "last_seen_s": None if d["last_seen"] is None else round(time.time() - d["last_seen"], 1)}
-            for d in registry.devices(args.group)
-        ]
-    finally:
-        registry.close()
-    emit(rows, args.json, lambda r: table(r))
-    return 0
-
-
 def _cmd_release(args: argparse.Namespace) -> int:
+    from cloud_sync.errors import ReleaseError
+    from cloud_sync.fleet_view import parse_since
     from cloud_sync.releases import create_release, parse_canary
+    from cloud_sync.staged import parse_rate, parse_stages
 
+    if args.stages and args.rate:
+        raise ReleaseError("give --stages or --rate, not both")
+    soak = parse_since(args.soak)
+    plan = parse_stages(args.stages, soak) if args.stages else parse_rate(args.rate, soak) if args.rate else None
     config = _load(args)
     registry = config.open_registry()
     try:
         result = create_release(registry, config.artifacts_dir, args.package, args.group, config.cloud.trust,
-                                parse_canary(args.canary), args.gate, rollback=args.rollback, rollback_key=args.key)
+                                parse_canary(args.canary), args.gate, rollback=args.rollback, rollback_key=args.key,
+                                plan=plan, abort=args.abort)
     finally:
         registry.close()
 
     def render(r: dict[str, Any]) -> str:
+        if r.get("stages"):
+            return (f"rollout {r['rollout_id']}: {r['name']} v{r['version']} to group {r['group']} "
+                    f"({r['size']} bytes in {r['chunks']} chunks)\n"
+                    f"  stages: {' -> '.join(map(str, r['stages']))} devices ({r['plan']})\n"
+                    f"  abort:  {', '.join(r['abort'])}")
         return (f"rollout {r['rollout_id']}: {r['name']} v{r['version']} to group {r['group']} "
                 f"({r['size']} bytes in {r['chunks']} chunks)\n"
                 f"  canary: {', '.join(r['canary']) or '(none: straight to the group)'}\n"
@@ -327,7 +336,7 @@ def _cmd_rollout_status(args: argparse.Namespace) -> int:
             deadline = time.monotonic() + (args.wait or 0)
             while True:
                 result: Any = describe_rollout(registry, args.rollout_id)
-                if not args.wait or result["state"] in ("complete", "failed", "superseded") \
+                if not args.wait or result["state"] in ("complete", "failed", "superseded", "aborted") \
                         or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
@@ -344,6 +353,19 @@ def _cmd_rollout_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rollout_action(args: argparse.Namespace) -> int:
+    from cloud_sync.staged import operator_action
+
+    config = _load(args)
+    registry = config.open_registry()
+    try:
+        result = operator_action(registry, args.rollout_id, args.action, args.reason)
+    finally:
+        registry.close()
+    emit(result, args.json, lambda r: f"rollout {r['rollout_id']}: {r['action']} -> {r['state']}")
+    return 0
+
+
 def _render_rollouts(result: Any) -> str:
     if isinstance(result, list):
         return table([{**r, "counts": " ".join(f"{k}={v}" for k, v in sorted(r["counts"].items())),
@@ -351,6 +373,9 @@ def _render_rollouts(result: Any) -> str:
     head = (f"rollout {result['rollout_id']}: {result['name']} v{result['version']} -> group {result['group']}\n"
             f"  state:  {result['state']}" + (f" ({result['reason']})" if result["reason"] else "") + "\n"
             f"  gates:  {', '.join(result['gates']) or '(install failures only)'}")
+    if result.get("stages"):
+        head += (f"\n  stages: {' -> '.join(map(str, result['stages']))} devices, now stage {result['stage'] + 1}"
+                 f"\n  abort:  {', '.join(result['criteria'])}")
     if result.get("gate_result"):
         obs = result["gate_result"]["observed"]
         head += "\n  observed: " + ", ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in obs.items())

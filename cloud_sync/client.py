@@ -109,6 +109,14 @@ def packet_bytes(topic: str, payload_len: int, qos: int, props: int = 0) -> int:
     return 1 + varint + remaining
 
 
+def topic_kind(topic: str) -> str:
+    """The leaf kind of a pf/v1 topic for per-kind counters: status, ota, req, telemetry, cmd, chunk, fl, ..."""
+    parts = topic.split("/")
+    if len(parts) >= 5 and parts[0] == "pf" and parts[2] in ("dev", "grp"):
+        return parts[4]
+    return "other"
+
+
 class MqttClient:
     """One broker connection. Thread-safe: publish/subscribe may be called from any thread."""
 
@@ -409,6 +417,8 @@ class MqttClient:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.counters.add("received")
+        kind = topic_kind(msg.topic)
+        self.counters.add(f"in:{kind}")
         self.counters.add("bytes_in", packet_bytes(msg.topic, len(msg.payload), msg.qos))
         if msg.qos:
             self.counters.add("bytes_out", 4)  # our PUBACK
@@ -424,6 +434,7 @@ class MqttClient:
             handler(message)
         except ProtocolError as exc:
             self.counters.add("malformed")
+            self.counters.add(f"malformed:{kind}")
             log.warning("%s: dropped malformed message on %s: %s", self.name, msg.topic, exc)
             acks_itself = False
         except Exception:  # noqa: BLE001 - never let one message stop the loop
@@ -469,6 +480,7 @@ class MqttClient:
                 on_ack(False, mqtt.error_string(info.rc))
             return -1
         self.counters.add("published")
+        self.counters.add(f"out:{topic_kind(topic)}")
         self.counters.add("bytes_out", packet_bytes(topic, len(payload), qos, 5 if props else 0))
         early = None
         with self._lock:

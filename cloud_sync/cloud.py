@@ -39,6 +39,7 @@ from typing import Any
 
 from cloud_sync.client import Message, MqttClient
 from cloud_sync.config import MqttConfig, from_table, load_toml
+from cloud_sync.console.settings import ConsoleSettings
 from cloud_sync.errors import ConfigError, ProtocolError
 from cloud_sync.protocol import (
     FRAME_CHUNK,
@@ -53,6 +54,7 @@ from cloud_sync.protocol import (
 )
 from cloud_sync.registry import Registry, Release
 from cloud_sync.rollout import RolloutConfig, RolloutController
+from cloud_sync.telemetry_rollup import Rollups, RollupSettings
 from pocketfleet.fs import atomic_write_json
 
 log = logging.getLogger("pocketfleet.cloud")
@@ -106,11 +108,13 @@ class CloudConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     devices: DeviceDefaults = field(default_factory=DeviceDefaults)
+    telemetry: RollupSettings = field(default_factory=RollupSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     path: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: Path | None = None, where: str = "cloud.toml") -> CloudConfig:
-        known = ("cloud", "mqtt", "rollout", "broker", "devices")
+        known = ("cloud", "mqtt", "rollout", "broker", "devices", "telemetry", "console")
         for key in data:
             if key not in known:
                 raise ConfigError(f"{where}: unknown table [{key}] (known: {', '.join(known)})")
@@ -120,6 +124,8 @@ class CloudConfig:
             rollout=from_table(RolloutConfig, data.get("rollout"), f"{where} [rollout]", base),
             broker=from_table(BrokerSettings, data.get("broker"), f"{where} [broker]", base),
             devices=from_table(DeviceDefaults, data.get("devices"), f"{where} [devices]", base),
+            telemetry=from_table(RollupSettings, data.get("telemetry"), f"{where} [telemetry]", base),
+            console=from_table(ConsoleSettings, data.get("console"), f"{where} [console]", base),
         )
         if base is not None and not Path(cfg.cloud.state_dir).is_absolute():
             cfg.cloud.state_dir = str(base / cfg.cloud.state_dir)
@@ -199,6 +205,8 @@ class Cloud:
         self.client = MqttClient(config.mqtt, client_id=config.cloud.worker_id, name=config.cloud.worker_id,
                                  manual_ack=True)
         self.counters = self.client.counters
+        self.rollups = Rollups(self.registry, config.telemetry)
+        self.console: Any = None
         self._artifacts = _Artifacts(self.registry)
         self._allowed: set[tuple[str, str]] = set()
         self._requests: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
@@ -251,11 +259,18 @@ class Cloud:
             t = threading.Thread(target=target, name=f"{self.config.cloud.worker_id}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.config.console.listen:
+            from cloud_sync.console.server import ConsoleServer
+
+            self.console = ConsoleServer(self, self.config.console).start()
         log.info("cloud worker %s running (state %s)", self.config.cloud.worker_id, self.config.state_dir)
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self.console is not None:
+            self.console.stop()
+            self.console = None
         self._requests.put(None)
         for t in self._threads:
             t.join(10)
@@ -341,6 +356,10 @@ class Cloud:
             if new is None:
                 return
             self.counters.add("telemetry_stored", new)
+            try:
+                self.rollups.prune()
+            except Exception:  # noqa: BLE001 - retention is retried on the next batch
+                log.exception("telemetry retention failed")
             for _, _, msg in batch:
                 self.client.ack(msg)
 
@@ -354,7 +373,7 @@ class Cloud:
         """
         while not self._stop.is_set():
             try:
-                new = self.registry.add_telemetry_batch([(d, b) for d, b, _ in batch])
+                new = self.registry.add_telemetry_batch([(d, b) for d, b, _ in batch], on_new=self.rollups.fold)
                 self.counters.add("telemetry_duplicates", len(batch) - new)
                 return new
             except sqlite3.OperationalError:
@@ -369,7 +388,7 @@ class Cloud:
         for device, body, msg in batch:
             while not self._stop.is_set():
                 try:
-                    added = self.registry.add_telemetry_batch([(device, body)])
+                    added = self.registry.add_telemetry_batch([(device, body)], on_new=self.rollups.fold)
                     new += added
                     self.counters.add("telemetry_duplicates", 1 - added)
                     break

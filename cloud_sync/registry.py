@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +54,7 @@ CREATE INDEX IF NOT EXISTS rollouts_state ON rollouts(state);
 CREATE INDEX IF NOT EXISTS devices_grp ON devices(grp);
 """
 
-ACTIVE_ROLLOUT_STATES = ("canary", "promoted", "rolling_back")
+ACTIVE_ROLLOUT_STATES = ("canary", "promoted", "rolling_back", "staged", "paused")  # superseded by a new one
 # device states in a rollout: pending -> sent -> accepted/downloading -> installed | failed | refused;
 # after a failed canary: rollback_sent -> rolled_back
 DEVICE_TERMINAL = ("installed", "failed", "refused", "rolled_back")
@@ -205,17 +205,25 @@ class Registry:
         """Store one outbox record; False if it was already stored (redelivery)."""
         return self.add_telemetry_batch([(device, msg)]) == 1
 
-    def add_telemetry_batch(self, items: list[tuple[str, dict[str, Any]]]) -> int:
-        """Store many outbox records in one transaction (one fsync); returns how many were new."""
+    def add_telemetry_batch(self, items: list[tuple[str, dict[str, Any]]],
+                            on_new: Callable[[sqlite3.Connection, str, dict[str, Any], float], None] | None = None,
+                            ) -> int:
+        """Store many outbox records in one transaction (one fsync); returns how many were new.
+
+        `on_new(db, device, msg, now)` runs inside the transaction for each record stored for the first time
+        (the telemetry rollups fold it there, so a redelivery is never counted twice)."""
         now = time.time()
         with self.tx() as db:
             new = 0
             for device, msg in items:
-                new += db.execute(
+                added = db.execute(
                     "INSERT INTO telemetry(device, record_id, kind, created, received, body) VALUES(?,?,?,?,?,?) "
                     "ON CONFLICT(device, record_id) DO NOTHING",
                     (device, str(msg["id"]), msg["kind"], msg["created"], now, json.dumps(msg["body"])),
                 ).rowcount
+                new += added
+                if added and on_new is not None:
+                    on_new(db, device, msg, now)
             db.executemany("UPDATE devices SET last_seen=? WHERE id=?", [(now, d) for d in {d for d, _ in items}])
             return new
 

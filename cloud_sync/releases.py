@@ -116,11 +116,25 @@ def create_release(
     gates: list[str] | None = None,
     rollback: bool = False,
     rollback_key: Any = None,
+    plan: Any = None,
+    abort: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Verify, store and chunk a package, then create its rollout; returns a summary dict."""
+    """Verify, store and chunk a package, then create its rollout; returns a summary dict.
+
+    With `plan` (cloud_sync.staged.StagePlan) the rollout is staged instead of canary + gates, stopped by
+    the `abort` criteria (cloud_sync.staged)."""
     from export.verify import verify_package
 
     package = Path(package)
+    criteria: list[Any] = []
+    if plan is not None:
+        from cloud_sync.staged import DEFAULT_CRITERIA, parse_criterion
+
+        if gates:
+            raise ReleaseError("--gate judges a canary; a staged rollout (--stages/--rate) is stopped by --abort criteria")
+        criteria = [parse_criterion(c) for c in (abort or DEFAULT_CRITERIA)]
+    elif abort:
+        raise ReleaseError("--abort needs a staged rollout: give --stages or --rate")
     if not trust:
         raise ReleaseError("the cloud has no trusted key: set [cloud] trust in cloud.toml to the public key(s)")
     manifest = verify_package(package, trust)  # unsigned / untrusted / tampered / expired -> VerificationError
@@ -162,6 +176,17 @@ def create_release(
     )
     registry.add_release(rel)
     rollout_id = new_id()
+    if plan is not None:
+        from cloud_sync.staged import add_staged_rollout
+
+        staged = add_staged_rollout(registry, rollout_id, release_id, group, plan, criteria,
+                                    current.id if current else None)
+        return {
+            "rollout_id": rollout_id, "release_id": release_id, "group": group, "name": manifest.name,
+            "version": manifest.version, "size": size, "chunks": len(index), "chunk_avg": chunking.avg,
+            "canary": [], "gates": [], "rollback": rollback, "superseded": staged["superseded"],
+            "stages": staged["stages"], "plan": plan.describe(), "abort": staged["criteria"],
+        }
     canary_devices, rest = select_canary(registry, group, canary, rollout_id)
     superseded = registry.add_rollout(rollout_id, release_id, group, canary, [str(g) for g in parsed],
                                       current.id if current else None, canary_devices, rest)

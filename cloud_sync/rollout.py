@@ -76,10 +76,14 @@ class RolloutController:
         self.send = send
         self.config = config or RolloutConfig()
         self.clock = clock
+        from cloud_sync.staged import StagedController
+
+        self.staged = StagedController(self)
 
     # -------------------------------------------------------------------------------------------- ticking
 
     def tick(self) -> None:
+        self.staged.tick()
         active = self.registry.rollouts(("canary", "promoted", "rolling_back"))
         for r in active + self.registry.failed_with_pending_rollbacks():
             try:
@@ -233,7 +237,10 @@ def describe_rollout(registry: Registry, rollout_id: str) -> dict[str, Any]:
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     gates_event = [e for e in registry.events(rollout_id) if e["kind"] == "gates"]
+    from cloud_sync.staged import describe_plan
+
     return {
+        **describe_plan(registry, rollout_id),
         "rollout_id": r["id"], "state": r["state"], "reason": r["reason"], "group": r["grp"],
         "release_id": r["release_id"], "name": rel.name if rel else None, "version": rel.version if rel else None,
         "rollback": bool(rel and rel.rollback_auth), "canary": r["canary"], "gates": json.loads(r["gates"]),

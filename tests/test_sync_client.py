@@ -166,9 +166,9 @@ def test_burst_from_100_devices_through_the_outbox_loses_nothing(tmp_path: Path)
             w = Cloud(cfg)
             original = w.registry.add_telemetry_batch
 
-            def slow(items: list, _orig=original) -> int:
+            def slow(items: list, _orig=original, **kw: object) -> int:
                 time.sleep(0.002 * len(items))  # a slow consumer: 2 ms per record
-                return _orig(items)
+                return _orig(items, **kw)
 
             w.registry.add_telemetry_batch = slow  # type: ignore[method-assign]
             workers.append(w.start())

@@ -18,6 +18,8 @@ _EXPORTS = {
     "make_digits_package": "pocketfleet.sim.fleet",
     "swap_under_load": "pocketfleet.sim.swap",
     "demo_rounds": "pocketfleet.sim.fl_rounds",
+    "TrafficSettings": "pocketfleet.sim.traffic",
+    "DeviceTraffic": "pocketfleet.sim.traffic",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -36,7 +36,7 @@ from cloud_sync.rollout import RolloutConfig
 
 log = logging.getLogger("pocketfleet.fleet")
 
-FINAL_STATES = ("complete", "failed", "superseded")
+FINAL_STATES = ("complete", "failed", "superseded", "aborted")
 MqttFor = Callable[[str], MqttConfig]
 
 
@@ -135,9 +135,13 @@ class Fleet:
         ota: OtaSettings | None = None,
         device_prefix: str = "dev",
         device_dirs: dict[str, str | Path] | None = None,
+        traffic: Any = None,
+        console: Any = None,
     ) -> None:
         """`device_dirs` binds devices to existing agent state directories (device id -> dir); by default
-        `devices` ids named `<device_prefix>-NNN` get fresh directories under `workdir/devices/`."""
+        `devices` ids named `<device_prefix>-NNN` get fresh directories under `workdir/devices/`.
+        `traffic` (pocketfleet.sim.traffic.TrafficSettings): every device also serves requests with its
+        active version and sends the agent's telemetry through a durable outbox."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.group = group
@@ -153,6 +157,10 @@ class Fleet:
         self.ota_settings = ota or OtaSettings(window=16, chunk_timeout_s=10.0)
         self.workers: list[Cloud] = []
         self.devices: dict[str, DeviceLink] = {}
+        self.traffic_settings = traffic
+        self.console_settings = console  # cloud_sync.console.ConsoleSettings for the first worker
+        self.traffic: dict[str, Any] = {}
+        self._inputs: Any = None
         self.cloud_config: CloudConfig | None = None
         # every simulated device shares this process: at most two installs or probes hold a model at once
         self.install_slots = threading.BoundedSemaphore(2)
@@ -211,8 +219,11 @@ class Fleet:
         assert self.cloud_config is not None
         wid = f"cloud-{i + 1}"
         base = self.cloud_config
-        return CloudConfig(cloud=CloudSettings(**{**base.cloud.__dict__, "worker_id": wid}),
-                           mqtt=self.mqtt_for(wid), rollout=base.rollout)
+        cfg = CloudConfig(cloud=CloudSettings(**{**base.cloud.__dict__, "worker_id": wid}),
+                          mqtt=self.mqtt_for(wid), rollout=base.rollout)
+        if i == 0 and self.console_settings is not None:
+            cfg.console = self.console_settings
+        return cfg
 
     def start_worker(self, i: int = 0) -> Cloud:
         cloud = Cloud(self.worker_config(i)).start()
@@ -230,11 +241,24 @@ class Fleet:
     def start_device(self, device: str) -> DeviceLink:
         cfg = DeviceConfig(device_id=device, state_dir=str(self.state_dir(device)), trust=str(self.trust),
                            group=self.group, mqtt=self.mqtt_for(device), ota=self.ota_settings)
-        link = DeviceLink(cfg, store=self.store(device), install_slots=self.install_slots).start()
+        store = self.store(device)
+        link = DeviceLink(cfg, store=store, install_slots=self.install_slots)
+        if self.traffic_settings is not None:
+            from pocketfleet.sim.traffic import DeviceTraffic, digits_inputs
+
+            if self._inputs is None:
+                self._inputs = digits_inputs()
+            self.state_dir(device).mkdir(parents=True, exist_ok=True)
+            self.traffic[device] = DeviceTraffic(device, store, self.state_dir(device), self.traffic_settings,
+                                                 self._inputs, seed=len(self.traffic)).start(link.sink)
+        link.start()
         self.devices[device] = link
         return link
 
     def stop_device(self, device: str, clean: bool = True) -> None:
+        tr = self.traffic.pop(device, None)
+        if tr is not None:
+            tr.stop()
         link = self.devices.pop(device, None)
         if link is not None:
             link.stop(clean=clean)
@@ -261,7 +285,7 @@ class Fleet:
     # --------------------------------------------------------------------------------------- rollouts
 
     def release(self, package: str | Path, canary: str | float = "10%", gates: list[str] | None = None,
-                rollback: bool = False) -> dict[str, Any]:
+                rollback: bool = False, plan: Any = None, abort: list[str] | None = None) -> dict[str, Any]:
         from cloud_sync.releases import create_release, parse_canary
 
         assert self.cloud_config is not None
@@ -269,7 +293,7 @@ class Fleet:
         try:
             return create_release(reg, self.cloud_config.artifacts_dir, package, self.group, str(self.trust),
                                   parse_canary(canary), gates or [], rollback=rollback,
-                                  rollback_key=self.key if rollback else None)
+                                  rollback_key=self.key if rollback else None, plan=plan, abort=abort)
         finally:
             reg.close()
 
