@@ -84,9 +84,10 @@ def run_plan(
                 "Latencies are devices.estimate predictions (the cost model calibrated by the host probe).",
     }  # fmt: skip
     same = [c for c in cands if c.level >= 1.0 and c.dtype == "fp32" and c.ratio is not None]
-    report["noise"] = [f"the unpruned fp32 {c.format} file timed as a candidate ({c.threads}t) came out at "
-                       f"{c.ratio:.3f}x its own reference: ratios closer to a budget than this are noise"
-                       for c in same]  # fmt: skip
+    report["noise"] = [f"noise: a second copy of the unpruned fp32 {c.format} file ({c.threads}t) came out at "
+                       f"{refs[f'fp32.{c.format}@{c.threads}t']['p50'] / c.p50_ms:.3f}x the unpruned candidate "
+                       "(ratios use the candidate); budgets closer than that are within noise"
+                       for c in same if c.p50_ms]  # fmt: skip
     if notes.get("quant_formats_not_offered"):
         report["noise"].append(f"not searched: int8 forms {notes['quant_formats_not_offered']} (the quantizer "
                                "does not offer them: compress.quantize.QuantConfig has no quant_format)")  # fmt: skip

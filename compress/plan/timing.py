@@ -7,6 +7,7 @@ calibrates)."""
 from __future__ import annotations
 
 import copy
+import random
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,8 +48,11 @@ def time_candidates(
         group = [c for c in cands if c.threads == t]
         files = {f"ref.{fmt}": p for fmt, p in references.items()} | {c.name: c.path for c in group}
         runs: list[dict[str, dict[str, Any]]] = []
-        for _ in range(cfg.repeats):
-            runs.append(measure_latency(files, inputs, threads=t, runs=cfg.latency_runs,
+        order = list(files)
+        rng = random.Random(t)
+        for _ in range(cfg.repeats):  # a new order every repeat: the position in a round biases its timing
+            rng.shuffle(order)
+            runs.append(measure_latency({k: files[k] for k in order}, inputs, threads=t, runs=cfg.latency_runs,
                                         min_seconds=cfg.latency_seconds * len(files)))  # fmt: skip
         for c in group:
             c.p50_repeats = [r[c.name]["p50"] for r in runs]
