@@ -25,14 +25,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_export(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
-        help="export a model directory to ONNX/TFLite, check parity, write a signed package",
+        help="export a model directory to ONNX/TFLite/ExecuTorch/Core ML, check parity, write a signed package",
         description="Convert a model directory to ONNX or TFLite, check numeric parity of the exported file "
         "in its real runtime against PyTorch on the workload's evaluation data, and write a .pfpkg package "
         "(signed when --key is given). Fails without writing a package when parity is out of bounds.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="model directory (see compress.zoo.make_model_dir)")
-    p.add_argument("--format", required=True, choices=["onnx", "tflite"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("model_dir", metavar="MODEL", nargs="?",
+                   help="a model directory (see compress.zoo.make_model_dir) or an existing .onnx file; "
+                   "omit it with --factory")
+    p.add_argument("--factory", metavar="PKG.MOD:FN", help="your own model: a callable that returns an nn.Module")
+    p.add_argument("--kwargs", metavar="JSON", default="{}", help="keyword arguments for --factory, as a JSON object")
+    p.add_argument("--weights", metavar="FILE.safetensors", help="state dict to load into the --factory module")
+    p.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE[:DTYPE]",
+                   help="a --factory model input, e.g. image:1x3x32x32 or ids:1x128:int64 (repeat per input; "
+                   "axis 0 is the batch)")
+    p.add_argument("--data", metavar="FILE", help=".npz (one array per input) or .npy rows to trace and check "
+                   "parity on (default: seeded random rows of the --input shapes)")
+    p.add_argument("--format", required=True, choices=["onnx", "tflite", "pte", "coreml"],
+                   help="pte: ExecuTorch (XNNPACK); coreml: Core ML .mlpackage (parity needs macOS)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8", "pal4"],
+                   help="onnx/tflite: fp32, fp16; pte: fp32, int8; coreml: fp32, fp16, int8, pal4")
     p.add_argument("--out", required=True, metavar="PKG", help="package path to write (.pfpkg)")
     p.add_argument("--name", help="model name in the manifest (default: the workload name)")
     p.add_argument("--version", type=int, default=1, help="integer model version (monotonic per name)")
@@ -47,11 +59,17 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from compress.zoo import load_model_dir
+    from compress.recipe.user_export import export_source
     from export.pipeline import export_model
 
+    source = export_source(args)
+    if hasattr(source, "path") and getattr(source, "module", None) is None:  # an existing ONNX file
+        from compress.recipe.user_export import package_onnx
+
+        emit(package_onnx(source, args).to_dict(), args.json, _render_export)
+        return 0
     result = export_model(
-        load_model_dir(args.model_dir),
+        source,
         format=args.format,
         dtype=args.dtype,
         out=args.out,

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pocketfleet.config import ConfigError, load_toml, parse_config
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "pte", "coreml")
 DTYPES = ("fp32", "fp16", "int8")
 _MB = 1 << 20
 
@@ -24,7 +24,7 @@ class ProfileError(ConfigError):
     """A device profile is missing, unknown or malformed (the message names the file and the field)."""
 
 
-Format = Literal["onnx", "tflite"]
+Format = Literal["onnx", "tflite", "pte", "coreml"]
 Dtype = Literal["fp32", "fp16", "int8"]
 
 
@@ -40,7 +40,7 @@ class DeviceProfile:
     clock_ghz: float
     ram_bytes: int
     storage_budget_bytes: int  # bytes a model package may take on the device
-    runtimes: tuple[Format, ...]  # package formats it runs: "onnx", "tflite"
+    runtimes: tuple[Format, ...]  # package formats it runs: "onnx", "tflite", "pte", "coreml"
     preferred_format: str
     supported_dtypes: tuple[Dtype, ...]  # "fp32", "fp16", "int8"
     int8_accelerated: bool  # int8 dot-product instructions or an int8 accelerator on the modelled path

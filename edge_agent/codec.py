@@ -12,6 +12,7 @@ import math
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,7 +78,10 @@ def npy_array(data: bytes | memoryview, where: str = "body") -> np.ndarray:
     dtype, shape, order, nbytes = parsed
     if len(buf) - end != nbytes:
         raise bad(f"{where}: .npy holds {len(buf) - end} data bytes, the header needs {nbytes}", "bad_npy")
-    arr = np.ndarray(shape, dtype, buf, end, None, order)  # a read-only view of the body, no copy
+    try:
+        arr = np.ndarray(shape, dtype, buf, end, None, order)  # a read-only view of the body, no copy
+    except (ValueError, TypeError) as exc:  # > 64 dimensions, or a zero-size shape too big to index
+        raise bad(f"{where}: .npy shape {list(shape)[:8]} is not a valid array shape ({exc})", "bad_npy") from exc
     return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
 
 
@@ -122,7 +126,7 @@ def npz_arrays(data: bytes, max_bytes: int = 32 << 20) -> dict[str, np.ndarray]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
         raise bad(f"body is not a valid .npz archive: {exc}", "bad_npz") from exc
     if len(infos) > MAX_NPZ_MEMBERS:
         raise bad(f".npz holds {len(infos)} members, more than {MAX_NPZ_MEMBERS}", "bad_npz")
@@ -150,7 +154,8 @@ def npz_arrays(data: bytes, max_bytes: int = 32 << 20) -> dict[str, np.ndarray]:
                                       f"{info.file_size} bytes", "inflated_too_large", 413)
             except RequestError:
                 raise
-            except (zipfile.BadZipFile, NotImplementedError, ValueError, OSError, EOFError, RuntimeError) as exc:
+            except (zipfile.BadZipFile, NotImplementedError, ValueError, OSError, EOFError, RuntimeError,
+                    zlib.error) as exc:  # zlib.error: a damaged deflate stream
                 raise bad(f".npz member {info.filename!r} cannot be read: {exc}", "bad_npz") from exc
             if name in out:
                 raise bad(f".npz holds {name!r} twice", "bad_npz")

@@ -37,7 +37,7 @@ class AgentConfig:
     """Settings of `pocketfleet agent run` (see docs/agent.md for the reference)."""
 
     state_dir: str = _opt("", "directory of the model store, outbox and agent state (required)")
-    trust: str = _opt("", "public key file or directory of trusted *.pub keys (required to install)")
+    trust: str = _opt("", "public key file, directory of trusted *.pub keys, or one holding root.json (required to install)")
     listen: str = _opt("127.0.0.1:8470", "HOST:PORT of the local HTTP API ('' for none; port 0 picks one)")
     unix_socket: str = _opt("", "also serve the API on this Unix socket path")
     device_id: str = _opt("", "this device's id in telemetry (default: the host name)")

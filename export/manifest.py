@@ -15,7 +15,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 SAMPLES = "samples.safetensors"
 RESERVED = (MANIFEST, SIGNATURE)
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "pte", "coreml")
 DEFAULT_VALID_DAYS = 365
 
 # always used with fullmatch: `$` alone would accept a trailing newline ("model.onnx\n")
@@ -216,7 +216,7 @@ class _Checker:
             raise self._fail(key, "must be a non-empty list of tensor specs")
         try:
             return [TensorSpec.from_dict(v) for v in value]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a spec that is not an object
             raise self._fail(key, f"holds an invalid tensor spec ({exc!r})") from exc
 
     def files(self) -> dict[str, FileEntry]:

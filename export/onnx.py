@@ -42,10 +42,11 @@ def export_onnx(
 
     path = Path(path)
     names = [s.name for s in inputs]
-    dynamic = {
-        s.name: {axis: torch.export.Dim.DYNAMIC for axis, d in enumerate(s.shape) if isinstance(d, str)}
+    # positional: torch.export keys a dict by the forward's argument names, which need not be ours
+    dynamic = tuple(
+        {axis: torch.export.Dim.DYNAMIC for axis, d in enumerate(s.shape) if isinstance(d, str)} or None
         for s in inputs
-    }
+    )
     with quiet() as log:
         try:
             program = torch.onnx.export(
@@ -59,8 +60,13 @@ def export_onnx(
                 optimize=True,
             )
         except Exception as exc:
+            from export.diagnose import explain
+
+            hint = explain(exc, module, example, "the ONNX exporter", names)
+            if hint is not None:
+                raise ExportError(hint) from exc
             raise ExportError(
-                f"torch.onnx.export failed for {path.name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:500]}"
+                f"torch.onnx.export failed for {path.name}: {type(exc).__name__}: {_summary(exc)[:500]}"
                 + (f"\n{log.tail()}" if log.text else "")
             ) from exc
     model = program.model_proto
@@ -79,6 +85,15 @@ def export_onnx(
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{path.name} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     return path
+
+
+def _summary(exc: BaseException) -> str:
+    """The informative line of an exporter error (torch.onnx's first lines are boilerplate)."""
+    lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("## Exception summary") and i + 1 < len(lines):
+            return lines[i + 1]
+    return lines[0] if lines else ""
 
 
 def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:

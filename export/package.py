@@ -82,8 +82,8 @@ class PackageReader:
             raise NotAPackageError(f"{self.path}: cannot open ({exc.strerror or exc})") from exc
         try:
             self.zip = zipfile.ZipFile(self._fh)
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            self._fh.close()
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:  # NotImplemented:
+            self._fh.close()  # a central directory naming a zip "version needed" above 6.3
             raise NotAPackageError(f"{where} is not a model package (not a zip archive: {exc})") from exc
         try:
             self.infos = self._check_directory()

@@ -28,9 +28,11 @@ from export.parity import ParityBounds, ParityReport, Predict, Recorded, check_p
 from export.samples import Samples
 from export.source import ExportableModel, as_source
 
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "pte", "coreml")
 DTYPES = ("fp32", "fp16")
-SUFFIX = {"onnx": ".onnx", "tflite": ".tflite"}
+FORMAT_DTYPES = {"onnx": DTYPES, "tflite": DTYPES, "pte": ("fp32", "int8"), "coreml": ("fp32", "fp16", "int8", "pal4")}
+SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "pte": ".pte", "coreml": ".mlpackage.zip"}
+CALIB_ROWS = 128  # calibration rows for the formats whose int8 is made at export (pte)
 ONNX_EXAMPLE_BATCH = 2  # > 1 so that the exporter keeps the batch dimension symbolic
 TFLITE_BATCH = 1
 
@@ -83,14 +85,25 @@ def convert(model: Any, format: str, dtype: str, path: str | Path, example_input
 
     src = as_source(model, example_inputs, **source)
     _check_choice(format, FORMATS, "format")
-    _check_choice(dtype, DTYPES, "dtype")
-    batch = ONNX_EXAMPLE_BATCH if format == "onnx" else TFLITE_BATCH
+    _check_choice(dtype, FORMAT_DTYPES[format], "dtype")
+    batch = ONNX_EXAMPLE_BATCH if format == "onnx" else TFLITE_BATCH  # pte, coreml: fixed batch 1 too
     sample = src.sample_inputs(batch)
     example = {s.name: torch.from_numpy(np.ascontiguousarray(sample[s.name])) for s in src.input_specs}
     if format == "onnx":
         from export.onnx import export_onnx
 
         return export_onnx(src.module, src.input_specs, src.output_specs, tuple(example.values()), path, dtype=dtype)
+    if format == "pte":
+        from export.pte import calibration_rows, export_pte
+
+        calib = calibration_rows(src, CALIB_ROWS) if dtype == "int8" else None
+        names = [s.name for s in src.input_specs]
+        outs = [s.name for s in src.output_specs]
+        return export_pte(src.module, names, outs, tuple(example.values()), path, dtype, calib)
+    if format == "coreml":
+        from export.coreml_package import convert_coreml
+
+        return convert_coreml(src.module, src.input_specs, src.output_specs, tuple(example.values()), path, dtype)
     from export.tflite import export_tflite
 
     return export_tflite(src.module, [s.name for s in src.output_specs], example, path, dtype=dtype)
@@ -131,6 +144,11 @@ def package_artifact(
     model_file = Path(model_file)
     _check_choice(format, FORMATS, "format")
     private = load_private_key(key) if key is not None else None  # fail on a bad key before the slow part
+    if format == "coreml":  # no Core ML runtime off macOS: checked as far as the host can (export.coreml)
+        from export.coreml_package import package_coreml
+
+        return package_coreml(model_file, lm, dtype, out, private, name=name, version=version, device=device,
+                              extra_report=extra_report, extra=extra, valid_days=valid_days, samples=samples)  # fmt: skip
     runtime = load_runtime(model_file, format=format, threads=threads)
     parity, metric, reference_metric = _parity_and_metrics(
         lm, runtime.run, reference, bounds, dtype, model_file, format
@@ -217,7 +235,7 @@ def export_model(
     one `export.Recorded(lm.predict)` to several exports of the same model to run PyTorch only once).
     """
     _check_choice(format, FORMATS, "format")
-    _check_choice(dtype, DTYPES, "dtype")
+    _check_choice(dtype, FORMAT_DTYPES[format], "dtype")
     if trainable_head and format != "onnx":
         raise ExportError(f"a trainable head is supported for ONNX exports only, not {format}")
     from tqdm.auto import tqdm
@@ -299,6 +317,10 @@ def _parity_only(
 ) -> ExportResult:
     from export.runtimes import load_runtime
 
+    if format == "coreml":
+        from export.coreml_package import coreml_check_only
+
+        return coreml_check_only(path, dtype)
     runtime = load_runtime(path, format=format)
     parity, metric, reference_metric = _parity_and_metrics(
         lm, runtime.run, reference, bounds, dtype, path, format

@@ -32,7 +32,8 @@ import numpy as np
 from export.specs import Quantization, TensorSpec
 from pocketfleet import PocketfleetError
 
-FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
+FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".pte": "pte", ".mlpackage": "coreml"}
+_MLPACKAGE_ZIP = ".mlpackage.zip"  # a Core ML package zipped into one file (export.coreml)
 
 _ORT_DTYPES = {
     "tensor(float)": "float32",
@@ -156,7 +157,12 @@ class OnnxRuntime(Runtime):
 
     def __init__(self, path: Path, threads: int = 1) -> None:
         super().__init__(path, threads)
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeLoadError(
+                f"running .onnx models needs onnxruntime: pip install 'pocketfleet[agent-onnx]' ({exc})"
+            ) from exc
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -191,7 +197,7 @@ def _litert_interpreter_class() -> Any:
             from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
         except ImportError as exc:
             raise RuntimeLoadError(
-                "running .tflite models needs LiteRT: pip install ai-edge-litert (or tflite-runtime)"
+                "running .tflite models needs LiteRT: pip install 'pocketfleet[agent-tflite]' (ai-edge-litert)"
             ) from exc
     return Interpreter
 
@@ -328,15 +334,27 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_runtime(path: str | Path, format: str | None = None, threads: int = 1) -> Runtime:
-    """Load a model file into its runtime; `format` ("onnx"|"tflite") defaults to the file suffix."""
+    """Load a model file into its runtime; `format` ("onnx"|"tflite"|"pte"|"coreml") defaults to the suffix.
+
+    .pte programs go to export.runtime_pte (ExecuTorch), Core ML packages to export.runtime_coreml; each
+    runtime's own package is imported only when a file of its format is loaded."""
     path = Path(path)
-    fmt = format or FORMATS.get(path.suffix.lower())
-    if fmt not in ("onnx", "tflite"):
+    fmt = format or ("coreml" if path.name.lower().endswith(_MLPACKAGE_ZIP) else FORMATS.get(path.suffix.lower()))
+    if fmt not in ("onnx", "tflite", "pte", "coreml"):
         raise RuntimeLoadError(
-            f"cannot tell the runtime for {path.name}: use a .onnx or .tflite file or pass format='onnx'|'tflite'"
+            f"cannot tell the runtime for {path.name}: use a .onnx, .tflite, .pte or .mlpackage(.zip) file "
+            "or pass format='onnx'|'tflite'|'pte'|'coreml'"
         )
-    if not path.is_file():
+    if not (path.is_file() or (fmt == "coreml" and path.is_dir())):
         raise RuntimeLoadError(f"model file not found: {path}")
     if threads < 1:
         raise RuntimeLoadError(f"threads must be >= 1, got {threads}")
+    if fmt == "pte":
+        from export.runtime_pte import PteRuntime
+
+        return PteRuntime(path, threads)
+    if fmt == "coreml":
+        from export.runtime_coreml import CoreMLRuntime
+
+        return CoreMLRuntime(path, threads)
     return OnnxRuntime(path, threads) if fmt == "onnx" else LiteRTRuntime(path, threads)

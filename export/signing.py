@@ -2,7 +2,8 @@
 
 Keys are PEM files: `pocketfleet.key` (PKCS#8, unencrypted, mode 0600) and `pocketfleet.pub`
 (SubjectPublicKeyInfo). A key id is the first 16 hex digits of SHA-256 over the raw 32-byte public key.
-A trust set is one public key file or a directory of them (`*.pub`, `*.pem`).
+A trust set is one public key file or a directory of them (`*.pub`, `*.pem`), or a root of trust: a
+directory holding `root.json` (TUF root metadata, export/trust_root.py) whose package role lists the keys.
 """
 
 from __future__ import annotations
@@ -100,13 +101,20 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
 
 
 def load_trust(trust: TrustLike) -> Trust:
-    """Key id -> public key, from a public key file, a directory of them, key objects or a ready dict."""
+    """Key id -> public key, from a public key file, a directory of them, a root-of-trust directory
+    (root.json: a RootTrust, which advances in place), key objects or a ready dict."""
+    from export.trust_root import RootTrust, is_root_path, load_root_trust
+
+    if isinstance(trust, RootTrust):
+        return trust  # the live root (it advances in place; see export/trust_root.py)
     if isinstance(trust, Mapping):
         return dict(trust)
     if isinstance(trust, Ed25519PublicKey):
         return {key_id(trust): trust}
     if isinstance(trust, (str, Path)):
         path = Path(trust)
+        if is_root_path(path):
+            return load_root_trust(path)
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix in (".pub", ".pem") and p.is_file())
             if not files:

@@ -34,8 +34,10 @@ def _named(
             self.inner = module
 
         def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+            from export.source import _flatten_outputs
+
             out = self.inner(*(inputs[n] for n in input_names))
-            outs = out if isinstance(out, (tuple, list)) else (out,)
+            outs = [t for _, t in _flatten_outputs(out, type(module).__name__)]  # tensors, tuples, ModelOutput
             return dict(zip(output_names, outs, strict=True))
 
     return Named().eval()
@@ -63,7 +65,10 @@ def export_tflite(
             edge_model = litert_torch.convert(wrapped, sample_kwargs=dict(example))
             edge_model.export(str(path))
         except Exception as exc:
-            raise ExportError(_conversion_error(path, exc, log.text)) from exc
+            from export.diagnose import explain
+
+            hint = explain(exc, module, tuple(example.values()), "litert-torch (TFLite)", list(example))
+            raise ExportError(hint or _conversion_error(path, exc, log.text)) from exc
     if dtype == "fp16":
         path.write_bytes(weights_to_fp16(path.read_bytes()))
     return path

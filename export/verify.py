@@ -24,6 +24,7 @@ from export.errors import (
 from export.manifest import MANIFEST, RESERVED, SIGNATURE, Manifest, safe_member_path
 from export.package import DEFAULT_LIMITS, Limits, PackageReader, parse_manifest
 from export.signing import TrustLike, load_trust, verify_bytes
+from export.trust_root import RootTrust, catch_up_from_package
 
 
 def verify_package(
@@ -82,6 +83,10 @@ def check_package(
     where = reader.path.name
     raw = reader.manifest_bytes()
     sig = reader.signature_bytes()
+    if isinstance(trust, RootTrust):  # newer roots shipped in the package first, then no frozen root
+        catch_up_from_package(trust, reader, where)
+        if check_expiry:
+            trust.check_fresh(now, where)
     if trust is not None:
         if sig is None:
             raise UnsignedPackageError(f"{where}: the package is not signed ({SIGNATURE} is missing)")

@@ -76,3 +76,23 @@ def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The pretrained minilm-l6 model directory, with tokenizer.json, sentences.json and the fp32
     reference embeddings of the eval sentences (reference.safetensors)."""
     return _make(tmp_path_factory, "minilm-l6")
+
+
+# --- hypothesis profiles for the fuzz tests (tests/test_fuzz_*.py) -----------------------------------
+# "ci" (default): deterministic, bounded so the whole fuzz set runs in well under a minute on 2 cores;
+# "deep": HYPOTHESIS_PROFILE=deep for long local runs (FUZZ_SCALE examples per CI example, no deadline
+# flakes from a loaded machine, the example database kept so failures replay).
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is in the dev extra; only the fuzz tests need it
+    pass
+else:
+    settings.register_profile(
+        "ci", max_examples=60, deadline=2000, derandomize=True, database=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile(
+        "deep", max_examples=2000, deadline=10000, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -84,7 +84,7 @@ def _write_profile(tmp_path: Path, name: str, **changes) -> Path:
         ("cores = 4", "cores = 4\nfrequency_ghz = 1.5", "frequency_ghz"),
         ("cores = 4", 'cores = "four"', "cores"),
         ("int8_accelerated = false", "int8_accelerated = 0", "int8_accelerated"),
-        ('runtimes = ["tflite", "onnx"]', 'runtimes = ["tflite", "coreml"]', "runtimes"),
+        ('runtimes = ["tflite", "onnx", "pte"]', 'runtimes = ["tflite", "tensorrt"]', "runtimes"),
         ("fp32 = 12.0", 'fp32 = "fast"', "throughput_gmacs.fp32"),
         ("\ntflite = 0.15\n", "\ntflite = 0.15\ntensorrt = 1.0\n", "op_overhead_us.tensorrt"),
         (

@@ -275,7 +275,7 @@ def test_onnx_fp16_weights_halve_size_and_keep_float_io(tmp_path: Path) -> None:
 
 def test_bad_format_or_dtype_is_an_export_error(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="format must be one of"):
-        export_model(object(), "coreml", "fp32")
+        export_model(object(), "tensorrt", "fp32")
     with pytest.raises(ExportError, match="expected a torch.nn.Module.*load_model_dir"):
         export_model(tmp_path, "onnx", "fp32")
     with pytest.raises(ExportError, match="dtype must be one of"):

@@ -79,7 +79,7 @@ def test_rounds_over_mosquitto_survive_aggregator_kill_and_broker_restart(tmp_pa
             link.client.wait_connected(10)
         cmd = [sys.executable, "-m", "cloud_sync.fl", "start", "--task", "digits", "--rounds", "4",
                "--config", str(tmp_path / "cloud.toml"), "--weights", str(tmp_path / "init.safetensors"),
-               "--group", "lab", "--clients-per-round", "4", "--over-selection", "1.5", "--checkin-s", "1",
+               "--group", "lab", "--clients-per-round", "4", "--over-selection", "1.5", "--over-selection-grace", "0", "--checkin-s", "1",
                "--round-s", "30", "--train", "epochs=2,lr=0.1", "--codec", "topk=0.1,int8=1", "--json"]
         db = tmp_path / "state" / "fl.sqlite"
         try:

@@ -158,7 +158,8 @@ def test_bad_payloads_are_rejected_and_counted_never_crash(tmp_path):
 @pytest.mark.parametrize("crash_after", ["checkin", "selection", "some_updates"])
 def test_a_new_aggregator_on_the_same_database_resumes_the_round(tmp_path, crash_after):
     agg, hub, clock = _fleet(tmp_path)
-    agg.create_task(_config(rounds=2, strategy="fedadam", strategy_args={"server_lr": 0.05}), HEAD.init([64, 10]))
+    agg.create_task(_config(rounds=2, strategy="fedadam", strategy_args={"server_lr": 0.05}, over_selection_grace=0.0),
+                    HEAD.init([64, 10]))
     hub.pump(limit=5)  # a few check-ins
     if crash_after != "checkin":
         hub.pump()

@@ -106,3 +106,19 @@ def test_shamir_any_t_shares_rebuild_the_secret():
     assert shamir_combine(shares[:2] + [(9, 1)], 3) != secret
     with pytest.raises(SecAggAbort):
         shamir_combine(shares[:2], 3)
+
+
+def test_bad_unmask_shares_abort_instead_of_crashing_the_aggregator():
+    """A survivor that sends shares which do not rebuild a 256-bit seed aborts the round (SecAggAbort),
+    not an OverflowError out of the aggregator's round loop."""
+    devs, _, xs, clients, server = _setup(3)
+    mask_set = server.mask_set()
+    for d in devs:
+        server.add_masked(d, clients[d].masked_input(xs[d], mask_set))
+    req = server.unmask_request()
+    for d in req["survivors"]:
+        reply = clients[d].unmask(req["survivors"], req["dropped"])
+        reply["b"] = {owner: [x, (y + 2**300) % (2**521 - 1)] for owner, (x, y) in reply["b"].items()}
+        server.add_unmask(d, reply)
+    with pytest.raises(SecAggAbort, match="do not rebuild a 256-bit seed"):
+        server.unmasked_sum()

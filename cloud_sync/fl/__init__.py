@@ -1,4 +1,5 @@
-"""Federated learning: update codecs, strategies, central DP, secure aggregation and the round engine.
+"""Federated learning: update codecs, strategies, central DP, secure aggregation, the round engine
+(synchronous and FedBuff-asynchronous), task files, a device-behaviour simulator and light fleets.
 
 Device-side parts (codecs, secagg client, the FL client) import with numpy, safetensors and
 cryptography only; nothing here imports torch.
@@ -28,6 +29,15 @@ _EXPORTS = {
     "Median": "cloud_sync.fl.strategy",
     "TrimmedMean": "cloud_sync.fl.strategy",
     "MultiKrum": "cloud_sync.fl.strategy",
+    "FedBuff": "cloud_sync.fl.strategy",
+    "AsyncRounds": "cloud_sync.fl.fedbuff",
+    "BehaviourModel": "cloud_sync.fl.behaviour",
+    "DeviceBehaviour": "cloud_sync.fl.behaviour",
+    "BehaviourHub": "cloud_sync.fl.behaviour",
+    "VirtualClock": "cloud_sync.fl.behaviour",
+    "time_to_accuracy": "cloud_sync.fl.behaviour",
+    "LightFleet": "cloud_sync.fl.lightfleet",
+    "TaskFile": "cloud_sync.fl.tasks",
     "STRATEGIES": "cloud_sync.fl.strategy",
     "make_strategy": "cloud_sync.fl.strategy",
     "DPConfig": "cloud_sync.fl.dp",

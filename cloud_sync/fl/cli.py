@@ -34,6 +34,9 @@ def register_fl(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--clients-per-round", type=int, default=10)
     start.add_argument("--min-clients", type=int, default=None)
     start.add_argument("--over-selection", type=float, default=1.3)
+    start.add_argument("--over-selection-grace", type=float, default=0.5,
+                       help="after the target count, keep the round open this fraction of the time it took and "
+                       "aggregate every update that arrives (0 = keep only the first arrivals)")
     start.add_argument("--checkin-s", type=float, default=10.0, help="check-in window per round")
     start.add_argument("--round-s", type=float, default=120.0, help="training deadline after selection")
     start.add_argument("--train", default="", help="local training, e.g. 'epochs=2,lr=0.05,mu=0.01'")
@@ -45,13 +48,55 @@ def register_fl(subparsers: argparse._SubParsersAction) -> None:
                        help="with --package: sign a head-only package of every new global model with this key")
     start.add_argument("--release-dir", default=None, help="where those packages go (default: <state_dir>/fl-releases)")
     add_json_flag(start)
-    start.set_defaults(func=cmd_fl_start)
+    start.set_defaults(func=_json_errors(cmd_fl_start))
     status = sub.add_parser("status", help="rounds and counters of a task")
     status.add_argument("--task", required=True)
     status.add_argument("--config", required=True)
     status.add_argument("--db", default=None)
     add_json_flag(status)
-    status.set_defaults(func=cmd_fl_status)
+    status.set_defaults(func=_json_errors(cmd_fl_status))
+    run = sub.add_parser("run", help="run a task file (TOML): detached by default, like `flwr run`",
+                         description="Start (or resume) the federated task a TOML file describes (model, strategy, "
+                         "codec, DP, rounds; see docs/federated.md). Returns at once with the aggregator running in "
+                         "the background; follow it with `fl log TASK --follow`, end it with `fl stop TASK`.")
+    run.add_argument("taskfile", help="the task file (TOML)")
+    run.add_argument("--config", default=None, help="cloud.toml (default: the task file's [cloud] config)")
+    run.add_argument("--db", default=None, help="FL state database (default: <state_dir>/fl.sqlite)")
+    run.add_argument("--foreground", action="store_true", help="run here until the task ends")
+    add_json_flag(run)
+    run.set_defaults(func=_json_errors(cmd_fl_run))
+    for name, helptext in (("ls", "list the tasks, their state, progress and aggregator process"),
+                           ("log", "rounds of a task: devices, bytes, metrics, counters"),
+                           ("stop", "stop a running task (its aggregator exits at its next tick)")):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        if name != "ls":
+            p.add_argument("task", help="task name")
+        p.add_argument("--config", required=True, help="cloud.toml (its [cloud] state_dir holds the FL database)")
+        p.add_argument("--db", default=None)
+        if name == "log":
+            p.add_argument("--follow", action="store_true", help="keep printing new rounds until the task ends")
+        add_json_flag(p)
+        p.set_defaults(func=_json_errors({"ls": cmd_fl_ls, "log": cmd_fl_log, "stop": cmd_fl_stop}[name]))
+
+
+def _json_errors(func: Any) -> Any:
+    """With --json, an error the user can act on is printed as one JSON document on stdout."""
+    import functools
+    import json
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        from pocketfleet import PocketfleetError
+
+        try:
+            return func(args)
+        except PocketfleetError as exc:
+            if not getattr(args, "json", False):
+                raise
+            print(json.dumps({"error": str(exc), "type": type(exc).__name__, "exit_code": exc.exit_code}))
+            return exc.exit_code
+
+    return run
 
 
 def _kv(text: str, what: str) -> dict[str, Any]:
@@ -119,7 +164,8 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
     cfg, db = _open(args)
     task = TaskConfig(
         task=args.task, rounds=args.rounds, strategy=args.strategy, clients_per_round=args.clients_per_round,
-        min_clients=args.min_clients, over_selection=args.over_selection, checkin_s=args.checkin_s,
+        min_clients=args.min_clients, over_selection=args.over_selection,
+        over_selection_grace=args.over_selection_grace, checkin_s=args.checkin_s,
         round_s=args.round_s, train=_kv(args.train, "train"), codec=_kv(args.codec, "codec"),
         dp=_kv(args.dp, "dp") or None, secagg=_kv(args.secagg, "secagg") or None, group=args.group,
     )
@@ -154,6 +200,130 @@ def cmd_fl_start(args: argparse.Namespace) -> int:
     return 0 if status["state"] == "finished" else 1
 
 
+def _store_for(config: str | Path, db: str | None) -> tuple[Any, Path]:
+    from cloud_sync.cloud import CloudConfig
+
+    from .errors import FLError
+    from .store import RoundStore
+
+    if not Path(config).exists():
+        raise FLError(f"cloud config {config} does not exist")
+    cfg = CloudConfig.load(config)
+    path = Path(db) if db else cfg.state_dir / "fl.sqlite"
+    if not path.exists():
+        raise FLError(f"no FL database at {path} (no task has run with this config)")
+    return RoundStore(path), cfg.state_dir
+
+
+def cmd_fl_run(args: argparse.Namespace) -> int:
+    from cloud_sync.client import MqttClient
+    from cloud_sync.cloud import CloudConfig
+    from pocketfleet import emit
+
+    from . import tasks
+    from .errors import FLError
+    from .mqtt import MqttCloudTransport
+    from .rounds import Aggregator
+
+    tf = tasks.TaskFile.load(args.taskfile)
+    config = args.config or tf.cloud_config
+    if config is None:
+        raise FLError(f"{args.taskfile}: no cloud config: give --config or [cloud] config in the task file")
+    cfg = CloudConfig.load(config)
+    db = Path(args.db) if args.db else cfg.state_dir / "fl.sqlite"
+    name = tf.config.task
+    if not args.foreground:
+        pid = tasks.read_pid(cfg.state_dir, name)
+        if tasks.pid_alive(pid):
+            raise FLError(f"task {name!r} is already running (pid {pid}); `fl stop {name}` first")
+        argv = [*tasks.python_argv(), "run", str(Path(args.taskfile).resolve()), "--config",
+                str(Path(config).resolve()), "--db", str(db.resolve()), "--foreground"]
+        pid = tasks.detach(argv, cfg.state_dir, name, Path.cwd())
+        out = {"task": name, "pid": pid, "detached": True, "db": str(db),
+               "log": str(tasks.control_dir(cfg.state_dir) / f"{name}.log")}
+        emit(out, args.json, lambda o: f"task {o['task']} running in the background (pid {o['pid']}); "
+             f"follow it with: pocketfleet fl log {o['task']} --follow --config {config}")
+        return 0
+    init = initial_weights(str(tf.package) if tf.package else None, str(tf.weights) if tf.weights else None)
+    client = MqttClient(cfg.mqtt, client_id=f"{cfg.cloud.worker_id}-fl-{name}", name=f"{cfg.cloud.worker_id}-fl")
+    transport = MqttCloudTransport(client, cfg.cloud.shared_group or None)
+    agg = Aggregator(db, transport)
+    transport.bind(agg)
+    client.start().wait_connected(30)
+    try:
+        t = agg.store.task(name)
+        if t is not None and t["state"] == "stopped":  # `fl run` again resumes a stopped task
+            with agg.store.transaction() as conn:
+                conn.execute("UPDATE tasks SET state = 'running' WHERE task = ?", (name,))
+        agg.create_task(tf.config, init)
+        status = agg.run(name, progress=lambda r: print(f"round {r['round']}: {(r['result'] or {}).get('metrics')}",
+                                                        file=sys.stderr, flush=True))
+    finally:
+        client.stop()
+        agg.store.close()
+    emit(status, args.json, _render)
+    return 0 if status["state"] in ("finished", "stopped") else 1
+
+
+def cmd_fl_ls(args: argparse.Namespace) -> int:
+    from pocketfleet import emit, table
+
+    from . import tasks
+
+    store, state_dir = _store_for(args.config, args.db)
+    rows = tasks.list_tasks(store, state_dir)
+    emit({"tasks": rows}, args.json, lambda o: table([{**r, "last_metrics": r["last_metrics"] or ""}
+                                                      for r in o["tasks"]]) if o["tasks"] else "no tasks")
+    return 0
+
+
+def cmd_fl_log(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from pocketfleet import emit
+
+    from . import tasks
+
+    store, _ = _store_for(args.config, args.db)
+    if not args.follow:
+        emit(tasks.task_log(store, args.task), args.json, _render_log)
+        return 0
+    seen = 0
+    while True:  # --follow: one line (or JSON line) per round as it closes
+        out = tasks.task_log(store, args.task)
+        closed = [r for r in out["rounds"] if r["state"] in ("done", "abandoned")]
+        for r in closed[seen:]:
+            print(json.dumps(r) if args.json else _render_round(r), flush=True)
+        seen = len(closed)
+        if out["state"] != "running":
+            print(json.dumps({"task": args.task, "state": out["state"]}) if args.json else f"task {out['state']}")
+            return 0
+        time.sleep(0.5)
+
+
+def _render_round(r: dict[str, Any]) -> str:
+    extra = f" staleness {r['staleness']}" if r.get("staleness") else ""
+    return (f"round {r['round']} attempt {r['attempt']}: {r['state']}, {r['participants']} devices, "
+            f"{r['bytes_up']} bytes up, {r['metrics'] or r.get('reason') or ''}{extra}")
+
+
+def _render_log(out: dict[str, Any]) -> str:
+    return "\n".join([f"task {out['task']}: {out['state']}", *map(_render_round, out["rounds"]),
+                      f"counters: {out['counters']}"])
+
+
+def cmd_fl_stop(args: argparse.Namespace) -> int:
+    from pocketfleet import emit
+
+    from . import tasks
+
+    store, state_dir = _store_for(args.config, args.db)
+    out = tasks.stop_task(store, state_dir, args.task)
+    emit(out, args.json, lambda o: f"task {o['task']}: {o['was']} -> {o['state']}")
+    return 0
+
+
 def cmd_fl_status(args: argparse.Namespace) -> int:
     from pocketfleet import emit
 
@@ -181,3 +351,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PocketfleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -28,6 +28,7 @@ from .errors import FLError, MalformedUpdateError
 
 UPDATE_SCHEMA = "pf.fl.update/1"
 INT8_MAX = 127
+MAX_NUM_SAMPLES = 2**53  # exact as a float weight, and fits the round store's SQLite INTEGER
 
 
 @dataclass(frozen=True)
@@ -219,8 +220,8 @@ def _check_header(header: dict[str, Any], expected: Mapping[str, tuple[int, ...]
     if header.get("schema") != UPDATE_SCHEMA:
         raise _fail(f"schema {header.get('schema')!r} is not {UPDATE_SCHEMA!r}")
     ns = header.get("num_samples")
-    if isinstance(ns, bool) or not isinstance(ns, int) or ns < 1:
-        raise _fail(f"num_samples {ns!r} must be an integer >= 1")
+    if isinstance(ns, bool) or not isinstance(ns, int) or not 1 <= ns <= MAX_NUM_SAMPLES:
+        raise _fail(f"num_samples {ns!r:.40} must be an integer in [1, 2**53]")
     codec = header.get("codec")
     if not isinstance(codec, dict) or not isinstance(codec.get("int8"), bool):
         raise _fail("header 'codec' must be an object with a boolean 'int8'")
@@ -239,6 +240,17 @@ def _check_header(header: dict[str, Any], expected: Mapping[str, tuple[int, ...]
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
                 raise _fail(f"tensor {name!r} sends k={k!r} entries of {size}")
     return meta, codec["int8"]
+
+
+def _finite(v: Any) -> float | None:
+    """A metric value as a finite float, or None (non-numbers, NaN/inf, integers beyond float range)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if np.isfinite(f) else None
 
 
 def _array(tensors: Mapping[str, np.ndarray], key: str, dtype: str, length: int) -> np.ndarray:
@@ -313,5 +325,5 @@ def decode_update(
             dense = vals
         delta[name] = dense.reshape(tuple(expected[name]))
     metrics = header.get("metrics") if isinstance(header.get("metrics"), dict) else {}
-    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {k: f for k, v in metrics.items() if (f := _finite(v)) is not None}
     return DecodedUpdate(header, delta, int(header["num_samples"]), len(payload), metrics)

@@ -24,8 +24,11 @@ MAX_CONTROL_BYTES = 64 * 1024
 ROUND_STATES = ("checkin", "training", "finished", "failed")
 
 
+MAX_INT = 2**63 - 1  # what the round store's SQLite INTEGER columns hold
+
+
 def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT
 
 
 def _num(v: Any) -> bool:
@@ -70,7 +73,7 @@ def decode(payload: bytes, schema: str) -> dict[str, Any]:
         raise MalformedUpdateError(f"{schema}: {len(payload)} bytes, above {MAX_CONTROL_BYTES}")
     try:
         msg = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit integer
         raise MalformedUpdateError(f"{schema}: not UTF-8 JSON ({exc})") from exc
     return check(msg, schema)
 

@@ -57,6 +57,11 @@ class TaskConfig:
     checkin_s: float = 5.0
     round_s: float = 60.0
     max_attempts: int = 5
+    # over-selection without bias: once `clients_per_round` updates are in, the round stays open for this
+    # fraction of the time they took and aggregates every update that arrives by then (weighted by
+    # samples), so the slower devices, which hold more data, are not cut; 0 = close at the target count
+    # and keep only the first arrivals (which favours small-data devices)
+    over_selection_grace: float = 0.5
     train: dict[str, Any] = field(default_factory=dict)
     codec: dict[str, Any] = field(default_factory=dict)
     dp: dict[str, Any] | None = None  # DPConfig fields + "population"
@@ -68,6 +73,8 @@ class TaskConfig:
     def __post_init__(self) -> None:
         if not M._name(self.task):
             raise FLError(f"task name {self.task!r} must be 1-64 chars of [A-Za-z0-9._-]")
+        if self.over_selection_grace < 0:
+            raise FLError(f"task: over_selection_grace={self.over_selection_grace} must be >= 0")
         if self.rounds < 1 or self.checkin_s <= 0 or self.round_s <= 0 or self.max_attempts < 1:
             raise FLError("task: rounds, checkin_s, round_s and max_attempts must be positive")
         if self.secagg is not None:
@@ -132,6 +139,9 @@ class Aggregator:
         from .secagg_round import SecAggCoordinator
 
         self.secagg = SecAggCoordinator(self.store, lambda dev, task, data: self.transport.send_secagg(dev, task, data))
+        from .fedbuff import AsyncRounds
+
+        self.asynchronous = AsyncRounds(self)
 
     # ------------------------------------------------------------------------------------ tasks
 
@@ -182,7 +192,14 @@ class Aggregator:
         self.live[task] = live
         return live
 
+    def _is_async(self, task: str) -> bool:
+        return task in self.live and self.live[task].config.strategy == "fedbuff"
+
     def _insert_round(self, db: Any, cfg: TaskConfig, rnd: int, attempt: int, version: int, now: float) -> None:
+        if cfg.strategy == "fedbuff":
+            strategy = self.live[cfg.task].strategy if cfg.task in self.live else cfg.make_strategy()
+            self.asynchronous.insert_round(db, cfg.task, strategy, rnd, version, now)
+            return
         db.execute(
             "INSERT INTO rounds (task, round, attempt, state, model_version, config, checkin_deadline, deadline, "
             "started) VALUES (?, ?, ?, 'checkin', ?, '{}', ?, ?, ?)",
@@ -196,7 +213,8 @@ class Aggregator:
             return
         msg = M.encode(
             M.ANNOUNCE, task=task, round=rnd["round"], attempt=rnd["attempt"], model_version=rnd["model_version"],
-            state=state if state in ("finished", "failed") else rnd["state"] if rnd["state"] in M.ROUND_STATES else "checkin",
+            state=state if state in ("finished", "failed") else "checkin" if self._is_async(task)
+            else rnd["state"] if rnd["state"] in M.ROUND_STATES else "checkin",
             checkin_deadline=rnd["checkin_deadline"], deadline=rnd["deadline"],
         )
         self.transport.broadcast(self.live[task].config.group, task, msg)
@@ -223,6 +241,10 @@ class Aggregator:
             task, rnd_no, attempt = M.key(msg)
             if msg["device"] != device:
                 self.store.count(task if task in self.live else "_all", "spoofed")
+                return
+            if self._is_async(task):
+                self.asynchronous.on_checkin(task, device, msg)
+                self.wake.set()
                 return
             rnd = self.store.current_round(task) if task in self.live else None
             if rnd is None or (rnd["round"], rnd["attempt"]) != (rnd_no, attempt) or rnd["state"] != "checkin":
@@ -291,6 +313,8 @@ class Aggregator:
         h = upd.header
         if h.get("device") != device:
             return "spoofed", task
+        if self._is_async(task):
+            return self.asynchronous.accept(task, device, upd, bytes(payload)), task
         rnd = self.store.current_round(task)
         r_no, attempt = h.get("round"), h.get("attempt")
         if not isinstance(r_no, int) or not isinstance(attempt, int):
@@ -305,8 +329,8 @@ class Aggregator:
             return "unselected", task
         if self.store.one("SELECT 1 FROM updates WHERE task = ? AND round = ? AND device = ?", task, r_no, device):
             return "duplicate", task
-        if self.store.update_count(task, r_no) >= rnd["target"]:
-            return "surplus", task  # over-selection: the target was already reached
+        if self.store.update_count(task, r_no) >= rnd["target"] and self._closing(task, rnd) <= self.clock():
+            return "surplus", task  # over-selection: the target was reached and its grace is over
         with self.store.transaction() as db:  # the update and its counters commit together
             cur = db.execute(
                 "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -330,7 +354,9 @@ class Aggregator:
     def _advance(self, task: str) -> None:
         live, now = self.live[task], self.clock()
         rnd = self.store.current_round(task)
-        if rnd["state"] == "checkin":
+        if self._is_async(task):
+            self.asynchronous.advance(task, rnd, now)
+        elif rnd["state"] == "checkin":
             ins = self.store.checkins(task, rnd["round"], rnd["attempt"])
             want = live.config.checkin_target or 2 * math.ceil(live.config.over_selection * live.config.clients_per_round)
             if len(ins) >= want or now >= rnd["checkin_deadline"]:
@@ -345,10 +371,22 @@ class Aggregator:
                 self._aggregate(task, rnd, now, secure_sum=out)
         elif rnd["state"] == "training":
             got = self.store.update_count(task, rnd["round"])
-            if got >= rnd["target"] or (now >= rnd["deadline"] and got >= rnd["min_count"]):
+            if (got >= len(rnd["selected"]) or (got >= rnd["target"] and now >= self._closing(task, rnd))
+                    or (now >= rnd["deadline"] and got >= rnd["min_count"])):
                 self._aggregate(task, rnd, now)
             elif now >= rnd["deadline"]:
                 self._abandon(task, rnd, now, f"{got} updates by the deadline, minimum {rnd['min_count']}")
+
+    def _closing(self, task: str, rnd: dict[str, Any]) -> float:
+        """When a round that reached its target closes: the target-th arrival + grace x (its time since
+        selection), capped at the deadline; +inf while the target is not reached."""
+        grace = self.live[task].config.over_selection_grace
+        row = self.store.one("SELECT received FROM updates WHERE task = ? AND round = ? ORDER BY received "
+                             "LIMIT 1 OFFSET ?", task, rnd["round"], max(0, rnd["target"] - 1))
+        if row is None:
+            return math.inf
+        selected_at = rnd["deadline"] - self.live[task].config.round_s
+        return min(rnd["deadline"], row[0] + grace * max(0.0, row[0] - selected_at))
 
     def _select(self, task: str, rnd: dict[str, Any], ins: dict[str, int], now: float) -> None:
         live = self.live[task]
@@ -415,20 +453,27 @@ class Aggregator:
         if not all(np.isfinite(v).all() for v in new.values()):
             self._abandon(task, rnd, now, "aggregation produced NaN/inf")
             return
-        version = rnd["model_version"] + 1
         metrics = dict(self.evaluate(task, new)) if self.evaluate else {}
         result = {
             "participants": len(results), "devices": [r.device for r in results],
             "bytes_up": int(sum(r[3] for r in rows)) if secure_sum is None else live.bytes_received,
             "bytes_up_all": live.bytes_received,
             "bytes_down": len(self._task_payload(task, rnd)) * len(rnd["selected"]),
-            "aggregate_s": agg_s, "round_s": now - rnd["started"],
+            "aggregate_s": agg_s, "round_s": now - rnd["started"], "closed_at": now,
             "metrics": metrics, "train_metrics": _mean_metrics(results),
         }
-        accountant = None
         if isinstance(live.strategy, DPStrategy):
             result["epsilon"] = live.strategy.accountant.epsilon()
-            accountant = json.dumps(live.strategy.accountant.to_dict())
+        self._commit_model(task, rnd, new, result, now)
+        log.info("fl: %s round %d aggregated %d updates -> version %d %s", task, rnd["round"], len(results),
+                 rnd["model_version"] + 1, metrics)
+
+    def _commit_model(self, task: str, rnd: dict[str, Any], new: T.Weights, result: dict[str, Any], now: float,
+                      after: Callable[[Any], None] | None = None) -> None:
+        """Store the new global model, close the round and open the next one, in one transaction."""
+        live = self.live[task]
+        version = rnd["model_version"] + 1
+        accountant = json.dumps(live.strategy.accountant.to_dict()) if isinstance(live.strategy, DPStrategy) else None
         state = live.strategy.state()
         with self.store.transaction() as db:
             db.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?)",
@@ -436,12 +481,13 @@ class Aggregator:
             db.execute("UPDATE rounds SET state = 'done', closed = ?, result = ? WHERE task = ? AND round = ? AND attempt = ?",
                        (now, json.dumps(result), task, rnd["round"], rnd["attempt"]))
             self.store.count(task, "rounds_done", conn=db)
+            if after is not None:
+                after(db)
             if rnd["round"] + 1 >= live.config.rounds:
                 db.execute("UPDATE tasks SET state = 'finished' WHERE task = ?", (task,))
             else:
                 self._insert_round(db, live.config, rnd["round"] + 1, 0, version, now)
         live.weights, live.version, live.payload_key, live.bytes_received = new, version, None, 0
-        log.info("fl: %s round %d aggregated %d updates -> version %d %s", task, rnd["round"], len(results), version, metrics)
         if self.on_model:
             self.on_model(task, version, new)
         self._announce(task)

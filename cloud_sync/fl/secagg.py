@@ -272,7 +272,10 @@ class SecAggServer:
         shares = [tuple(r[kind][owner]) for r in self.unmask_replies.values() if owner in r[kind]]
         if len(shares) < self.threshold:
             raise SecAggAbort(f"secagg: {len(shares)} shares of {owner}'s {kind}, threshold {self.threshold}")
-        return shamir_combine(shares, self.threshold).to_bytes(32, "big")
+        secret = shamir_combine(shares, self.threshold)
+        if secret >= 1 << 256:  # honest shares rebuild a 256-bit seed: someone sent bad shares
+            raise SecAggAbort(f"secagg: the shares of {owner}'s {kind} do not rebuild a 256-bit seed")
+        return secret.to_bytes(32, "big")
 
     def unmasked_sum(self) -> np.ndarray:
         """sum(x_u) mod 2^32 over the survivors; SecAggAbort with fewer than t unmask replies."""

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MalformedUpdateError, SecAggAbort, SecAggError
-from .secagg import SecAggClient, SecAggServer
+from .secagg import PRIME, SecAggClient, SecAggServer
 
 SCHEMA = "pf.fl.secagg/1"
 MAX_BYTES = 16 << 20
@@ -41,6 +41,39 @@ CREATE TABLE IF NOT EXISTS secagg_msgs (task TEXT, round INTEGER, attempt INTEGE
 """
 
 
+def _strs(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _str_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+
+
+def _keys(v: Any) -> bool:
+    return isinstance(v, dict) and isinstance(v.get("c_pk"), str) and isinstance(v.get("s_pk"), str)
+
+
+def _share(v: Any) -> bool:
+    """One Shamir share [x, y]: 0 < x < 2**31, 0 <= y < the field prime."""
+    return (isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            and 0 < v[0] < 2**31 and 0 <= v[1] < PRIME)
+
+
+# the shape of each kind's body: checked on arrival, so that a stored body can always be replayed
+_BODIES: dict[str, Callable[[Any], bool]] = {
+    "keys": _keys,
+    "shares": _str_map,
+    "masked": lambda b: isinstance(b, dict) and isinstance(b.get("y"), str),
+    "unmask": lambda b: isinstance(b, dict) and all(
+        isinstance(b.get(k, {}), dict) and all(_share(s) for s in b.get(k, {}).values()) for k in ("b", "s")),
+    "roster": lambda b: isinstance(b, dict) and isinstance(b.get("roster"), dict)
+    and all(_keys(v) for v in b["roster"].values()) and isinstance(b.get("threshold"), int)
+    and not isinstance(b.get("threshold"), bool),
+    "mask": lambda b: isinstance(b, dict) and _strs(b.get("mask_set")) and _str_map(b.get("shares")),
+    "unmask_request": lambda b: isinstance(b, dict) and _strs(b.get("survivors")) and _strs(b.get("dropped")),
+}
+
+
 def encode(task: str, rnd: int, attempt: int, kind: str, body: Any, device: str | None = None) -> bytes:
     msg = {"schema": SCHEMA, "task": task, "round": rnd, "attempt": attempt, "kind": kind, "body": body}
     if device is not None:
@@ -53,7 +86,7 @@ def decode(payload: bytes, kinds: tuple[str, ...]) -> dict[str, Any]:
         raise MalformedUpdateError(f"{SCHEMA}: {len(payload)} bytes, above {MAX_BYTES}")
     try:
         msg = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit integer
         raise MalformedUpdateError(f"{SCHEMA}: not UTF-8 JSON ({exc})") from exc
     if not isinstance(msg, dict) or msg.get("schema") != SCHEMA or msg.get("kind") not in kinds:
         raise MalformedUpdateError(f"{SCHEMA}: wrong schema or kind {msg.get('kind') if isinstance(msg, dict) else None!r}")
@@ -62,6 +95,8 @@ def decode(payload: bytes, kinds: tuple[str, ...]) -> dict[str, Any]:
             raise MalformedUpdateError(f"{SCHEMA}: field {key!r} must be an integer")
     if not isinstance(msg.get("task"), str) or not isinstance(msg.get("body"), (dict, list)):
         raise MalformedUpdateError(f"{SCHEMA}: task or body missing")
+    if not _BODIES[msg["kind"]](msg["body"]):
+        raise MalformedUpdateError(f"{SCHEMA}: the body of a {msg['kind']!r} message has the wrong shape")
     return msg
 
 

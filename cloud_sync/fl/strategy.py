@@ -26,6 +26,7 @@ class ClientResult:
     num_samples: int
     delta: T.Weights
     metrics: dict[str, float] = field(default_factory=dict)
+    staleness: int = 0  # asynchronous rounds: aggregations since the model this update was trained from
 
 
 @dataclass
@@ -43,9 +44,11 @@ class Strategy:
 
     clients_per_round: the target count aggregated per round; over_selection: how many more are asked
     (1.3 = 130%) since some drop out; min_clients: a round closes at its deadline with at least this many.
+    lr_decay: the devices' local learning rate in round r is train["lr"] x lr_decay**r (1.0 = constant).
     """
 
     name = "fedavg"
+    asynchronous = False  # True: the engine runs buffered asynchronous rounds (FedBuff)
 
     def __init__(
         self,
@@ -56,7 +59,10 @@ class Strategy:
         codec: Mapping[str, Any] | None = None,
         server_lr: float = 1.0,
         seed: int = 0,
+        lr_decay: float = 1.0,
     ) -> None:
+        if not 0.0 < lr_decay <= 1.0:
+            raise FLError(f"strategy: lr_decay={lr_decay} must lie in (0, 1]")
         if clients_per_round < 1 or over_selection < 1.0:
             raise FLError(f"strategy: clients_per_round={clients_per_round} must be >= 1 and over_selection >= 1")
         self.clients_per_round = clients_per_round
@@ -68,6 +74,7 @@ class Strategy:
         self.codec = dict(codec or {})
         self.server_lr = server_lr
         self.seed = seed
+        self.lr_decay = lr_decay
 
     # --- selection ------------------------------------------------------------------------------
 
@@ -81,6 +88,8 @@ class Strategy:
         chosen = rng.choice(len(pool), size=want, replace=False).tolist() if want else []
         train = dict(self.train)
         train["seed"] = int(train.get("seed", 0)) * 1_000_003 + round
+        if self.lr_decay != 1.0 and "lr" in train:
+            train["lr"] = float(train["lr"]) * self.lr_decay**round
         return RoundPlan(
             [pool[i] for i in chosen],
             {"train": train, "codec": dict(self.codec), "strategy": self.name},
@@ -118,7 +127,7 @@ class Strategy:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "clients_per_round": self.clients_per_round, "min_clients": self.min_clients,
-                "over_selection": self.over_selection, "server_lr": self.server_lr}
+                "over_selection": self.over_selection, "server_lr": self.server_lr, "lr_decay": self.lr_decay}
 
 
 class FedAvg(Strategy):
@@ -222,36 +231,103 @@ class TrimmedMean(Strategy):
 
 class MultiKrum(Strategy):
     """Blanchard et al. 2017: score each delta by its summed squared distance to its n-f-2 nearest
-    neighbours; average the `m` best (m=None: n - f). f = assumed Byzantine devices (default 20%)."""
+    neighbours; average the `m` best (m=None: n - f). f = assumed Byzantine devices (default 20%).
+
+    byzantine="auto": f adapts to the round's draw. The scores use the most neighbours Krum allows
+    for the round (f_max = (n-3)//2), and the deltas kept are those scoring at most `ratio` x the median
+    score of the best half (an honest majority keeps honest updates in the best half, whose scores are
+    alike; a round that drew more attackers than a fixed f would allow still drops every far-off one).
+    `last_f` reports the f a round used."""
 
     name = "multikrum"
 
-    def __init__(self, byzantine: float = 0.2, m: int | None = None, **kw: Any) -> None:
+    def __init__(self, byzantine: float | str = 0.2, m: int | None = None, ratio: float = 3.0, **kw: Any) -> None:
         super().__init__(**kw)
-        self.byzantine, self.m = byzantine, m
+        if byzantine != "auto" and not (isinstance(byzantine, (int, float)) and 0 <= byzantine < 0.5):
+            raise FLError(f"multikrum: byzantine={byzantine!r} must be 'auto' or a fraction in [0, 0.5)")
+        if ratio <= 1:
+            raise FLError(f"multikrum: ratio={ratio} must be > 1")
+        self.byzantine, self.m, self.ratio = byzantine, m, ratio
+        self.last_f = 0
 
     def select(self, results: Sequence[ClientResult]) -> list[int]:
         mat, _ = _stack(results)
         n = len(results)
-        f = min(int(math.ceil(self.byzantine * n)), max(0, (n - 3) // 2))
+        f_max = max(0, (n - 3) // 2)
+        auto = self.byzantine == "auto"
+        f = f_max if auto else min(int(math.ceil(float(self.byzantine) * n)), f_max)
         sq = (mat * mat).sum(axis=1)
         dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * mat @ mat.T, 0.0)
         k = max(1, n - f - 2)
         scores = np.array([np.sort(np.delete(dist[i], i))[:k].sum() for i in range(n)])
+        order = np.argsort(scores, kind="stable")
+        if auto:
+            anchor = float(np.median(scores[order[: max(1, (n + 1) // 2)]]))
+            keep = [int(i) for i in order if scores[i] <= self.ratio * anchor] or [int(order[0])]
+            self.last_f = n - len(keep)
+            return sorted(keep)
         m = self.m if self.m is not None else n - f
-        return sorted(np.argsort(scores, kind="stable")[: max(1, min(m, n))].tolist())
+        self.last_f = f
+        return sorted(order[: max(1, min(m, n))].tolist())
 
     def combine(self, results: Sequence[ClientResult]) -> T.Weights:
         return super().combine([results[i] for i in self.select(results)])
 
 
+class FedBuff(Strategy):
+    """Nguyen et al. 2022 (buffered asynchronous aggregation): devices train whenever they are available
+    on the newest model they were given; the server aggregates every `buffer_size` (K) updates that
+    arrive, each delta first scaled by s(staleness) = (1 + staleness) ** -staleness_exponent, and drops
+    updates more than `max_staleness` versions old. `concurrency`: devices training at once (default
+    2K). `rule`: how the K scaled deltas are combined (fedavg = sample-weighted mean, or a robust rule
+    with `rule_args`). `statistics`: tensor-name suffixes averaged as values (see is_statistic). Run by
+    the round engine's asynchronous mode (cloud_sync.fl.fedbuff)."""
+
+    name = "fedbuff"
+    asynchronous = True
+
+    def __init__(self, buffer_size: int = 10, concurrency: int | None = None, max_staleness: int = 10,
+                 staleness_exponent: float = 0.5, rule: str = "fedavg", rule_args: Mapping[str, Any] | None = None,
+                 statistics: Sequence[str] = ("running_mean", "running_var"), **kw: Any) -> None:
+        super().__init__(**kw)
+        if buffer_size < 1 or max_staleness < 0 or staleness_exponent < 0:
+            raise FLError(f"fedbuff: buffer_size={buffer_size} must be >= 1, max_staleness and staleness_exponent >= 0")
+        if rule == "fedbuff" or rule not in STRATEGIES:
+            raise FLError(f"fedbuff: rule {rule!r} must be one of {', '.join(sorted(set(STRATEGIES) - {'fedbuff'}))}")
+        self.buffer_size, self.max_staleness, self.staleness_exponent = buffer_size, max_staleness, staleness_exponent
+        self.concurrency = concurrency if concurrency is not None else 2 * buffer_size
+        if self.concurrency < buffer_size:
+            raise FLError(f"fedbuff: concurrency={self.concurrency} must be >= buffer_size={buffer_size}")
+        self.min_clients = min(self.min_clients, buffer_size)
+        self.rule = make_strategy(rule, **dict(rule_args or {}))
+        self.statistics = tuple(statistics)
+
+    def is_statistic(self, name: str) -> bool:
+        """Tensors that are estimates, not trained weights (BatchNorm running mean / variance): they are
+        averaged as the devices' values (base + delta), not stepped by stale deltas, which could push a
+        variance below zero."""
+        return name.rsplit(".", 1)[-1] in self.statistics
+
+    def staleness_weight(self, staleness: int) -> float:
+        return float((1.0 + max(0, staleness)) ** -self.staleness_exponent)
+
+    def combine(self, results: Sequence[ClientResult]) -> T.Weights:
+        return self.rule.combine(results)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "buffer_size": self.buffer_size, "concurrency": self.concurrency,
+                "max_staleness": self.max_staleness, "staleness_exponent": self.staleness_exponent,
+                "rule": self.rule.name}
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, Median, TrimmedMean, MultiKrum)
+    cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, Median, TrimmedMean, MultiKrum, FedBuff)
 }
 
 
 def make_strategy(name: str, **kw: Any) -> Strategy:
-    """A strategy by its name (fedavg, fedprox, fedadam, fedyogi, fedadagrad, median, trimmed_mean, multikrum)."""
+    """A strategy by its name (fedavg, fedprox, fedadam, fedyogi, fedadagrad, median, trimmed_mean, multikrum,
+    fedbuff)."""
     cls = STRATEGIES.get(name)
     if cls is None:
         raise FLError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")

@@ -95,7 +95,7 @@ def from_bytes(
     if HEADER_KEY in meta:
         try:
             header = json.loads(meta[HEADER_KEY])
-        except (TypeError, json.JSONDecodeError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit integer
             raise MalformedUpdateError(f"payload header '{HEADER_KEY}' is not JSON ({exc})") from exc
         if not isinstance(header, dict):
             raise MalformedUpdateError(f"payload header '{HEADER_KEY}' must be a JSON object")
@@ -114,7 +114,7 @@ def peek_header(payload: bytes, max_header_bytes: int = 1 << 20) -> dict[str, An
     try:
         raw = json.loads(bytes(payload[8 : 8 + hlen]).decode("utf-8"))
         header = json.loads((raw.get("__metadata__") or {}).get(HEADER_KEY, "{}"))
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as exc:
+    except (UnicodeDecodeError, ValueError, AttributeError, TypeError, RecursionError) as exc:
         raise MalformedUpdateError(f"payload header is not JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise MalformedUpdateError("payload header must be a JSON object")

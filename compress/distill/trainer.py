@@ -1,5 +1,12 @@
-"""`distill(student, teacher, DistillConfig(...), data)`: train a student on a teacher's outputs (and
-hidden states), or fine-tune it on labels alone when teacher is None."""
+"""`distill(student, teacher, DistillConfig(...), train_data, eval_data=..., metric=...)`: train a student on
+a teacher's outputs (and hidden states), or fine-tune it on labels alone when teacher is None.
+
+train_data / eval_data: `(inputs, labels)` (inputs an array / tensor, a tuple of them or a dict by input
+name; labels may be None) or any iterable / DataLoader of such batches. With eval_data the student is
+scored after every epoch with `metric` ("top1", "cosine", "mse", "module:function" or a callable
+(outputs, labels) -> float; default top1 for integer labels) — or, without labels, by its fidelity to the
+teacher's outputs — and keep_best keeps the best epoch.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +34,11 @@ def as_tensors(data: Data) -> tuple[list[str] | None, list[torch.Tensor], torch.
     """(input names or None, input tensors, labels or None) from (inputs, labels): inputs a dict of
     arrays by input name (a workload's `data(split)`), an array / tensor, or a sequence of them."""
     if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise DistillError("data must be (inputs, labels): e.g. workload.data('train'); labels may be None")
+        if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+            raise DistillError(
+                "data must be (inputs, labels) or an iterable / DataLoader of such batches; labels may be None"
+            )
+        data = _collect(data, "train_data")
     inputs, labels = data
     names = list(inputs) if isinstance(inputs, dict) else None
     items = list(inputs.values()) if isinstance(inputs, dict) else inputs
@@ -44,6 +55,76 @@ def as_tensors(data: Data) -> tuple[list[str] | None, list[torch.Tensor], torch.
     if len(sizes) != 1:
         raise DistillError(f"inputs and labels disagree on the number of rows: {sorted(sizes)}")
     return names, tensors, y
+
+
+def _collect(data: Any, what: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    from compress.quantize.data import collect_eval
+    from pocketfleet import PocketfleetError
+
+    try:
+        return collect_eval(data)
+    except PocketfleetError as exc:
+        raise DistillError(f"{what}: {str(exc).replace('eval_data', what)}") from None
+
+
+def make_evaluate(
+    eval_data: Any, metric: Any = None, teacher: nn.Module | None = None, batch_size: int = 64
+) -> Callable[[nn.Module], float]:
+    """`evaluate(module) -> float` (higher is better) on `eval_data` with `metric`; a lower-is-better metric
+    (mse) is negated. Without labels the module's outputs are compared with the teacher's (fidelity)."""
+    from export.metrics import fidelity, resolve_metric
+    from pocketfleet import PocketfleetError
+
+    _, tensors, labels = as_tensors(eval_data if isinstance(eval_data, (tuple, list)) and len(eval_data) == 2
+                                    else _collect(eval_data, "eval_data"))  # fmt: skip
+    y = labels.numpy() if labels is not None else None
+    if y is None and teacher is None:
+        raise DistillError("eval_data has no labels and there is no teacher to compare with: give (inputs, labels)")
+    try:
+        chosen = resolve_metric(metric) if metric is not None else None
+    except PocketfleetError as exc:
+        raise DistillError(str(exc)) from None
+    if chosen is None and y is not None:
+        chosen = resolve_metric("top1" if y.dtype.kind in "iub" else "cosine")
+
+    def run(module: nn.Module) -> np.ndarray:
+        was = module.training
+        module.eval()
+        outs = []
+        with torch.no_grad():
+            for start in range(0, len(tensors[0]), batch_size):
+                out = module(*(t[start : start + batch_size] for t in tensors))
+                outs.append(_first_tensor(out).detach().cpu().numpy())
+        module.train(was)
+        return np.concatenate(outs)
+
+    reference = run(teacher) if y is None and teacher is not None else None
+
+    def evaluate(module: nn.Module) -> float:
+        out = run(module)
+        if y is None:
+            assert reference is not None
+            return float(fidelity(out, reference)["value"]) if chosen is None else _signed(chosen, out, reference)
+        return _signed(chosen, out, y)
+
+    return evaluate
+
+
+def _signed(metric: Any, outputs: np.ndarray, targets: np.ndarray) -> float:
+    value = float(metric.score(outputs, targets)["value"])
+    return value if metric.higher_is_better else -value
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise DistillError(f"the model returns a {type(out).__name__}, not a tensor (or a tuple / dict of tensors)")
 
 
 class _Capture:
@@ -230,7 +311,7 @@ class Distiller:
         if self.cfg.cache_teacher and key in run.cache:
             return run.cache[key]
         with torch.no_grad():
-            out = self.teacher(*xs)
+            out = _first_tensor(self.teacher(*xs))
         feats = dict(run.t_cap.values) if run.t_cap is not None else {}
         if self.cfg.cache_teacher:
             run.cache[key] = (out, feats)
@@ -273,7 +354,7 @@ class Distiller:
             running, count = 0.0, 0
             for idx in self._epoch_batches(run):
                 xs = self._batch(run.tensors, idx, run.mask_pos, run.gen)
-                out = student(*xs)
+                out = _first_tensor(student(*xs))
                 loss = torch.zeros(())
                 if teacher is not None:
                     t_out, t_feats = self._teacher(run, int(idx[0]) * n + len(idx), xs)
@@ -333,12 +414,18 @@ def distill(
     student: nn.Module,
     teacher: nn.Module | None,
     config: DistillConfig | dict[str, Any],
-    data: Data,
+    train_data: Any,
     evaluate: Callable[[nn.Module], float] | None = None,
     step_hooks: Sequence[Callable[[], None]] = (),
     progress: bool = True,
+    *,
+    eval_data: Any = None,
+    metric: Any = None,
 ) -> nn.Module:
-    """Train `student` (in place) from `teacher` on `data` = (inputs, labels or None); returns it in eval
-    mode. Use `Distiller(...).fit(...)` for the training report."""
-    Distiller(student, teacher, config).fit(data, evaluate, step_hooks, progress)
+    """Train `student` (in place) from `teacher` on `train_data` ((inputs, labels or None), or an iterable /
+    DataLoader of batches); returns it in eval mode. `eval_data` + `metric` (or an `evaluate(module) ->
+    float` of your own) score every epoch for keep_best. Use `Distiller(...).fit(...)` for the report."""
+    if evaluate is None and eval_data is not None:
+        evaluate = make_evaluate(eval_data, metric, teacher)
+    Distiller(student, teacher, config).fit(train_data, evaluate, step_hooks, progress)
     return student

@@ -4,7 +4,10 @@
     cfg = plan_from_sensitivity(sens, model, example_inputs, target_macs=0.5)
     small = prune(model, cfg, example_inputs)
 
-`evaluate(module) -> float` scores a model (higher is better), usually on a validation split. The plan
+`evaluate(module) -> float` scores a model (higher is better), usually on a validation split; or give the
+user's `eval_data=(inputs, labels)` (or a DataLoader of batches) and `metric=` ("top1", "cosine", "mse",
+"module:function" or a callable; mse is negated so higher stays better), or eval_data without labels to
+score fidelity to the unpruned model's outputs. The plan
 is greedy: starting from the unpruned model it repeatedly raises, by `step`, the ratio of the group
 whose predicted metric loss per MAC saved is smallest (losses interpolated from the measured table and
 assumed additive across groups) until the budget is met.
@@ -77,18 +80,28 @@ def _pruned_copy(
 def layer_sensitivity(
     model: nn.Module,
     example_inputs: ExampleInputs,
-    evaluate: Callable[[nn.Module], float],
+    evaluate: Callable[[nn.Module], float] | None = None,
     ratios: Sequence[float] = (0.25, 0.5, 0.75),
     importance: str = "l2",
     round_to: int = 1,
     ignore: Sequence[str] = (),
     data: Sequence[Any] | None = None,
     progress: bool = False,
+    *,
+    eval_data: Any = None,
+    metric: Any = None,
 ) -> Sensitivity:
     """Prune each prunable group alone at each ratio and evaluate (len(groups) x len(ratios) runs).
     With `data` ((inputs, targets) batches) each pruned copy gets its BatchNorm statistics re-estimated
-    first, as `prune` does."""
+    first, as `prune` does. `evaluate` or `eval_data` (+ `metric`) says how a copy is scored."""
     from tqdm.auto import tqdm
+
+    if evaluate is None:
+        if eval_data is None:
+            raise PruneError("layer_sensitivity needs evaluate=(module -> float) or eval_data=(inputs, labels)")
+        from compress.distill.trainer import make_evaluate
+
+        evaluate = make_evaluate(eval_data, metric, teacher=copy.deepcopy(model).eval())
 
     ratios = sorted(check_ratio(r, "sensitivity ratio") for r in ratios)
     if not ratios or ratios[0] <= 0:

@@ -3,8 +3,8 @@
 Every Conv/Linear is wrapped so that its input goes through a uint8 fake quantizer (range from our
 calibration of the folded model, fixed during training) and its weight through a per-channel symmetric
 int8 fake quantizer (scale recomputed from the current weight every step); gradients pass straight
-through. Training uses the workload's train split: cross-entropy on labels, or, for workloads without
-labels, 1 - cosine to the fp32 model's outputs. The weights of the epoch with the best fake-quant
+through. Training uses the model's training rows (a workload's train split; the user's eval_data, else the
+calibration rows): cross-entropy on integer labels, otherwise 1 - cosine to the fp32 model's outputs. The weights of the epoch with the best fake-quant
 metric on the validation split are kept; unwrapping gives an ordinary float model, which is then
 converted exactly like a PTQ model (calibrated again, so the ranges fit the trained weights).
 """
@@ -112,56 +112,57 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def qat_finetune(
-    loaded: Any, cfg: QuantConfig, calib: Mapping[str, np.ndarray], progress: bool = False
+    model: Any, cfg: QuantConfig, calib: Mapping[str, np.ndarray], progress: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Fine-tune `loaded.module` (already BN-folded) with fake quantization; returns (float module, report)."""
+    """Fine-tune `model.module` (a QuantModel, already BN-folded) with fake quantization; returns
+    (float module, report). The kept epoch is the one `model.scorer` rates best."""
     from tqdm.auto import tqdm
 
     from compress.zoo.digits_train import torch_threads
 
-    from .scoring import Scorer
+    from .source import _torch_predict
 
-    wl = loaded.workload
-    order = [s.name for s in wl.inputs]
-    inputs, labels = wl.data("train")
-    teacher = loaded.module.eval()
-    scorer = Scorer(loaded, split="val", threads=cfg.threads)
+    order = [s.name for s in model.input_specs]
+    inputs, labels = model.train_data if model.train_data is not None else (dict(calib), None)
+    if labels is not None and labels.dtype.kind not in "iu":
+        labels = None  # float targets: follow the fp32 model's outputs instead
+    teacher = model.module.eval()
+    scorer = model.scorer
     report: dict[str, Any] = {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "val": []}
     with torch_threads(cfg.threads):
         torch.manual_seed(0)
         ranges = input_ranges(teacher, calib, order, cfg)
-        model = wrap(teacher, ranges, cfg.per_channel)
+        student = wrap(teacher, ranges, cfg.per_channel)
+        fake_quant = _torch_predict(student, model.input_specs, model.output_specs)
 
         def predict(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            model.eval()
-            with torch.no_grad():
-                out = model(*[torch.from_numpy(np.ascontiguousarray(batch[k])) for k in order])
-            return {wl.outputs[0].name: out.numpy()}
+            student.eval()
+            return fake_quant(batch)
 
         best_score = scorer.score_predict(predict)
         report["val"].append(best_score)
-        best_state = copy.deepcopy(model.state_dict())
+        best_state = copy.deepcopy(student.state_dict())
         rows = len(next(iter(inputs.values())))
         steps = max(1, cfg.qat_epochs * math.ceil(rows / cfg.qat_batch_size))
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.qat_lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.qat_lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         gen = torch.Generator().manual_seed(0)
         for _ in tqdm(range(cfg.qat_epochs), desc="qat", unit="epoch", disable=not progress, leave=False):
-            model.train()
-            for mod in model.modules():  # keep BatchNorms that could not be folded in eval mode
+            student.train()
+            for mod in student.modules():  # keep BatchNorms that could not be folded in eval mode
                 if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                     mod.eval()
             order_idx = torch.randperm(rows, generator=gen).numpy()
             for start in range(0, rows, cfg.qat_batch_size):
                 idx = order_idx[start : start + cfg.qat_batch_size]
                 args = [torch.from_numpy(np.ascontiguousarray(inputs[k][idx])) for k in order]
-                out = model(*args)
+                out = _first(student(*args))
                 if labels is not None:
-                    loss = F.cross_entropy(out, torch.from_numpy(labels[idx]))
+                    loss = F.cross_entropy(out, torch.from_numpy(labels[idx]).long())
                 else:
                     with torch.no_grad():
-                        ref = teacher(*args)
-                    loss = (1.0 - F.cosine_similarity(out, ref, dim=-1)).mean()
+                        ref = _first(teacher(*args))
+                    loss = (1.0 - F.cosine_similarity(out.flatten(1), ref.flatten(1), dim=-1)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -170,7 +171,18 @@ def qat_finetune(
             report["val"].append(score)
             better = score > best_score if scorer.higher_is_better else score < best_score
             if better:
-                best_score, best_state = score, copy.deepcopy(model.state_dict())
-        model.load_state_dict(best_state)
+                best_score, best_state = score, copy.deepcopy(student.state_dict())
+        student.load_state_dict(best_state)
     report["best_val"] = best_score
-    return unwrap(model).eval(), report
+    return unwrap(student).eval(), report
+
+
+def _first(out: Any) -> torch.Tensor:
+    """The first tensor output of a forward call (a tuple, a dict or a transformers ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    return out[0]

@@ -1,8 +1,10 @@
-"""The workload metric on a (sub)split, for any predict callable or model file (sensitivity, max_drop).
+"""The metric a quantized candidate is judged by (sensitivity, max_drop, QAT), for any predict callable or
+model file, on fixed rows.
 
-top-1 workloads are scored against their labels; embedding workloads (cosine) against the fp32 model's
-own outputs on the same rows, with the same functions the workloads use (export.evaluate).
-Other metrics fall back to the workload's own evaluation on the whole split.
+Three cases, one class: labels and a metric (the user's `eval_data` and `metric`, or a reference workload's
+split) score `metric(outputs, labels)`; a metric without labels scores `metric(outputs, float outputs)`
+(e.g. cosine of embeddings to the float model's); no metric scores fidelity to the float model's own
+outputs (export.metrics.fidelity: top-1 agreement for [batch, classes] outputs, else cosine). Never skipped.
 """
 
 from __future__ import annotations
@@ -13,44 +15,50 @@ from typing import Any
 
 import numpy as np
 
-from export.evaluate import embedding_fidelity, pick_output, run_batched, top1_accuracy
+from export.evaluate import pick_output, run_batched
+from export.metrics import Metric, fidelity
 
 Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class Scorer:
+    """`score_predict(predict) -> float` and `scorer(path) -> float`: the metric on `inputs`."""
+
     def __init__(
-        self, loaded: Any, split: str = "val", samples: int = 0, batch_size: int = 32, threads: int = 1
-    ):
-        self.loaded, self.split, self.batch_size, self.threads = loaded, split, batch_size, threads
-        wl = loaded.workload
-        inputs, labels = wl.data(split)
-        n = len(next(iter(inputs.values())))
-        take = min(samples, n) if samples else n
-        self.inputs = {k: v[:take] for k, v in inputs.items()}
-        self.labels = labels[:take] if labels is not None else None
-        self.samples = take
-        self.output = wl.outputs[0].name
-        self.metric = wl.metric.name
-        self.higher_is_better = wl.metric.higher_is_better
+        self,
+        inputs: dict[str, np.ndarray],
+        labels: np.ndarray | None,
+        metric: Metric | None,
+        reference: Predict,
+        output: str,
+        batch_size: int = 32,
+        threads: int = 1,
+        split: str = "eval",
+    ) -> None:
+        self.inputs, self.labels, self.reference_predict = inputs, labels, reference
+        self.output, self.batch_size, self.threads, self.split = output, batch_size, threads, split
+        self.samples = len(next(iter(inputs.values())))
+        self._metric = metric
+        self.metric = metric.name if metric is not None else "fidelity"
+        self.higher_is_better = metric.higher_is_better if metric is not None else True
         self._reference: np.ndarray | None = None
 
     def reference(self) -> np.ndarray:
         if self._reference is None:
-            out = run_batched(self.loaded.predict, self.inputs, self.batch_size)
+            out = run_batched(self.reference_predict, self.inputs, self.batch_size)
             self._reference = pick_output(out, self.output)
         return self._reference
 
+    def report(self, predict: Predict) -> dict[str, Any]:
+        """The metric as a dict ({"metric", "value", "n", ...})."""
+        out = pick_output(run_batched(predict, self.inputs, self.batch_size), self.output)
+        if self._metric is None:
+            return fidelity(out, self.reference())
+        target = self.labels if self.labels is not None else self.reference()
+        return self._metric.score(out, target)
+
     def score_predict(self, predict: Predict) -> float:
-        if self.metric == "top1" and self.labels is not None:
-            logits = pick_output(run_batched(predict, self.inputs, self.batch_size), self.output)
-            return float(top1_accuracy(logits, self.labels)["value"])
-        if self.metric == "cosine":
-            emb = pick_output(run_batched(predict, self.inputs, self.batch_size), self.output)
-            return float(embedding_fidelity(emb, self.reference())["value"])
-        return float(
-            self.loaded.workload.evaluate(predict, batch_size=self.batch_size, split=self.split)["value"]
-        )
+        return float(self.report(predict)["value"])
 
     def __call__(self, path: Path) -> float:
         from export.runtimes import load_runtime

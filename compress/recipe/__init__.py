@@ -24,6 +24,20 @@ _EXPORTS = {
     "step_types": "steps",
     "render": "report",
     "write_plot": "plot",
+    # a user's own model (factory + safetensors weights + inputs) and data files, as recipes read them
+    "user_model": "user",
+    "build_module": "user",
+    "load_weights": "user",
+    "save_weights": "user",
+    "parse_input_arg": "user",
+    "UserWorkload": "user",
+    "FactoryError": "user",
+    "WeightsError": "user",
+    "InputSpecError": "user",
+    "DataFileError": "datafiles",
+    "load_file": "datafiles",
+    "load_image_folder": "datafiles",
+    "OnnxSource": "onnx_source",
 }
 
 __all__ = sorted(_EXPORTS)

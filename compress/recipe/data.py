@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,11 +45,12 @@ class RecipeData:
 
     def _load(self, role: str, source: DataSource) -> tuple[Inputs, np.ndarray | None]:
         if role not in self._cache:
-            if source.file is not None:
-                with np.load(Path(source.file), allow_pickle=False) as npz:
-                    arrays = {k: npz[k] for k in npz.files}
-                labels = arrays.pop("labels", None)
-                inputs = {s.name: arrays[s.name].astype(s.dtype, copy=False) for s in self.workload.inputs}
+            if source.file is not None or source.folder is not None:
+                from .user_recipe import load_source
+
+                inputs, labels = load_source(source, list(self.workload.inputs))
+                if role == "calibration":
+                    labels = None
             else:
                 inputs, labels = self.workload.data(source.split)
             if source.samples and source.samples < _rows(inputs):

@@ -77,7 +77,13 @@ def render(report: dict[str, Any]) -> str:
 def render_plan(recipe: dict[str, Any]) -> str:
     """`pocketfleet compress --check`: what the validated recipe will do."""
     model = recipe["model"]
-    source = f"zoo {model['zoo']} (made into DIR/model)" if model["zoo"] else model["path"]
+    if model.get("factory"):
+        source = f"factory {model['factory']}" + (f" with weights {model['weights']}" if model.get("weights") else "")
+        source += f", inputs {', '.join(f'{k} {v}' for k, v in model['inputs'].items())}"
+    elif model.get("onnx"):
+        source = f"onnx {model['onnx']}"
+    else:
+        source = f"zoo {model['zoo']} (made into DIR/model)" if model["zoo"] else model["path"]
     steps = [
         s["type"] + (f" ({s['mode']})" if "mode" in s and s["type"] == "quantize" else "")
         for s in recipe["steps"]

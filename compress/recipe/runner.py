@@ -101,6 +101,9 @@ def run_recipe(
     started = time.perf_counter()
     total = 3 + len(recipe.model_steps) + len(recipe.targets)
     bar = tqdm(total=total, desc="model", unit="stage", file=sys.stderr, disable=not progress, leave=False)
+    if recipe.model.onnx is not None:
+        bar.close()
+        return _run_onnx(recipe, out, started)
     try:
         with _threads(recipe.run.threads):
             model = _load_model(recipe, out)
@@ -115,6 +118,63 @@ def run_recipe(
     from .plot import write_plot
     from .report import write_report
 
+    write_report(report, out / REPORT_FILE)
+    write_plot(report, out / PLOT_FILE)
+    return report
+
+
+def _run_onnx(recipe: Recipe, out: Path, started: float) -> dict[str, Any]:
+    """An existing ONNX file (`[model] onnx`): the file itself is the baseline, and every target (onnx/fp32,
+    checked by load_recipe) is the file packaged with parity of the copy and sample outputs."""
+    from export.metrics import resolve_metric
+    from export.pipeline import package_artifact
+
+    from .onnx_source import OnnxSource
+    from .plot import write_plot
+    from .report import write_report
+    from .user_recipe import load_source
+
+    file = Path(recipe.model.onnx or "")
+    probe = OnnxSource.load(file)
+    rows, labels = None, None
+    for source in (recipe.data.eval, recipe.data.finetune, recipe.data.calibration):
+        if source.file is not None or source.folder is not None:
+            rows, labels = load_source(source, list(probe.input_specs))
+            break
+    metric = resolve_metric(recipe.model.metric) if recipe.model.metric else None
+    src = OnnxSource.load(file, rows=rows, labels=labels, metric=metric, name=recipe.name)
+    steps_dir, art_dir = out / "steps", out / "artifacts"
+    steps_dir.mkdir(exist_ok=True)
+    art_dir.mkdir(exist_ok=True)
+    shutil.copyfile(file, steps_dir / "baseline.onnx")
+    baseline = {"path": str(steps_dir / "baseline.onnx"), "format": "onnx", "dtype": "fp32",
+                "metric": clean_metric(src.evaluate()), **file_costs(file), "latency_ms": None}
+    artifacts, failed = [], []
+    for i, t in enumerate(recipe.targets):
+        model_file = art_dir / f"{t.name}.fp32.onnx"
+        shutil.copyfile(file, model_file)
+        try:
+            res = package_artifact(model_file, src, "onnx", "fp32", art_dir / f"{t.name}.fp32.onnx.pfpkg", name=t.name,
+                                   version=t.version, key=t.key, device=_device_name(t))
+        except PocketfleetError as exc:
+            failed.append({"target": i, "format": t.format, "dtype": t.dtype, "step": None, "error": str(exc)})
+            continue
+        artifacts.append({"target": i, "name": t.name, "version": t.version, "signed": t.key is not None,
+                          "path": str(model_file), "package": str(res.package), "format": "onnx", "dtype": "fp32",
+                          "mode": "export", "metric": clean_metric(res.metric), **file_costs(model_file),
+                          "latency_ms": None, "parity": res.parity.to_dict(), "float_layers": [], "device": None,
+                          "details": {}})  # fmt: skip
+    _time_all([baseline, *artifacts], probe_inputs(src), recipe)
+    report = {
+        "format": REPORT_FORMAT, "recipe": str(recipe.file), "name": recipe.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"workload": recipe.name, "source": "onnx", "path": str(file), "params": baseline["params"]},
+        "metric": {"name": src.metric_name, "higher_is_better": metric.higher_is_better if metric else True},
+        "data": {"rows": len(next(iter(src.rows.values())))}, "baseline": baseline, "steps": [],
+        "artifacts": artifacts, "failed": failed,
+        "host": {"threads": recipe.run.threads, "latency_seconds": recipe.run.latency_seconds},
+        "seconds": round(time.perf_counter() - started, 2), "config": recipe.to_dict(),
+    }  # fmt: skip
     write_report(report, out / REPORT_FILE)
     write_plot(report, out / PLOT_FILE)
     return report
@@ -153,6 +213,8 @@ def _load_model(recipe: Recipe, out: Path) -> LoadedModel:
     from compress.zoo import load_model_dir, make_model_dir
 
     spec = recipe.model
+    if recipe.user is not None and recipe.user.model is not None:
+        return recipe.user.model  # a factory model, built (and its data read) by the recipe check
     if spec.zoo is not None:
         path = make_model_dir(spec.zoo, out / "model", seed=spec.seed, progress=False)
     else:
@@ -186,7 +248,7 @@ def _run(p: Pipeline, bar: Any, started: float) -> dict[str, Any]:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {
             "workload": wl.name,
-            "source": "zoo" if recipe.model.zoo is not None else "path",
+            "source": next(k for k in ("zoo", "path", "factory", "onnx") if getattr(recipe.model, k) is not None),
             "path": str(p.original.path),
             "params": int(sum(x.numel() for x in p.original.module.parameters())),
         },

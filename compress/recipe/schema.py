@@ -24,18 +24,47 @@ TOP_LEVEL = ("name", "description", "model", "data", "run", "steps", "targets")
 
 @dataclass
 class ModelSpec:
-    """The model a recipe starts from: a zoo workload made on the fly (`zoo`) or a model dir (`path`)."""
+    """The model a recipe starts from: a zoo workload made on the fly (`zoo`), a model dir (`path`), the
+    user's own module (`factory = "package.module:callable"` with `kwargs` and a `.safetensors` `weights`
+    file) or an existing ONNX file (`onnx`). A user's model names its `inputs` ({name: {shape, dtype}}; from
+    the graph for ONNX) and its `metric` ("top1", "cosine", "mse" or "module:function")."""
 
     zoo: str | None = None
     path: str | None = None
+    factory: str | None = None
+    onnx: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    metric: str | None = None
+    name: str | None = None
+    preprocessing: str = ""
     seed: int = 0
 
     def validate(self) -> ModelSpec:
-        if (self.zoo is None) == (self.path is None):
-            raise RecipeError('give exactly one of zoo = "<workload>" or path = "<model dir>"')
+        given = [k for k in ("zoo", "path", "factory", "onnx") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise RecipeError(
+                'give exactly one of zoo = "<workload>", path = "<model dir>", factory = "package.module:callable" '
+                f'or onnx = "model.onnx"{" (got " + ", ".join(given) + ")" if given else ""}'
+            )
         if self.seed < 0:
             raise RecipeError(f"ModelSpec.seed must be an integer >= 0, got {self.seed}")
+        user_only = [k for k in ("weights", "metric") if getattr(self, k) is not None]
+        user_only += [k for k in ("kwargs", "inputs") if getattr(self, k)]
+        if not self.is_user and user_only:
+            raise RecipeError(f"{user_only[0]} applies to a factory or onnx model, not to a zoo or path model")
+        if self.onnx is not None and (self.kwargs or self.weights is not None):
+            raise RecipeError("kwargs and weights apply to a factory model; an onnx model carries its weights")
+        if self.factory is not None and not self.inputs:
+            raise RecipeError(
+                "a factory model needs [model.inputs], e.g. image = { shape = [1, 3, 32, 32], dtype = \"float32\" }"
+            )
         return self
+
+    @property
+    def is_user(self) -> bool:
+        return self.factory is not None or self.onnx is not None
 
 
 @dataclass
@@ -46,8 +75,18 @@ class DataSource:
     split: str = "train"
     samples: int = 0
     file: str | None = None
+    labels: str | None = None
+    folder: str | None = None
+    size: list[int] = field(default_factory=list)
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+    scale: float = 1.0 / 255.0
 
     def validate(self) -> DataSource:
+        if self.file is not None and self.folder is not None:
+            raise RecipeError("give file (.npz / .npy) or folder (images), not both")
+        if self.labels is not None and (self.file is None or not self.file.endswith(".npy")):
+            raise RecipeError("labels names an .npy of labels for an .npy file; an .npz carries a 'labels' array")
         if self.split not in SPLITS:
             raise RecipeError(f"DataSource.split must be one of {list(SPLITS)}, got {self.split!r}")
         if self.samples < 0:
@@ -61,7 +100,11 @@ class DataSource:
 class DataSpec:
     calibration: DataSource = field(default_factory=lambda: DataSource(samples=256))
     finetune: DataSource = field(default_factory=DataSource)
+    eval: DataSource = field(default_factory=DataSource)
     seed: int = 0
+
+    def sources(self) -> list[tuple[str, DataSource]]:
+        return [("calibration", self.calibration), ("finetune", self.finetune), ("eval", self.eval)]
 
 
 @dataclass
@@ -118,6 +161,7 @@ class Recipe:
     run: RunSettings
     steps: list[Step]
     targets: list[Target]
+    user: Any = None  # a factory model: its LoadedModel (module, UserWorkload with the data), built by the check
 
     @property
     def model_steps(self) -> list[Step]:
@@ -166,21 +210,33 @@ def _parse(data: dict[str, Any], file: Path) -> Recipe:
     if "model" not in data:
         raise _missing("model")
     model, _ = parse_config(ModelSpec, require_table(data["model"], "model"), "model")
-    workload = _check_model(model, base)
-    wl = _workload(workload)
+    data_table = require_table(data.get("data", {}), "data")
+    user = None
+    if model.is_user:
+        from .user_recipe import check_user_model
+
+        user = check_user_model(model, data_table, base)
+        data_spec = user.data_spec
+        wl = user.model.workload if user.model is not None else None  # an onnx model has no workload
+        workload = wl.name if wl is not None else (model.name or Path(model.onnx or "model").stem)
+    else:
+        workload = _check_model(model, base)
+        wl = _workload(workload)
+        data_spec = _parse_data(data_table, base, wl)
     name = check_type(data.get("name", workload), str, "name")
     description = check_type(data.get("description", ""), str, "description")
-    data_spec = _parse_data(require_table(data.get("data", {}), "data"), base, wl)
     run, _ = parse_config(RunSettings, require_table(data.get("run", {}), "run"), "run")
     steps = _parse_steps(data.get("steps", []), base, workload, wl, data_spec)
     if "targets" not in data:
         raise _missing("targets")
     targets = _parse_targets(data["targets"], base, name)
-    recipe = Recipe(file, name, description, model, workload, data_spec, run, steps, targets)
+    recipe = Recipe(file, name, description, model, workload, data_spec, run, steps, targets, user)
     _check_order(recipe)
     for step in recipe.steps:
         step.check_recipe(recipe)
     _check_targets(recipe)
+    if user is not None:
+        user.check_recipe(recipe)
     return recipe
 
 
@@ -228,16 +284,34 @@ def _resolve(path: str | None, base: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def _parse_data(table: dict[str, Any], base: Path, wl: Any) -> DataSpec:
-    check_keys(table, ("calibration", "finetune", "seed"), "data")
+def parse_data_sources(table: dict[str, Any], base: Path) -> DataSpec:
+    """The [data] table's sources (paths resolved against the recipe's folder; files are not read here)."""
+    check_keys(table, ("calibration", "finetune", "eval", "seed"), "data")
     spec = DataSpec(seed=check_type(table.get("seed", 0), int, "data.seed"))
-    for role, default_samples in (("calibration", 256), ("finetune", 0)):
+    for role, default_samples in (("calibration", 256), ("finetune", 0), ("eval", 0)):
         path = f"data.{role}"
         sub = {"samples": default_samples, **require_table(table.get(role, {}), path)}
         source, _ = parse_config(DataSource, sub, path)
-        if source.file is not None:
-            source.file = str(_check_data_file(_resolve(source.file, base), wl, role, f"{path}.file"))
+        for key in ("file", "labels", "folder"):
+            if getattr(source, key) is not None:
+                setattr(source, key, str(_resolve(getattr(source, key), base)))
         setattr(spec, role, source)
+    return spec
+
+
+def _parse_data(table: dict[str, Any], base: Path, wl: Any) -> DataSpec:
+    spec = parse_data_sources(table, base)
+    if "eval" in table:
+        raise RecipeError(
+            "[data.eval] applies to a factory or onnx model; a zoo model is scored on its workload's test split",
+            "data.eval",
+        )
+    for role, source in spec.sources():
+        path = f"data.{role}"
+        if source.folder is not None or source.labels is not None:
+            raise RecipeError("a zoo model reads .npz files (folder and labels apply to a factory model)", path)
+        if source.file is not None:
+            _check_data_file(Path(source.file), wl, role, f"{path}.file")
     return spec
 
 
@@ -290,6 +364,8 @@ class _LabelCheck:
         self.wl, self.data, self.value = wl, data, None
 
     def __call__(self) -> bool:
+        if self.value is None and self.wl is None:  # an onnx model: no model steps run on it
+            self.value = False
         if self.value is None:
             source = self.data.finetune
             if source.file is not None:

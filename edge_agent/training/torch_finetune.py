@@ -78,31 +78,35 @@ def finetune_torch(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     start, steps, losses = time.perf_counter(), 0, []
-    try:
-        module.train()
-        for _ in range(config.epochs):
-            order = torch.randperm(len(y), generator=gen)
-            for i in range(0, len(order), config.batch_size):
-                idx = order[i : i + config.batch_size]
-                out = module(*[x[idx] for x in xs])
-                loss = loss_fn(out, y[idx])
-                losses.append(loss.item())
-                if config.mu:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                    loss = loss + 0.5 * config.mu * prox
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
+    # dropout draws from torch's global RNG: seed it (in a fork, so the caller's RNG is untouched) or
+    # the same weights, data and seed train to a different model every call
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        try:
+            module.train()
+            for _ in range(config.epochs):
+                order = torch.randperm(len(y), generator=gen)
+                for i in range(0, len(order), config.batch_size):
+                    idx = order[i : i + config.batch_size]
+                    out = module(*[x[idx] for x in xs])
+                    loss = loss_fn(out, y[idx])
+                    losses.append(loss.item())
+                    if config.mu:
+                        prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                        loss = loss + 0.5 * config.mu * prox
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    if config.max_steps and steps >= config.max_steps:
+                        break
                 if config.max_steps and steps >= config.max_steps:
                     break
-            if config.max_steps and steps >= config.max_steps:
-                break
-        module.eval()
-        with torch.no_grad():
-            acc = float((module(*xs).argmax(1) == y).float().mean())
-    finally:
-        torch.set_num_threads(before)
+            module.eval()
+            with torch.no_grad():
+                acc = float((module(*xs).argmax(1) == y).float().mean())
+        finally:
+            torch.set_num_threads(before)
     metrics = {"loss_first": losses[0], "loss_last": losses[-1], "train_accuracy": acc,
                "train_seconds": time.perf_counter() - start}
     return TrainResult(module_weights(module), len(y), steps, metrics)

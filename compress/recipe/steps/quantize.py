@@ -75,7 +75,11 @@ class QuantizeStep(Step):
                 artifacts += [Failure(index, str(exc)) for index, _ in members]
                 continue
             by_format = {a.format: a for a in result.artifacts}
+            dropped = {d["format"]: d["reason"] for d in result.details.get("dropped", [])}
             for index, target in members:
+                if target.format in dropped:  # int8 slower than fp32 on this host: not shipped
+                    artifacts.append(Failure(index, f"int8 dropped: {dropped[target.format]}"))
+                    continue
                 qa = by_format[target.format]
                 if target.key is not None and qa.package is not None:
                     sign_package(qa.package, target.key)
