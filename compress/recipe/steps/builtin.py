@@ -1,3 +1,3 @@
 """Importing this module registers the built-in step types."""
 
-from . import prune, quantize, train  # noqa: F401
+from . import plan, prune, quantize, train  # noqa: F401
