@@ -42,7 +42,7 @@ def main(out, epochs: int = 12, rows: int | None = None) -> dict:
     compress.distill(student, teacher, compress.DistillConfig(epochs=epochs, lr=2e-3, shift=2), train)
     keys = export.generate_keys(out / "keys")
     result = compress.quantize(student, compress.QuantConfig(mode="static", formats=["onnx"]), train[0][:256], out / "q",
-                               eval_data=test, metric="top1", key=keys["private_key"], name="digits-resnet",
+                               eval_data=test, metric="top1", key=keys["private_key"], name="digits-resnet", device="raspberry-pi-4",
                                input_names=["image"], output_names=["logits"])
     agent = Agent(AgentConfig(state_dir=str(out / "agent"), trust=keys["public_key"], listen="127.0.0.1:0",
                               max_batch=len(test[0]))).start()
