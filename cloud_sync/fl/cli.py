@@ -215,6 +215,32 @@ def _store_for(config: str | Path, db: str | None) -> tuple[Any, Path]:
     return RoundStore(path), cfg.state_dir
 
 
+def _wait_registered(db: Path, task: str, pid: int, log: Path, timeout_s: float = 120.0) -> None:
+    """Return once the detached aggregator has registered `task` in its database; FLError with the tail of
+    its log if it exits first or takes longer than `timeout_s`."""
+    import time
+
+    from . import tasks
+    from .errors import FLError
+    from .store import RoundStore
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if db.exists():
+            store = RoundStore(db)
+            try:
+                if store.task(task) is not None:
+                    return
+            finally:
+                store.close()
+        if not tasks.pid_alive(pid):
+            break
+        time.sleep(0.2)
+    tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+    state = "exited" if not tasks.pid_alive(pid) else f"did not register the task within {timeout_s:.0f} s"
+    raise FLError(f"the aggregator for task {task!r} {state}; its log ({log}) ends:\n{tail}")
+
+
 def cmd_fl_run(args: argparse.Namespace) -> int:
     from cloud_sync.client import MqttClient
     from cloud_sync.cloud import CloudConfig
@@ -239,8 +265,9 @@ def cmd_fl_run(args: argparse.Namespace) -> int:
         argv = [*tasks.python_argv(), "run", str(Path(args.taskfile).resolve()), "--config",
                 str(Path(config).resolve()), "--db", str(db.resolve()), "--foreground"]
         pid = tasks.detach(argv, cfg.state_dir, name, Path.cwd())
-        out = {"task": name, "pid": pid, "detached": True, "db": str(db),
-               "log": str(tasks.control_dir(cfg.state_dir) / f"{name}.log")}
+        log = tasks.control_dir(cfg.state_dir) / f"{name}.log"
+        _wait_registered(db, name, pid, log)  # `fl log/ls` right after this see the task
+        out = {"task": name, "pid": pid, "detached": True, "db": str(db), "log": str(log)}
         emit(out, args.json, lambda o: f"task {o['task']} running in the background (pid {o['pid']}); "
              f"follow it with: pocketfleet fl log {o['task']} --follow --config {config}")
         return 0
