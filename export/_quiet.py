@@ -19,6 +19,13 @@ class Captured:
     def tail(self, lines: int = 15) -> str:
         return "\n".join(self.text.strip().splitlines()[-lines:])
 
+    def failure(self, what: str, exc: BaseException, limit: int = 400) -> str:
+        """One error message for a converter failure: `what: ExcType: first line`, then the last lines the
+        converter printed while it was silenced."""
+        text = str(exc).strip()
+        head = text.splitlines()[0][:limit] if text else type(exc).__name__
+        return f"{what}: {type(exc).__name__}: {head}" + (f"\n{self.tail()}" if self.text else "")
+
 
 @contextlib.contextmanager
 def quiet(

@@ -99,11 +99,7 @@ def export_coreml(
         except ExportError:
             raise
         except Exception as exc:
-            head = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
-            raise ExportError(
-                f"coremltools could not convert {path.name} ({dtype}): {type(exc).__name__}: {head}"
-                + (f"\n{log.tail()}" if log.text else "")
-            ) from exc
+            raise ExportError(log.failure(f"coremltools could not convert {path.name} ({dtype})", exc)) from exc
     return path
 
 

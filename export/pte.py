@@ -93,11 +93,7 @@ def export_pte(
         except ExportError:
             raise
         except Exception as exc:
-            head = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
-            raise ExportError(
-                f"ExecuTorch could not export {path.name} ({dtype}): {type(exc).__name__}: {head}"
-                + (f"\n{log.tail()}" if log.text else "")
-            ) from exc
+            raise ExportError(log.failure(f"ExecuTorch could not export {path.name} ({dtype})", exc)) from exc
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buffer)
     return path

@@ -178,10 +178,7 @@ def quantize_tflite(
         except QuantizeError:
             raise
         except Exception as exc:
-            raise QuantizeError(
-                f"ai-edge-quantizer could not quantize the model ({kind}): {type(exc).__name__}: {str(exc)[:300]}"
-                + (f"\n{log.tail()}" if log.text else "")
-            ) from exc
+            raise QuantizeError(log.failure(f"ai-edge-quantizer could not quantize the model ({kind})", exc, 300)) from exc
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(bytes(result.quantized_model))
