@@ -22,6 +22,7 @@ standard-normal floats): fidelity, not accuracy, is what is measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -134,7 +135,7 @@ def aeq_peer(fp32: Path, calib: dict[str, np.ndarray], kind: str, work: Path) ->
         return {label: exc}
 
 
-def run_arch(name: str, work: Path) -> dict[str, Any]:
+def run_arch(name: str, work: Path, steps: tuple[str, ...] = STEPS) -> dict[str, Any]:
     import torch
 
     from compress.prune import PruneConfig, prune
@@ -156,6 +157,8 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
     reference = {n: t.numpy() for n, t in zip(out_names, outs, strict=True)}
 
     def cell(step: str, fn: Any) -> Any:
+        if step not in steps:
+            return None
         t0 = time.perf_counter()
         try:
             value = fn()
@@ -169,6 +172,10 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
 
     fp32_files: dict[str, Path] = {}
 
+    def export_fp32_quiet(fmt: str) -> None:
+        with contextlib.suppress(Exception):  # the int8 cells then say the export failed
+            export_fp32(fmt)
+
     def export_fp32(fmt: str) -> dict[str, Any]:
         path = work / f"{name}.fp32.{'onnx' if fmt == 'onnx' else 'tflite'}"
         res = export_model(module, fmt, "fp32", out=None, example_inputs=examples, input_names=names,
@@ -178,13 +185,20 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
         fp32_files[fmt] = path
         return {"fidelity": fidelity(path, reference, evalr)}
 
-    cell("onnx_fp32", lambda: export_fp32("onnx"))
-    cell("tflite_fp32", lambda: export_fp32("tflite"))
+    # an int8 step needs its fp32 file: asking for it runs that export too
+    for fmt in ("onnx", "tflite"):
+        if f"{fmt}_fp32" in steps:
+            cell(f"{fmt}_fp32", lambda fmt=fmt: export_fp32(fmt))
+        elif any(s.startswith(fmt + "_int8") for s in steps):
+            export_fp32_quiet(fmt)
 
     for kind in ("static", "dynamic"):
-        formats = [f for f in ("onnx", "tflite") if f in fp32_files]
+        if not any(s.endswith(f"int8_{kind}") for s in steps):
+            continue
+        wanted = [f for f in ("onnx", "tflite") if f"{f}_int8_{kind}" in steps]
+        formats = [f for f in wanted if f in fp32_files]
         if not formats:
-            for fmt in ("onnx", "tflite"):
+            for fmt in wanted:
                 cells[f"{fmt}_int8_{kind}"] = {"pass": False, "error": "no fp32 file to quantize (export failed)"}
             continue
         cfg = QuantConfig(mode=kind, formats=formats, calib_samples=CALIB_ROWS, parity_min_agreement=0.0,
@@ -208,6 +222,8 @@ def run_arch(name: str, work: Path) -> dict[str, Any]:
         seconds = round((time.perf_counter() - t0) / len(formats), 1)
         for fmt in ("onnx", "tflite"):
             step = f"{fmt}_int8_{kind}"
+            if step not in steps:
+                continue
             if fmt not in fp32_files:
                 cells[step] = {"pass": False, "error": f"no fp32 {fmt} file to quantize (export failed)"}
                 continue
@@ -331,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     p.add_argument("--archs", nargs="+", choices=sorted(ARCHS), help="these architectures only")
+    p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="these steps only")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None,
                    help="JSON to write (default benchmarks/results/byom.json; byom-quick.json with --quick)")
@@ -346,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         work = Path(tempfile.mkdtemp(prefix=f"pf-byom-{name}-"))
         try:
-            results.append(run_arch(name, work))
+            results.append(run_arch(name, work, tuple(args.steps)))
         except Exception as exc:  # noqa: BLE001 - the architecture itself could not be built
             results.append({"arch": name, "params": 0, "cells": {s: {"pass": False, "error": one_line(exc)} for s in STEPS},
                             "seconds": 0.0})  # fmt: skip
