@@ -224,6 +224,8 @@ class LiteRTRuntime(Runtime):
         self.inputs = [_litert_spec(n, d) for n, d in self._in.items()]
         self.outputs = [_litert_spec(n, d) for n, d in self._out.items()]
         self._model_batch = {n: int(d["shape"][0]) if len(d["shape"]) else 0 for n, d in self._in.items()}
+        self._qin = {n: _Codec(d) for n, d in self._in.items()}
+        self._qout = {n: _Codec(d) for n, d in self._out.items()}
         self._resizable = True  # becomes False after the first failed resize (then we chunk)
 
     def _signature_names(self, din: dict, dout: dict) -> tuple[dict[str, int], dict[str, int]]:
@@ -241,7 +243,7 @@ class LiteRTRuntime(Runtime):
 
     def _invoke(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self.lock:
-            arrays = {n: _quantize(self._in[n], a) for n, a in inputs.items()}
+            arrays = {n: self._qin[n].quantize(a) for n, a in inputs.items()}
             batch = next((a.shape[0] for a in arrays.values() if a.ndim), None)
             model_batch = next(iter(self._model_batch.values()), None)
             if batch is None or batch == model_batch or not model_batch:
@@ -255,7 +257,7 @@ class LiteRTRuntime(Runtime):
         for name, arr in arrays.items():
             it.set_tensor(self._in[name]["index"], arr)
         it.invoke()
-        return {name: _dequantize(d, it.get_tensor(d["index"])) for name, d in self._out.items()}
+        return {name: self._qout[name].dequantize(it.get_tensor(d["index"])) for name, d in self._out.items()}
 
     def _resize(self, batch: int) -> bool:
         """Try to give every input the batch `batch`; on failure restore the model's shapes."""
@@ -299,23 +301,40 @@ def _litert_spec(name: str, d: dict) -> TensorSpec:
     return TensorSpec(name, shape, dtype, quant)
 
 
-def _quantize(d: dict, arr: np.ndarray) -> np.ndarray:
-    want = np.dtype(d["dtype"])
-    if arr.dtype == want:
-        return np.ascontiguousarray(arr)
-    scale, zero_point = d.get("quantization", (0.0, 0))
-    if scale and want.kind in "iu" and arr.dtype.kind == "f":
-        info = np.iinfo(want)
-        q = np.round(arr / scale) + zero_point
-        return np.clip(q, info.min, info.max).astype(want)
-    return np.ascontiguousarray(arr.astype(want))
+class _Codec:
+    """float <-> int8/uint8 for one quantized LiteRT tensor, with its constants worked out once: the
+    conversion is on every call, and rebuilding np.iinfo and numpy scalars there cost more than the int8
+    model saved (digits-cnn: ~45 us of wrapper around a ~17 us XNNPACK int8 invoke, vs ~2 us for fp32)."""
 
+    def __init__(self, d: dict) -> None:
+        self.dtype = np.dtype(d["dtype"])
+        scale, zero_point = d.get("quantization", (0.0, 0))
+        self.quantized = bool(scale) and self.dtype.kind in "iu"
+        if self.quantized:
+            info = np.iinfo(self.dtype)
+            self.scale = np.float32(scale)
+            self.zero_point = np.float32(zero_point)
+            self.lo, self.hi = np.float32(info.min), np.float32(info.max)
 
-def _dequantize(d: dict, arr: np.ndarray) -> np.ndarray:
-    scale, zero_point = d.get("quantization", (0.0, 0))
-    if scale and arr.dtype.kind in "iu":
-        return ((arr.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
-    return arr
+    def quantize(self, arr: np.ndarray) -> np.ndarray:
+        if arr.dtype == self.dtype:
+            return np.ascontiguousarray(arr)
+        if self.quantized and arr.dtype.kind == "f":
+            q = arr / self.scale  # float32 in, float32 out (a multiply by 1/scale rounds halves differently)
+            np.rint(q, out=q)  # round half to even, as LiteRT's own quantize
+            q += self.zero_point
+            np.maximum(q, self.lo, out=q)  # np.clip costs ~5x more on small arrays
+            np.minimum(q, self.hi, out=q)
+            return q.astype(self.dtype)
+        return np.ascontiguousarray(arr.astype(self.dtype))
+
+    def dequantize(self, arr: np.ndarray) -> np.ndarray:
+        if not (self.quantized and arr.dtype.kind in "iu"):
+            return arr
+        out = arr.astype(np.float32)
+        out -= self.zero_point
+        out *= self.scale
+        return out
 
 
 def _pad_batch(arr: np.ndarray, size: int) -> np.ndarray:

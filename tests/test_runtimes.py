@@ -231,3 +231,19 @@ def test_litert_int8_io_is_quantized_and_dequantized_for_the_caller(tmp_path: Pa
     # the storage dtype passes through unchanged
     raw = rt.run({"x": np.array([[2, -3, 7, -3]], np.int8)})["y"]
     np.testing.assert_allclose(raw, [[0.5, 0.0, 1.0, 0.0]], atol=1e-6)
+
+
+def test_litert_codec_matches_the_reference_formula_on_every_grid_point() -> None:
+    from export.runtimes import _Codec
+
+    for dtype, zp in ((np.int8, -3), (np.uint8, 128)):
+        codec = _Codec({"dtype": dtype, "quantization": (0.1, zp)})
+        # halves (round to even) and both saturation ends
+        x = np.concatenate([np.arange(-300, 300) * 0.05, [1e6, -1e6]]).astype(np.float32)
+        info = np.iinfo(dtype)
+        want = np.clip(np.round(x / np.float32(0.1)) + zp, info.min, info.max).astype(dtype)
+        got = codec.quantize(x)
+        assert got.dtype == dtype and np.array_equal(got, want)
+        back = codec.dequantize(got)
+        assert back.dtype == np.float32
+        np.testing.assert_allclose(back, (want.astype(np.float32) - zp) * np.float32(0.1), rtol=1e-6)
