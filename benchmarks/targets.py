@@ -180,6 +180,9 @@ def measure_model(
     probe = work / name / "probe.npz"
     np.savez(probe, **{k: np.ascontiguousarray(v[:1]) for k, v in inputs.items()})
     reference = Recorded(model.predict)
+    for label, (fmt, dtype, path) in files.items():  # a file its runtime refuses is a row with the error
+        if isinstance(path, Path) and fmt in RUNTIME_FORMATS:
+            files[label] = (fmt, dtype, _attempt(lambda p=path: load_runtime(p) and p))
     built = {label: v for label, v in files.items() if isinstance(v[2], Path)}
     runnable = [label for label, (fmt, _, _) in built.items() if fmt in RUNTIME_FORMATS or can_predict()]
     latency = {}
