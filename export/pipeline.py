@@ -234,6 +234,9 @@ def export_model(
     `trainable_head` (ONNX classifiers ending in nn.Linear): the file also outputs `features` (the final
     layer's input) and the package carries that layer as a trainable head (export.head).
 
+    An ONNX model that exports with a dynamic batch by no exporter is exported at a fixed batch as the last
+    resort (export.onnx): a UserWarning, `ExportResult.fixed_batch` and the package's `report.fixed_batch`.
+
     `model_out` also keeps the bare model file. With `out=None` only parity and the metric are computed.
     `progress` shows the stages as a tqdm bar on stderr. `reference` replaces the PyTorch predict (pass
     one `export.Recorded(lm.predict)` to several exports of the same model to run PyTorch only once).

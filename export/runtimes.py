@@ -13,7 +13,8 @@ never handle raw int8 (a caller may still pass the storage dtype; it goes throug
 
 LiteRT models have a fixed batch (usually 1). A larger batch is first tried by resizing the interpreter's
 inputs; when the model cannot be resized (XNNPACK, constant reshapes) the batch is run in chunks of the
-model's batch and the outputs concatenated. The leading dimension of every tensor is the batch.
+model's batch and the outputs concatenated. The leading dimension of every tensor is the batch. An ONNX file
+that export.onnx had to make at a fixed batch (metadata `pocketfleet.fixed_batch`) runs in chunks the same way.
 
 Thread-safety: `Runtime.run` may be called from several threads. onnxruntime's `InferenceSession.run` is
 thread-safe on its own; a LiteRT interpreter is not, so `LiteRTRuntime.run` holds `Runtime.lock` (one
