@@ -70,7 +70,9 @@ def _manifest(package: Path) -> dict:
 
 def test_a_linear_over_a_channels_last_4d_tensor_converts_to_tflite_with_parity(tmp_path: Path):
     module = ChannelsLastMLP().eval()
-    result = export_model(module, "tflite", "fp32", example_inputs=_x(4, 3, 1, 1), parity_inputs=_x(4, 3, 1, 1))
+    result = export_model(
+        module, "tflite", "fp32", example_inputs=_x(4, 3, 1, 1), parity_inputs=_x(4, 3, 1, 1)
+    )
     assert result.parity.passed
     # the converter got a copy sharing the weights; the user's module runs its own forward
     twin, x = flat_linears(module), torch.from_numpy(_x(2, 3, 1, 1))
@@ -95,7 +97,9 @@ def test_swin_exports_to_onnx_with_a_dynamic_batch_through_the_torchscript_expor
 
 def test_a_module_that_only_traces_at_a_fixed_batch_exports_with_that_batch_recorded(tmp_path: Path):
     module = RowLoop().eval()
-    with pytest.warns(UserWarning, match=r"RowLoop does not export to ONNX with a dynamic batch .*fixed batch of 1"):
+    with pytest.warns(
+        UserWarning, match=r"RowLoop does not export to ONNX with a dynamic batch .*fixed batch of 1"
+    ):
         result = export_model(module, "onnx", "fp32", out=tmp_path / "loop.pfpkg", example_inputs=_x(4, 8),
                               model_out=tmp_path / "loop.onnx")  # fmt: skip
     assert result.parity.passed and result.fixed_batch == 1
