@@ -110,7 +110,8 @@ class _Rewriter:
         if token is not None:
             sums = None
             if token[4] is not None:  # the weight as the kernel sees it, summed over its input axis
-                sums = self.add_init((q.astype(np.float32) * scale).sum(axis=0).astype(np.float32), f"{base}__colsum")
+                sums = (q.astype(np.float32) * scale).sum(axis=0).astype(np.float32)
+                sums = self.add_init(sums, f"{base}__colsum")
             self.replaced[id(node)] = _token_matmul(node.name, token, (w_q, w_s, w_zp), bias, outputs, sums)
             return
         if shared is None:
@@ -197,7 +198,8 @@ class _Rewriter:
         return _toposort(self.model)
 
 
-Token = tuple[str, str, str, str, str | None]  # per-token activation: (x_q, x_scale, x_zp, one, x_min or None)
+# per-token activation: (x_q, x_scale, x_zero_point, one, x_min or None)
+Token = tuple[str, str, str, str, str | None]
 
 
 def _token_quantize(rw: _Rewriter, x: str, asymmetric: bool = False) -> tuple[Token, list[onnx.NodeProto]]:

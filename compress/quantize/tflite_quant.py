@@ -256,6 +256,6 @@ def _inline_buffers(model: Any, buf: bytes) -> None:
         if buffer.offset > 1:  # 0 and 1 mean "no data here" in the schema
             end = buffer.offset + buffer.size
             if end > len(buf):
-                raise QuantizeError(f"TFLite buffer at offset {buffer.offset} runs past the file's end ({len(buf)} bytes)")
+                raise QuantizeError(f"TFLite buffer at offset {buffer.offset} runs past the file's end")
             buffer.data = np.frombuffer(buf, np.uint8, buffer.size, buffer.offset).copy()
             buffer.offset, buffer.size = 0, 0
