@@ -125,6 +125,9 @@ def aeq_peer(fp32: Path, calib: dict[str, np.ndarray], kind: str, work: Path) ->
         q.load_quantization_recipe(recipe.static_wi8_ai8() if kind == "static" else recipe.dynamic_wi8_afp32())
         qsvs = None
         if kind == "static":
+            from compress.quantize.tflite_quant import _as_input_dtypes
+
+            calib = _as_input_dtypes(fp32.read_bytes(), calib)  # int64 token ids -> the file's int32 input, as a user would
             rows = [{k: v[i : i + 1] for k, v in calib.items()} for i in range(len(next(iter(calib.values()))))]
             qsvs = q.calibrate({"serving_default": rows})
         result = q.quantize(qsvs)
