@@ -66,13 +66,16 @@ def test_transformers_model_with_shape_dependent_control_flow_is_pruned(build):
     assert plan.graph.leaves == {}  # everything traced: nothing had to be kept whole
     pruned = plan.apply()
     check_batches(model, pruned, x, 5)
-    assert count_params(pruned) < 0.95 * count_params(model)
-    assert count_macs(pruned, x[:2]) < 0.95 * count_macs(model, x[:2])
+    assert count_params(pruned) < 0.7 * count_params(model)
+    assert count_macs(pruned, x[:2]) < 0.7 * count_macs(model, x[:2])
     if build is vit:
         layer = pruned.model.vit.layers[0]
         assert layer.mlp.fc1.out_features == 16 and layer.mlp.fc2.in_features == 16
         assert layer.attention.q_proj.out_features == 16  # heads are reshaped: kept whole
         assert "splits the channel axis" in plan.frozen()["model.vit.layers.0.attention.q_proj"]
+        emb = pruned.model.vit.embeddings  # the hidden size: patch conv, class token, position embeddings
+        assert emb.patch_embeddings.projection.out_channels == 8 and emb.cls_token.shape == (1, 1, 8)
+        assert emb.position_embeddings.shape[-1] == 8 and layer.attention.q_proj.in_features == 8
     else:
         first = pruned.model.mobilenet_v2.conv_stem.first_conv.convolution
         assert first.out_channels == 4  # 8 channels halved

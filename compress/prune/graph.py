@@ -42,6 +42,7 @@ _POINTWISE = {
     "hardtanh", "sqrt", "rsqrt", "exp", "abs", "neg", "clamp", "clamp_", "clip", "dropout", "contiguous",
     "clone", "float", "to", "type_as", "detach", "pow", "leaky_relu", "elu", "softplus", "mish", "erf",
 }  # fmt: skip
+_PARAM_VIEWS = {"expand", "expand_as", "to", "type_as", "contiguous", "clone", "float"}
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "std", "var"}
 _SHAPE_OPS = {"flatten", "reshape", "view", "unsqueeze", "squeeze"}
 _POOL_FUNCS = {
@@ -84,7 +85,7 @@ class Use:
     """How one module touches channel spaces."""
 
     name: str
-    kind: str  # conv | dwconv | linear | norm | embedding | attention
+    kind: str  # conv | dwconv | linear | norm | embedding | attention | rnn | param
     inp: Layout | None = None  # layout of the input channels it reads (None: not prunable)
     out: int | None = None  # space it creates
     heads: int | None = None  # attention: the head space
@@ -439,7 +440,8 @@ class DependencyGraph:
             shape = shape_of(a)
             assert shape is not None
             pos = cdim - (nd - len(shape))
-            if self._lay(a) is None and 0 <= pos < len(shape) and shape[pos] > 1 and shape_out[cdim] > 1:
+            full = self._lay(a) is None and 0 <= pos < len(shape) and shape[pos] > 1 and shape_out[cdim] > 1
+            if full and not self._param_operand(node, a, pos, laid[0]):
                 self._freeze(laid, f"node {node.name!r} combines the channels with a fixed tensor {a.name!r}")
         first = laid[0]
         for lay in laid[1:]:
@@ -449,6 +451,24 @@ class DependencyGraph:
             for s, t in zip(first.spaces, lay.spaces, strict=True):
                 self._union(s, t, node)
         return first.at(cdim)
+
+    def _param_operand(self, node: fx.Node, a: fx.Node, pos: int, lay: Layout) -> bool:
+        """A parameter of the model (a class token, position embeddings), possibly expanded, added to or
+        concatenated with the channels: it is sliced along with them. False when `a` is anything else."""
+        src = a
+        while src.op == "call_method" and src.target in _PARAM_VIEWS and isinstance(src.args[0], fx.Node):
+            src = src.args[0]
+        shape, own = shape_of(a), shape_of(src)
+        if src.op != "get_attr" or shape is None or own is None or lay.expand != 1:
+            return False
+        value = self.model
+        for part in str(src.target).split("."):
+            value = getattr(value, part, None)
+        dim = pos - (len(shape) - len(own))
+        if not isinstance(value, nn.Parameter) or dim < 0 or own[dim] != self.channels(lay):
+            return False
+        self._register(Use(str(src.target), "param", inp=Layout(dim, lay.spaces)), node)
+        return True
 
     def _index(self, node: fx.Node, lay: Layout, shape_in: tuple[int, ...]) -> Layout | None:
         """x[...] with ints, slices, None and Ellipsis: the channels pass when their axis is kept whole."""
@@ -549,6 +569,8 @@ class DependencyGraph:
             return None
         dim = int(dim) % len(shape_out)
         lays = [self._lay(p) for p in parts]
+        if all(lay is None or lay.cdim != dim for lay in lays):  # along another axis: like an add
+            return self._pointwise(node, [p for p in parts if shape_of(p) is not None], shape_out)
         if any(lay is None for lay in lays):
             self._opaque(node, "concatenates channels with a fixed tensor")
             return None
@@ -592,7 +614,7 @@ class DependencyGraph:
                 owners.setdefault(self.find(use.heads), []).append(use.name)
                 owners.setdefault(self.find(use.out), []).append(use.name + ".out")
             if use.inp is not None:
-                bucket = owners if use.kind in ("norm", "dwconv") else consumers
+                bucket = owners if use.kind in ("norm", "dwconv", "param") else consumers
                 for s in use.inp.spaces:
                     bucket.setdefault(self.find(s), []).append(use.name)
         out = []

@@ -44,8 +44,13 @@ def apply_keep(graph: DependencyGraph, keep: dict[int, Any], model: nn.Module | 
         return None if space is None else graph.unit_index(space, keep.get(graph.find(space)))
 
     for use in graph.uses.values():
-        m = model.get_submodule(use.name)
         inp = None if use.inp is None else graph.index(use.inp, keep)
+        if use.kind == "param":  # a parameter combined with the channels (a class token): slice it
+            assert inp is not None and use.inp is not None
+            owner, _, name = use.name.rpartition(".")
+            _slice(model.get_submodule(owner), name, use.inp.cdim, inp)
+            continue
+        m = model.get_submodule(use.name)
         if use.kind == "conv":
             assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
             rows = out_idx(use.out)

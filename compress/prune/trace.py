@@ -65,7 +65,7 @@ def is_attention(module: nn.Module) -> bool:
     )
 
 
-class _DataDependent(fx.proxy.TraceError):
+class DataDependentFlow(fx.proxy.TraceError):
     """Python control flow on tensor values: the graph would hold one branch only."""
 
 
@@ -78,7 +78,7 @@ class ConcreteProxy(fx.Proxy):
 
     def _meta_only(self, what: str) -> None:
         if self.node.meta.get(_DATA, True):
-            raise _DataDependent(
+            raise DataDependentFlow(
                 f"{what} of {self.node.name!r} depends on tensor values (data-dependent control flow)"
             )
 
