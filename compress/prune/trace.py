@@ -207,7 +207,7 @@ class _Tracer(fx.Tracer):
 
     def create_node(
         self, kind: str, target: Any, args: Any, kwargs: Any, name: Any = None, type_expr: Any = None
-    ) -> fx.Node:  # noqa: E501
+    ) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "output":
             return node
