@@ -262,7 +262,7 @@ def full_runner(spec_path: str) -> None:
         mqtt = MqttConfig(host="127.0.0.1", port=spec["port"], client_id=d, username=d, password=f"pw-{d}",
                           reconnect_min_s=0.5, reconnect_max_s=10.0)
         cfg = DeviceConfig(device_id=d, state_dir=str(state), trust=spec["trust"], group=GROUP, mqtt=mqtt,
-                           ota=OtaSettings(window=16, chunk_timeout_s=20.0))
+                           ota=OtaSettings(window=32, chunk_timeout_s=20.0))
         link = DeviceLink(cfg, store=store, install_slots=slots)
         if traffic.rate_hz > 0:  # 0: rollout-only devices (the lightest full device: link + store, no serving)
             served[d] = DeviceTraffic(d, store, state, traffic, inputs, seed=i).start(link.sink)
@@ -530,18 +530,23 @@ def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: 
         res["startup_s"] = round(time.monotonic() - t0, 1)
         time.sleep(8)  # v1 telemetry: the p95 baseline of every device
         abort = ["error_rate>0.05@5", "failure_rate>0.2@3"]
+        pids = {"broker": [broker.proc.pid], "cloud": [w.pid for w in workers], "devices": [p.pid for p in runners.procs]}
         if "rollout" not in skip:
+            cpu0 = {k: _sum_stats(v)["cpu_s"] for k, v in pids.items()}
             t, load0 = time.monotonic(), os.getloadavg()
             out = create_release(reg, state / "artifacts", v2, GROUP, str(trust), plan=parse_stages("1%,10%", 1.0),
                                  abort=abort)
             final = wait_rollout(reg, out["rollout_id"], 1800, ("complete", "aborted", "failed"))
             elapsed = time.monotonic() - t
+            cpu = {k: round(_sum_stats(v)["cpu_s"] - cpu0[k], 1) for k, v in pids.items()}
             stages = [e for e in final["stage_log"] if e["kind"] == "stage_done"]
+            mb_moved = n * v2.stat().st_size / MB
             res["staged_1mb"] = {
                 "package_bytes": v2.stat().st_size, "state": final["state"], "reason": final["reason"],
                 "seconds": round(elapsed, 1), "stages": final["stages"],
                 "stage_done_at_s": [round(e["ts"] - final["created"], 1) for e in stages],
                 "installed": final["counts"].get("installed", 0), "goal_s": 45,
+                "cpu_s": cpu, "cpu_ms_per_device_mb": {k: round(1000 * v / mb_moved, 1) for k, v in cpu.items()},
                 "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(),
                 "bytes_rx_mean": round(sum((d["progress"] or {}).get("bytes_rx", 0) for d in final["devices"])
                                        / max(1, len(final["devices"]))),
@@ -597,9 +602,9 @@ def render(res: dict[str, Any]) -> str:
                   "cloud_cpu_us_per_message", "device_side_kb_per_connection", "bytes_per_device_per_hour",
                   "registry_bytes", "rollup_rows"):
             row(s, k, r.get(k))
-    if "full" in res:
-        r = res["full"]
-        s = f"(b) {r['devices']} full devices"
+    for key in [k for k in res if k.startswith("full") and isinstance(res[k], dict) and "devices" in res[k]]:
+        r = res[key]
+        s = f"(b) {key}: {r['devices']} full devices"
         row(s, "startup_s", r.get("startup_s"))
         row(s, "device_side_mb_per_device", r.get("device_side_mb_per_device"))
         if "staged_1mb" in r:
@@ -607,6 +612,10 @@ def render(res: dict[str, Any]) -> str:
             row(s, "staged 1 MB: state", x["state"])
             row(s, "staged 1 MB: seconds (goal <= 45)", x["seconds"])
             row(s, "staged 1 MB: stages / done at s", f"{x['stages']} / {x['stage_done_at_s']}")
+            if "cpu_ms_per_device_mb" in x:
+                row(s, "staged 1 MB: CPU ms per device MB", x["cpu_ms_per_device_mb"])
+                row(s, "staged 1 MB: wire bytes per device", x["bytes_rx_mean"])
+                row(s, "staged 1 MB: load average start/end", f"{x['loadavg_at_start'][0]:.1f} / {x['loadavg_at_end'][0]:.1f}")
         if "telemetry_abort" in r:
             x = r["telemetry_abort"]
             row(s, "3x slower: state", x["state"])
@@ -626,6 +635,8 @@ def main() -> int:
     ap.add_argument("--full-procs", type=int, default=8)
     ap.add_argument("--full-traffic-hz", type=float, default=1.0,
                     help="requests/s each full device serves (0: rollout-only devices, no serving, no telemetry)")
+    ap.add_argument("--full-key", default="full",
+                    help="the key of the result file that (b) is written under (with --update, others are kept)")
     ap.add_argument("--skip", action="append", default=[], choices=["light", "rollout", "abort"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fleet_scale.json"))
     ap.add_argument("--update", action="store_true",
@@ -661,7 +672,7 @@ def main() -> int:
                                           args.light_workers)
         if not {"rollout", "abort"} <= set(args.skip) and args.full:
             print(f"(b) {args.full} full devices in {args.full_procs} processes", flush=True)
-            res["full"] = scenario_full(work / "full", key, trust, args.full, args.full_procs, args.skip,
+            res[args.full_key] = scenario_full(work / "full", key, trust, args.full, args.full_procs, args.skip,
                                        args.full_traffic_hz)
     finally:
         if not args.workdir:
@@ -669,7 +680,7 @@ def main() -> int:
     res["total_seconds"] = round(time.monotonic() - started, 1)
     if args.update and Path(args.out).exists():
         old = json.loads(Path(args.out).read_text())
-        res = {**old, **{k: v for k, v in res.items() if k in ("light", "full") or k not in old},
+        res = {**old, **{k: v for k, v in res.items() if k in ("light", args.full_key) or k not in old},
                "runs": [*old.get("runs", [{k: old.get(k) for k in ("args", "machine", "total_seconds")}]),
                         {k: res.get(k) for k in ("args", "machine", "total_seconds")}]}
     res["machine"]["loadavg_at_end"] = os.getloadavg()
