@@ -501,7 +501,7 @@ def wait_rollout(reg: Any, rollout_id: str, timeout: float, states: tuple[str, .
 
 
 def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: list[str],
-                  traffic_hz: float = 1.0) -> dict[str, Any]:
+                  traffic_hz: float = 1.0, telemetry_s: float = 2.0) -> dict[str, Any]:
     from cloud_sync.releases import create_release
     from cloud_sync.staged import parse_rate, parse_stages
     from pocketfleet.sim.fleet import make_digits_package
@@ -521,8 +521,10 @@ def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: 
     t0 = time.monotonic()
     runners = Procs(work, "full", devices, procs, {
         "port": broker.port, "root": str(work / "devices"), "trust": str(trust), "seed": str(v1),
-        "traffic": {"rate_hz": traffic_hz, "telemetry_interval_s": 2.0, "drain_interval_s": 1.0, "fold_s": 1.0}})
-    res: dict[str, Any] = {"devices": n, "processes": procs, "cloud_workers": 2, "traffic_hz": traffic_hz}
+        "traffic": {"rate_hz": traffic_hz, "telemetry_interval_s": telemetry_s, "drain_interval_s": 1.0,
+                    "fold_s": 1.0}})
+    res: dict[str, Any] = {"devices": n, "processes": procs, "cloud_workers": 2, "traffic_hz": traffic_hz,
+                           "telemetry_interval_s": telemetry_s}
     if traffic_hz <= 0 and "abort" not in skip:
         raise SystemExit("--full-traffic-hz 0 serves no requests, so there is no telemetry to abort on: add --skip abort")
     try:
@@ -555,7 +557,7 @@ def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: 
             time.sleep(8)  # v2 telemetry: the new baseline
         if "abort" not in skip:
             base = max(1, round(0.02 * n))
-            t = time.monotonic()
+            t, load0 = time.monotonic(), os.getloadavg()
             out = create_release(reg, state / "artifacts", v3, GROUP, str(trust),
                                  plan=parse_rate(f"{base},2", 60.0),
                                  abort=[f"p95_ratio>1.5@{min(5, base)}", *abort])
@@ -570,6 +572,7 @@ def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: 
                 "share_of_fleet": round(reached / n, 4), "goal_share": 0.05,
                 "seconds_to_abort": round(t_abort, 1), "seconds_to_rolled_back": round(time.monotonic() - t, 1),
                 "rolled_back": final["counts"].get("rolled_back", 0),
+                "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(),
                 "abort": aborting.get("abort"),
             }
             print(f"  telemetry abort: {final['state']} at {reached}/{n} devices in {t_abort:.1f} s", flush=True)
@@ -635,6 +638,7 @@ def main() -> int:
     ap.add_argument("--full-procs", type=int, default=8)
     ap.add_argument("--full-traffic-hz", type=float, default=1.0,
                     help="requests/s each full device serves (0: rollout-only devices, no serving, no telemetry)")
+    ap.add_argument("--full-telemetry-s", type=float, default=2.0, help="telemetry interval of each full device")
     ap.add_argument("--full-key", default="full",
                     help="the key of the result file that (b) is written under (with --update, others are kept)")
     ap.add_argument("--skip", action="append", default=[], choices=["light", "rollout", "abort"])
@@ -673,7 +677,7 @@ def main() -> int:
         if not {"rollout", "abort"} <= set(args.skip) and args.full:
             print(f"(b) {args.full} full devices in {args.full_procs} processes", flush=True)
             res[args.full_key] = scenario_full(work / "full", key, trust, args.full, args.full_procs, args.skip,
-                                       args.full_traffic_hz)
+                                       args.full_traffic_hz, args.full_telemetry_s)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
