@@ -56,7 +56,7 @@ def largest(venv: Path, n: int = 6) -> list[tuple[str, float]]:
 
 def package_for(fmt: str, work: Path) -> tuple[Path, Path]:
     """A signed digits-mbnet fp32 package of `fmt` (exported here) and its public key."""
-    from compress.zoo import make_model_dir
+    from compress.zoo import load_model_dir, make_model_dir
     from export import export_model, generate_keys
 
     keys = work / "keys"
@@ -68,7 +68,7 @@ def package_for(fmt: str, work: Path) -> tuple[Path, Path]:
         model = work / "digits-mbnet"
         if not (model / "model.json").exists():
             make_model_dir("digits-mbnet", model, seed=0, progress=False)
-        export_model(model, fmt, "fp32", out=pkg, key=next(keys.glob("*.key")), version=1)
+        export_model(load_model_dir(model), fmt, "fp32", out=pkg, key=next(keys.glob("*.key")), version=1)
     return pkg, pub
 
 

@@ -1,7 +1,7 @@
 """Content-defined chunking of packages for OTA transfer (torch-free).
 
-A release's package is cut with FastCDC (PyPI `fastcdc`) into chunks whose boundaries depend on the
-content, so bytes that did not change between two versions fall into identical chunks even when data
+A release's package is cut by content-defined chunking (Gear hash, normalized sizes: cloud_sync/cdc.py)
+into chunks whose boundaries depend on the content, so bytes that did not change between two versions fall into identical chunks even when data
 before them grew or shrank. Each chunk is named by its SHA-256. The chunk index lists (sha256, size) per
 chunk in order; offsets are cumulative. A device cuts its local packages with the same parameters and
 fetches only the chunks whose hashes it does not have.
@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cloud_sync.cdc import ALGO, cut
 from cloud_sync.errors import ProtocolError
 from cloud_sync.protocol import MAX_CHUNK_BYTES, MAX_INDEX_BYTES
 from pocketfleet.fs import atomic_write_bytes
@@ -34,19 +35,19 @@ _ENTRY = struct.Struct(">32sI")
 
 @dataclass(frozen=True)
 class Chunking:
-    """FastCDC parameters (bytes). `algo` is recorded so the format can grow."""
+    """Chunking parameters (bytes). `algo` is recorded so the format can grow."""
 
     min: int
     avg: int
     max: int
-    algo: str = "fastcdc"
+    algo: str = ALGO
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> Chunking:
-        return cls(int(d["min"]), int(d["avg"]), int(d["max"]), str(d.get("algo", "fastcdc")))  # type: ignore[arg-type]
+        return cls(int(d["min"]), int(d["avg"]), int(d["max"]), str(d.get("algo", ALGO)))  # type: ignore[arg-type]
 
 
 LARGE_PACKAGE = 512 * 1024  # from this size on, chunks are at least LARGE_CHUNK_AVG on average
@@ -113,10 +114,9 @@ class ChunkIndex:
 
 
 def _cdc(view: memoryview | bytes | mmap.mmap, chunking: Chunking) -> Iterator[tuple[int, int, str]]:
-    from fastcdc import fastcdc  # imported here: it prints a notice when its C extension is missing
-
-    for c in fastcdc(view, chunking.min, chunking.avg, chunking.max, fat=False, hf=hashlib.sha256):
-        yield c.offset, c.length, c.hash
+    data = memoryview(view)
+    for offset, length in cut(data, chunking.min, chunking.avg, chunking.max):
+        yield offset, length, hashlib.sha256(data[offset : offset + length]).hexdigest()
 
 
 def _mapped(path: Path) -> tuple[int, mmap.mmap | bytes]:

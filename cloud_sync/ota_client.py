@@ -6,7 +6,7 @@ Flow for one pf.cmd.update/1 command (docs/protocol.md has the messages):
    it was rolled back on this device before, or it is older than what the store has run and carries no
    valid signed rollback authorization. A release already active is reported installed at once.
 2. Fetch the chunk index (its SHA-256 is in the command), then cut the files of the installed versions
-   with the release's FastCDC parameters: every chunk found locally is copied, the rest is requested from
+   with the release's chunking parameters: every chunk found locally is copied, the rest is requested from
    the cloud in a sliding window (optionally under a bandwidth cap). Each chunk is checked against its
    SHA-256 before it is written at its offset in `ota/job.part`; a bad chunk is counted and fetched again.
 3. Progress (which chunks are on disk) is saved in `ota/job.have`, so a disconnect or a restart of the

@@ -168,7 +168,7 @@ def _short(v: Any) -> bool:
 _MODEL_REF = {"name": _f("str", check=lambda v: bool(_NAME_RE.fullmatch(v)), what="a model name"),
               "version": _f("int", check=_nonneg, what=">= 0")}
 _CHUNKING = {
-    "algo": _f("str", check=lambda v: v == "fastcdc", what="'fastcdc'"),
+    "algo": _f("str", check=lambda v: v == "gear32", what="'gear32'"),
     "min": _f("int", check=lambda v: 64 <= v <= MAX_CHUNK_BYTES, what=f"in [64, {MAX_CHUNK_BYTES}]"),
     "avg": _f("int", check=lambda v: 256 <= v <= MAX_CHUNK_BYTES, what=f"in [256, {MAX_CHUNK_BYTES}]"),
     "max": _f("int", check=lambda v: 1024 <= v <= MAX_CHUNK_BYTES, what=f"in [1024, {MAX_CHUNK_BYTES}]"),

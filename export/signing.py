@@ -15,12 +15,9 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
+from export.ed25519 import PublicKey
 from export.errors import (
     BadSignatureError,
     KeyFileError,
@@ -33,8 +30,11 @@ PRIVATE_KEY_FILE = "pocketfleet.key"
 PUBLIC_KEY_FILE = "pocketfleet.pub"
 KEY_ID_HEX = 16
 
-Trust = dict[str, Ed25519PublicKey]
-TrustLike = str | Path | Ed25519PublicKey | Mapping[str, Ed25519PublicKey] | Iterable[Any]
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+Trust = dict[str, PublicKey]
+TrustLike = str | Path | PublicKey | Mapping[str, PublicKey] | Iterable[Any]
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -44,13 +44,16 @@ def canonical_json(obj: Any) -> bytes:
     )
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:KEY_ID_HEX]
+def key_id(public_key: Any) -> str:
+    """The key id of a PublicKey (or a pyca/cryptography Ed25519 key object)."""
+    return hashlib.sha256(PublicKey.of(public_key).raw).hexdigest()[:KEY_ID_HEX]
 
 
 def generate_keys(out_dir: str | Path, overwrite: bool = False) -> dict[str, str]:
     """Write a new Ed25519 key pair into `out_dir`; returns the paths and the key id."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = out / PRIVATE_KEY_FILE, out / PUBLIC_KEY_FILE
@@ -73,6 +76,13 @@ def generate_keys(out_dir: str | Path, overwrite: bool = False) -> dict[str, str
 
 
 def load_private_key(path: str | Path | Ed25519PrivateKey) -> Ed25519PrivateKey:
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    except ImportError as exc:
+        raise KeyFileError(
+            "signing needs the 'cryptography' package (pip install 'pocketfleet[all]'); a device only verifies"
+        ) from exc
     if isinstance(path, Ed25519PrivateKey):
         return path
     path = Path(path)
@@ -87,17 +97,13 @@ def load_private_key(path: str | Path | Ed25519PrivateKey) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(path: str | Path) -> Ed25519PublicKey:
+def load_public_key(path: str | Path) -> PublicKey:
     path = Path(path)
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        pem = path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"cannot read public key {path}: {exc.strerror or exc}") from exc
-    except ValueError as exc:
-        raise KeyFileError(f"{path} is not a PEM public key: {exc}") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path} holds a {type(key).__name__}, expected an Ed25519 public key")
-    return key
+    return PublicKey.from_pem(pem, str(path))
 
 
 def load_trust(trust: TrustLike) -> Trust:
@@ -108,9 +114,10 @@ def load_trust(trust: TrustLike) -> Trust:
     if isinstance(trust, RootTrust):
         return trust  # the live root (it advances in place; see export/trust_root.py)
     if isinstance(trust, Mapping):
-        return dict(trust)
-    if isinstance(trust, Ed25519PublicKey):
-        return {key_id(trust): trust}
+        return {kid: PublicKey.of(k) for kid, k in trust.items()}
+    if isinstance(trust, PublicKey) or hasattr(trust, "public_bytes"):
+        key = PublicKey.of(trust)
+        return {key_id(key): key}
     if isinstance(trust, (str, Path)):
         path = Path(trust)
         if is_root_path(path):
@@ -175,10 +182,6 @@ def verify_bytes(data: bytes, sig_raw: bytes, trust: Trust, where: str) -> str:
         raise UntrustedKeyError(
             f"{where}: signed by key {sig['key_id']}, which is not trusted (trusted: {known})"
         )
-    try:
-        public.verify(sig["signature_bytes"], data)
-    except InvalidSignature as exc:
-        raise BadSignatureError(
-            f"{where}: the signature of manifest.json does not verify with key {sig['key_id']}"
-        ) from exc
+    if not PublicKey.of(public).verify(sig["signature_bytes"], data):
+        raise BadSignatureError(f"{where}: the signature of manifest.json does not verify with key {sig['key_id']}")
     return sig["key_id"]

@@ -28,12 +28,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
+from export.ed25519 import PublicKey
 from export.errors import KeyFileError, VerificationError
-from export.signing import key_id, load_private_key, load_public_key
+from export.signing import canonical_json, key_id, load_private_key, load_public_key
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from tuf.api.metadata import Metadata, Root
 
 log = logging.getLogger("pocketfleet.trust")
@@ -120,22 +120,25 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def _ed25519(key: Any, where: str) -> Ed25519PublicKey:
+def _ed25519(key: Any, where: str) -> PublicKey:
     if key.keytype != "ed25519" or key.scheme != "ed25519":
         raise MalformedRootError(f"{where}: key {key.keyid[:16]}... is {key.keytype}/{key.scheme}, expected ed25519")
     public = key.keyval.get("public") if isinstance(key.keyval, dict) else None
     if not isinstance(public, str) or not re.fullmatch(r"[0-9a-f]{64}", public):
         raise MalformedRootError(f"{where}: key {key.keyid[:16]}... is not a 32-byte hex Ed25519 public key")
-    return Ed25519PublicKey.from_public_bytes(bytes.fromhex(public))
+    return PublicKey(bytes.fromhex(public))
 
 
-def _sslib_key(public: Ed25519PublicKey) -> Any:
+def _sslib_key(public: PublicKey) -> Any:
+    """The TUF key for `public`, with securesystemslib's default key id (SHA-256 of its canonical JSON;
+    the same as SSlibKey.from_crypto, computed here so that a device needs no pyca/cryptography)."""
     from securesystemslib.signer import SSlibKey
 
-    return SSlibKey.from_crypto(public)
+    fields = {"keytype": "ed25519", "scheme": "ed25519", "keyval": {"public": public.raw.hex()}}
+    return SSlibKey(hashlib.sha256(canonical_json(fields)).hexdigest(), **fields)
 
 
-def package_keys(meta: Metadata[Root], where: str = ROOT_FILE) -> dict[str, Ed25519PublicKey]:
+def package_keys(meta: Metadata[Root], where: str = ROOT_FILE) -> dict[str, PublicKey]:
     """pocketfleet key id (16 hex) -> public key, for every key of the package role."""
     root = meta.signed
     keys = (_ed25519(root.keys[k], where) for k in root.roles[PACKAGE_ROLE].keyids)
@@ -191,7 +194,7 @@ def is_root_path(path: str | Path) -> bool:
     return p.suffix == ".json" and p.is_file()
 
 
-class RootTrust(dict[str, Ed25519PublicKey]):
+class RootTrust(dict[str, PublicKey]):
     """The package-signing keys of the current trusted root (a `Trust` dict: key id -> public key).
 
     The dict is updated in place when the root advances, so holders of it (the agent's model store)
@@ -327,12 +330,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # --------------------------------------------------------------------------------------- the signer
 
 
-def _public(key: str | Path | Ed25519PublicKey | Ed25519PrivateKey) -> Ed25519PublicKey:
+def _public(key: str | Path | PublicKey | Ed25519PrivateKey) -> PublicKey:
     """A public key from a .pub file, a private key file, or a key object."""
-    if isinstance(key, Ed25519PublicKey):
-        return key
-    if isinstance(key, Ed25519PrivateKey):
-        return key.public_key()
+    if not isinstance(key, (str, Path)):
+        return PublicKey.of(key)
     path = Path(key)
     try:
         return load_public_key(path)
@@ -344,7 +345,7 @@ def _signer(key: str | Path | Ed25519PrivateKey) -> Any:
     from securesystemslib.signer import CryptoSigner
 
     private = load_private_key(key)
-    return CryptoSigner(private, _sslib_key(private.public_key()))
+    return CryptoSigner(private, _sslib_key(PublicKey.of(private)))
 
 
 def _serialize(meta: Metadata[Root]) -> bytes:
@@ -360,7 +361,7 @@ def _expiry(days: float, now: datetime | None) -> datetime:
 def init_root(
     out_dir: str | Path,
     root_keys: Sequence[str | Path | Ed25519PrivateKey],
-    package_keys_: Sequence[str | Path | Ed25519PublicKey | Ed25519PrivateKey],
+    package_keys_: Sequence[str | Path | PublicKey | Ed25519PrivateKey],
     threshold: int = 1,
     expires_days: float = DEFAULT_ROOT_DAYS,
     now: datetime | None = None,

@@ -40,7 +40,7 @@ VALID = {
     "pf.cmd.update/1": {"cmd_id": HEX16, "rollout_id": HEX16, "phase": "canary", "issued": 1.0, "expires": 2.0,
                         "release": {"release_id": HEX16, "name": "m", "version": 2, "size": 10, "sha256": HEX64,
                                     "chunks": 1, "index_sha256": HEX64, "index_size": 44,
-                                    "chunking": {"algo": "fastcdc", "min": 64, "avg": 256, "max": 1024}}},
+                                    "chunking": {"algo": "gear32", "min": 64, "avg": 256, "max": 1024}}},
     "pf.cmd.rollback/1": {"cmd_id": HEX16, "rollout_id": HEX16, "release_id": HEX16, "name": "m", "version": 1,
                           "issued": 1.0, "expires": 2.0},
     "pf.chunk.request/1": {"release_id": HEX16, "index": False, "again": True, "idx": [0, 1, 2]},

@@ -1,4 +1,4 @@
-"""The wire format without a broker: schemas, frames, chunk indexes, FastCDC reuse, gates, broker files."""
+"""The wire format without a broker: schemas, frames, chunk indexes, content-defined chunk reuse, gates, broker files."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cloud_sync.rollout import evaluate_gates
 REL = {
     "release_id": "0123456789abcdef", "name": "digits", "version": 3, "size": 1000, "sha256": "a" * 64,
     "chunks": 2, "index_sha256": "b" * 64, "index_size": 84,
-    "chunking": {"algo": "fastcdc", "min": 512, "avg": 2048, "max": 8192}, "rollback_auth": None,
+    "chunking": {"algo": "gear32", "min": 512, "avg": 2048, "max": 8192}, "rollback_auth": None,
 }
 
 

@@ -253,6 +253,57 @@ def test_pub_file_trust_directories_still_work(tmp_path: Path, keyring: dict, mo
     assert verify_package(pkg, d).version == 1
 
 
+NO_CRYPTO = NO_TORCH + "BLOCKED = BLOCKED + ('cryptography',)\n"  # the lean device extras lack it
+
+
+def test_a_device_without_cryptography_verifies_packages_and_roots(tmp_path: Path, keyring: dict, model: tuple) -> None:
+    """agent-onnx / agent-tflite leave pyca/cryptography out: verification falls back to pure-Python Ed25519
+    (securesystemslib); a tampered signature, an untrusted and a revoked key are still refused."""
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from securesystemslib.signer import SSlibKey
+
+    from export.ed25519 import PublicKey
+    from export.signing import load_private_key
+    from export.trust_root import _sslib_key
+
+    private = load_private_key(keyring["p1"]["private_key"])
+    assert _sslib_key(PublicKey.of(private)).keyid == SSlibKey.from_crypto(private.public_key()).keyid
+    data = b"manifest bytes"
+    check = f"""
+from export.ed25519 import PublicKey, have_cryptography
+assert not have_cryptography()
+k = PublicKey.from_pem(open({keyring["p1"]["public_key"]!r}, "rb").read(), "p1.pub")
+sig = bytes.fromhex({private.sign(data).hex()!r})
+assert k.verify(sig, {data!r}) and not k.verify(sig, {data!r} + b"x")
+assert not k.verify(bytes.fromhex({Ed25519PrivateKey.generate().sign(data).hex()!r}), {data!r})
+from cloud_sync.fl.secagg import SecAggClient
+from cloud_sync.fl.errors import SecAggError
+try:
+    SecAggClient("d1", 4, 2)
+except SecAggError as exc:
+    print("secagg:", exc)
+"""
+    r = subprocess.run([sys.executable, "-c", NO_CRYPTO + check], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "secure aggregation needs the 'cryptography' package" in r.stdout
+
+    repo = repo_2of3(tmp_path, keyring)
+    dev = device_trust(tmp_path, repo)
+    by_p1 = make_pkg(tmp_path / "p1.pfpkg", model, 1, keyring["p1"]["private_key"])
+    r = cli("verify", str(by_p1), "--trust", str(dev), "--json", prelude=NO_CRYPTO)
+    assert r.returncode == 0 and json.loads(r.stdout)["version"] == 1, r.stderr
+    rotate_root(repo, priv(keyring, "r2", "r3"), add_package_keys=pub(keyring, "p2"),
+                revoke_package_keys=[keyring["p1"]["key_id"]])
+    shutil.copy(repo / "root.2.json", dev / "root.2.json")
+    r = cli("verify", str(by_p1), "--trust", str(dev), "--json", prelude=NO_CRYPTO)
+    assert r.returncode == 4 and "not trusted" in r.stderr + r.stdout
+    r = cli("verify", str(by_p1), "--trust", keyring["p2"]["public_key"], prelude=NO_CRYPTO)
+    assert r.returncode == 4 and "not trusted" in r.stderr + r.stdout
+
+
 @pytest.mark.parametrize("mutate", ["not json", "wrong type", "rsa scheme", "keyid", "package threshold", "sig hex"])
 def test_malformed_root_files_are_refused_with_one_error(tmp_path: Path, keyring: dict, mutate: str) -> None:
     repo = repo_2of3(tmp_path, keyring)

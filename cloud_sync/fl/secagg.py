@@ -27,18 +27,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .codecs import INT8_MAX, stochastic_round
 from .errors import SecAggAbort, SecAggError
 
+try:  # the lean device extras (agent-onnx, agent-tflite) leave cryptography out: no secure aggregation there
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+except ImportError:
+    _HAVE_CRYPTO = False
+else:
+    _HAVE_CRYPTO = True
+
 PRIME = 2**521 - 1  # Mersenne prime field for Shamir shares of 256-bit secrets
-_RAW = serialization.Encoding.Raw
+
+
+def _new_key() -> X25519PrivateKey:
+    if not _HAVE_CRYPTO:
+        raise SecAggError(
+            "secure aggregation needs the 'cryptography' package, which this device's install lacks "
+            "(pip install 'pocketfleet[agent]')"
+        )
+    return X25519PrivateKey.generate()
 
 
 def _b64(data: bytes) -> str:
@@ -123,8 +137,8 @@ class SecAggClient:
     device: str
     length: int
     threshold: int
-    c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
-    s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    c_key: X25519PrivateKey = field(default_factory=_new_key)
+    s_key: X25519PrivateKey = field(default_factory=_new_key)
     self_seed: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     roster: dict[str, dict[str, bytes]] = field(default_factory=dict)
     shares: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # owner -> {"b": , "s": }
@@ -134,8 +148,8 @@ class SecAggClient:
     def advertise(self) -> dict[str, str]:
         return {
             "device": self.device,
-            "c_pk": _b64(self.c_key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)),
-            "s_pk": _b64(self.s_key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)),
+            "c_pk": _b64(self.c_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)),
+            "s_pk": _b64(self.s_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)),
         }
 
     def _aead(self, peer: str) -> AESGCM:
@@ -151,7 +165,7 @@ class SecAggClient:
         self.roster = {d: {k: _unb64(v[k], f"{d}.{k}") for k in ("c_pk", "s_pk")} for d, v in roster.items()}
         order = sorted(self.roster)
         n = len(order)
-        s_raw = self.s_key.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+        s_raw = self.s_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
         b_shares = shamir_split(int.from_bytes(self.self_seed, "big"), n, self.threshold)
         s_shares = shamir_split(int.from_bytes(s_raw, "big"), n, self.threshold)
         out = {}
