@@ -244,7 +244,7 @@ def full_runner(spec_path: str) -> None:
     from cloud_sync.device import DeviceConfig, DeviceLink
     from cloud_sync.ota_client import OtaSettings
     from edge_agent.store import ModelStore
-    from pocketfleet.sim.traffic import DeviceTraffic, TrafficSettings, digits_inputs
+    from pocketfleet.sim.traffic import DeviceTraffic, TrafficPool, TrafficSettings, digits_inputs
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s runner %(name)s %(message)s")
     raise_nofile()
@@ -254,6 +254,7 @@ def full_runner(spec_path: str) -> None:
     traffic = TrafficSettings(**spec["traffic"])
     slots = threading.BoundedSemaphore(2)
     links, served = {}, {}
+    pool = TrafficPool(traffic)  # two threads serve every device of this process (not five per device)
     for i, d in enumerate(spec["devices"]):
         state = Path(spec["root"]) / d
         store = ModelStore(state, spec["trust"])
@@ -265,8 +266,10 @@ def full_runner(spec_path: str) -> None:
                            ota=OtaSettings(window=32, chunk_timeout_s=20.0))
         link = DeviceLink(cfg, store=store, install_slots=slots)
         if traffic.rate_hz > 0:  # 0: rollout-only devices (the lightest full device: link + store, no serving)
-            served[d] = DeviceTraffic(d, store, state, traffic, inputs, seed=i).start(link.sink)
+            served[d] = pool.add(DeviceTraffic(d, store, state, traffic, inputs, seed=i), link.sink)
         links[d] = link.start()
+    if served:
+        pool.start()
     deadline = time.monotonic() + 300
     while not all(link.client.connected for link in links.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -275,10 +278,10 @@ def full_runner(spec_path: str) -> None:
         time.sleep(0.2)
     (control / f"stats-{spec['name']}.json").write_text(json.dumps({
         "rss_mb": proc_stats(os.getpid())["rss_mb"], "cpu_s": proc_stats(os.getpid())["cpu_s"],
-        "devices": len(links), "served": sum(t.served for t in served.values())}))
+        "devices": len(links), "served": pool.served}))
+    if served:
+        pool.stop()
     for d in links:
-        if d in served:
-            served[d].stop()
         links[d].stop()
 
 
