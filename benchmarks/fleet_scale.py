@@ -504,14 +504,15 @@ def wait_rollout(reg: Any, rollout_id: str, timeout: float, states: tuple[str, .
 
 
 def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: list[str],
-                  traffic_hz: float = 1.0, telemetry_s: float = 2.0) -> dict[str, Any]:
+                  traffic_hz: float = 1.0, telemetry_s: float = 2.0, service_ms: float = 5.0,
+                  baseline_s: float = 8.0) -> dict[str, Any]:
     from cloud_sync.releases import create_release
     from cloud_sync.staged import parse_rate, parse_stages
     from pocketfleet.sim.fleet import make_digits_package
 
     devices = [f"dev-{i:04d}" for i in range(n)]
     pk = work / "packages"
-    sim = {"service_ms": 5.0}  # per-request service time: the part a 3x slower model triples
+    sim = {"service_ms": service_ms}  # per-request service time: the part a 3x slower model triples
     v1 = make_digits_package(pk / "v1.pfpkg", 1, key, hidden=32, seed=11, extra={"sim": sim})
     v2 = make_digits_package(pk / "v2-1mb.pfpkg", 2, key, hidden=max(16, MB // BYTES_PER_HIDDEN), seed=12,
                              extra={"sim": sim})
@@ -527,13 +528,14 @@ def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: 
         "traffic": {"rate_hz": traffic_hz, "telemetry_interval_s": telemetry_s, "drain_interval_s": 1.0,
                     "fold_s": 1.0}})
     res: dict[str, Any] = {"devices": n, "processes": procs, "cloud_workers": 2, "traffic_hz": traffic_hz,
-                           "telemetry_interval_s": telemetry_s}
+                           "telemetry_interval_s": telemetry_s, "service_ms": service_ms,
+                           "baseline_s": baseline_s}
     if traffic_hz <= 0 and "abort" not in skip:
         raise SystemExit("--full-traffic-hz 0 serves no requests, so there is no telemetry to abort on: add --skip abort")
     try:
         runners.wait_ready()
         res["startup_s"] = round(time.monotonic() - t0, 1)
-        time.sleep(8)  # v1 telemetry: the p95 baseline of every device
+        time.sleep(baseline_s)  # v1 telemetry: the p95 baseline of every device
         abort = ["error_rate>0.05@5", "failure_rate>0.2@3"]
         pids = {"broker": [broker.proc.pid], "cloud": [w.pid for w in workers], "devices": [p.pid for p in runners.procs]}
         if "rollout" not in skip:
@@ -642,6 +644,10 @@ def main() -> int:
     ap.add_argument("--full-traffic-hz", type=float, default=1.0,
                     help="requests/s each full device serves (0: rollout-only devices, no serving, no telemetry)")
     ap.add_argument("--full-telemetry-s", type=float, default=2.0, help="telemetry interval of each full device")
+    ap.add_argument("--full-service-ms", type=float, default=5.0,
+                    help="service time per request of the good releases (the slow one takes 3x)")
+    ap.add_argument("--full-baseline-s", type=float, default=8.0,
+                    help="seconds of telemetry before the first release (every device's p95 baseline)")
     ap.add_argument("--full-key", default="full",
                     help="the key of the result file that (b) is written under (with --update, others are kept)")
     ap.add_argument("--skip", action="append", default=[], choices=["light", "rollout", "abort"])
@@ -680,7 +686,8 @@ def main() -> int:
         if not {"rollout", "abort"} <= set(args.skip) and args.full:
             print(f"(b) {args.full} full devices in {args.full_procs} processes", flush=True)
             res[args.full_key] = scenario_full(work / "full", key, trust, args.full, args.full_procs, args.skip,
-                                       args.full_traffic_hz, args.full_telemetry_s)
+                                       args.full_traffic_hz, args.full_telemetry_s, args.full_service_ms,
+                                       args.full_baseline_s)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
