@@ -125,6 +125,9 @@ def aeq_peer(fp32: Path, calib: dict[str, np.ndarray], kind: str, work: Path) ->
         q.load_quantization_recipe(recipe.static_wi8_ai8() if kind == "static" else recipe.dynamic_wi8_afp32())
         qsvs = None
         if kind == "static":
+            from compress.quantize.tflite_quant import _as_input_dtypes
+
+            calib = _as_input_dtypes(fp32.read_bytes(), calib)  # int64 token ids -> the file's int32 input, as a user would
             rows = [{k: v[i : i + 1] for k, v in calib.items()} for i in range(len(next(iter(calib.values()))))]
             qsvs = q.calibrate({"serving_default": rows})
         result = q.quantize(qsvs)
@@ -138,7 +141,7 @@ def aeq_peer(fp32: Path, calib: dict[str, np.ndarray], kind: str, work: Path) ->
 def run_arch(name: str, work: Path, steps: tuple[str, ...] = STEPS) -> dict[str, Any]:
     import torch
 
-    from compress.prune import PruneConfig, prune
+    from compress.prune import PruneConfig, plan_pruning
     from compress.quantize import QuantConfig, quantize
     from examples.byom_zoo import ARCHS, rows_like
     from export.pipeline import export_model
@@ -252,41 +255,22 @@ def run_arch(name: str, work: Path, steps: tuple[str, ...] = STEPS) -> dict[str,
             cell(step, measure)
 
     def pruned() -> dict[str, Any]:
-        """Half the channels; when tracing fails in a module, do what the error says (add that module to
-        PruneConfig.ignore, keeping it whole) and try again, up to 8 times; the ignored modules are recorded."""
-        import re
-
-        from compress.prune.errors import PruneTraceError
-
+        """Half the channels of every prunable group. Submodules the tracer cannot follow are kept whole by
+        compress.prune itself (recorded as `kept_whole`); when nothing shrinks, the pruner's own reasons for
+        its frozen groups are the error."""
         ex = tuple(torch.from_numpy(examples[n]) for n in names)
-        ignore: list[str] = []
-        for _ in range(9):
-            try:
-                small = prune(module, PruneConfig(ratio=0.5, ignore=list(ignore)), ex)
-                break
-            except PruneTraceError as exc:
-                hint = re.search(r"Add '([^']+)' to PruneConfig.ignore", str(exc))
-                if hint is None or hint.group(1) in ignore or len(ignore) >= 8:
-                    raise
-                generic = re.sub(r"\.\d+\.", ".*.", hint.group(1))  # the same layer in every block
-                ignore.append(generic if generic != hint.group(1) else hint.group(1))
+        plan = plan_pruning(module, PruneConfig(ratio=0.5), ex)
+        small = plan.apply()
         after = int(sum(p.numel() for p in small.parameters()))
         if after >= params:
-            from torch import nn
-
-            known = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.Embedding,
-                     nn.Dropout, nn.ReLU, nn.GELU, nn.Identity)
-            other = sorted({f"{n} ({type(m).__name__})" for n, m in module.named_modules()
-                            if not list(m.children()) and m is not module and not isinstance(m, known)
-                            and any(True for _ in m.parameters(recurse=False))})
-            raise RuntimeError(f"nothing was pruned: every channel group feeds a layer compress.prune cannot shrink "
-                               f"({', '.join(other[:4]) or 'the outputs'}){'; kept whole: ' + str(ignore) if ignore else ''}")
+            raise RuntimeError(f"nothing was pruned: {plan.why_frozen()}")
         res = export_model(small, "onnx", "fp32", out=None, example_inputs=examples, input_names=names,
                            output_names=out_names, parity_inputs=evalr)
         if not res.parity.passed:
             raise RuntimeError(f"parity of the pruned export out of bounds: {res.parity.to_dict()}")
         return {"params_before": params, "params_after": after, "params_ratio": round(after / params, 3),
-                "ignored": ignore}
+                "macs_ratio": round(plan.macs_after / plan.macs_before, 3) if plan.macs_before else None,
+                "kept_whole": plan.graph.leaves}
 
     cell("prune_export", pruned)
     return {"arch": name, "params": params, "inputs": {n: [list(a.shape[1:]), str(a.dtype)] for n, a in examples.items()},

@@ -244,7 +244,7 @@ def full_runner(spec_path: str) -> None:
     from cloud_sync.device import DeviceConfig, DeviceLink
     from cloud_sync.ota_client import OtaSettings
     from edge_agent.store import ModelStore
-    from pocketfleet.sim.traffic import DeviceTraffic, TrafficSettings, digits_inputs
+    from pocketfleet.sim.traffic import DeviceTraffic, TrafficPool, TrafficSettings, digits_inputs
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s runner %(name)s %(message)s")
     raise_nofile()
@@ -254,6 +254,7 @@ def full_runner(spec_path: str) -> None:
     traffic = TrafficSettings(**spec["traffic"])
     slots = threading.BoundedSemaphore(2)
     links, served = {}, {}
+    pool = TrafficPool(traffic)  # two threads serve every device of this process (not five per device)
     for i, d in enumerate(spec["devices"]):
         state = Path(spec["root"]) / d
         store = ModelStore(state, spec["trust"])
@@ -262,11 +263,13 @@ def full_runner(spec_path: str) -> None:
         mqtt = MqttConfig(host="127.0.0.1", port=spec["port"], client_id=d, username=d, password=f"pw-{d}",
                           reconnect_min_s=0.5, reconnect_max_s=10.0)
         cfg = DeviceConfig(device_id=d, state_dir=str(state), trust=spec["trust"], group=GROUP, mqtt=mqtt,
-                           ota=OtaSettings(window=16, chunk_timeout_s=20.0))
+                           ota=OtaSettings(window=32, chunk_timeout_s=20.0))
         link = DeviceLink(cfg, store=store, install_slots=slots)
         if traffic.rate_hz > 0:  # 0: rollout-only devices (the lightest full device: link + store, no serving)
-            served[d] = DeviceTraffic(d, store, state, traffic, inputs, seed=i).start(link.sink)
+            served[d] = pool.add(DeviceTraffic(d, store, state, traffic, inputs, seed=i), link.sink)
         links[d] = link.start()
+    if served:
+        pool.start()
     deadline = time.monotonic() + 300
     while not all(link.client.connected for link in links.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -275,10 +278,10 @@ def full_runner(spec_path: str) -> None:
         time.sleep(0.2)
     (control / f"stats-{spec['name']}.json").write_text(json.dumps({
         "rss_mb": proc_stats(os.getpid())["rss_mb"], "cpu_s": proc_stats(os.getpid())["cpu_s"],
-        "devices": len(links), "served": sum(t.served for t in served.values())}))
+        "devices": len(links), "served": pool.served}))
+    if served:
+        pool.stop()
     for d in links:
-        if d in served:
-            served[d].stop()
         links[d].stop()
 
 
@@ -501,14 +504,15 @@ def wait_rollout(reg: Any, rollout_id: str, timeout: float, states: tuple[str, .
 
 
 def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: list[str],
-                  traffic_hz: float = 1.0) -> dict[str, Any]:
+                  traffic_hz: float = 1.0, telemetry_s: float = 2.0, service_ms: float = 5.0,
+                  baseline_s: float = 8.0) -> dict[str, Any]:
     from cloud_sync.releases import create_release
     from cloud_sync.staged import parse_rate, parse_stages
     from pocketfleet.sim.fleet import make_digits_package
 
     devices = [f"dev-{i:04d}" for i in range(n)]
     pk = work / "packages"
-    sim = {"service_ms": 5.0}  # per-request service time: the part a 3x slower model triples
+    sim = {"service_ms": service_ms}  # per-request service time: the part a 3x slower model triples
     v1 = make_digits_package(pk / "v1.pfpkg", 1, key, hidden=32, seed=11, extra={"sim": sim})
     v2 = make_digits_package(pk / "v2-1mb.pfpkg", 2, key, hidden=max(16, MB // BYTES_PER_HIDDEN), seed=12,
                              extra={"sim": sim})
@@ -521,27 +525,35 @@ def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: 
     t0 = time.monotonic()
     runners = Procs(work, "full", devices, procs, {
         "port": broker.port, "root": str(work / "devices"), "trust": str(trust), "seed": str(v1),
-        "traffic": {"rate_hz": traffic_hz, "telemetry_interval_s": 2.0, "drain_interval_s": 1.0, "fold_s": 1.0}})
-    res: dict[str, Any] = {"devices": n, "processes": procs, "cloud_workers": 2, "traffic_hz": traffic_hz}
+        "traffic": {"rate_hz": traffic_hz, "telemetry_interval_s": telemetry_s, "drain_interval_s": 1.0,
+                    "fold_s": 1.0}})
+    res: dict[str, Any] = {"devices": n, "processes": procs, "cloud_workers": 2, "traffic_hz": traffic_hz,
+                           "telemetry_interval_s": telemetry_s, "service_ms": service_ms,
+                           "baseline_s": baseline_s}
     if traffic_hz <= 0 and "abort" not in skip:
         raise SystemExit("--full-traffic-hz 0 serves no requests, so there is no telemetry to abort on: add --skip abort")
     try:
         runners.wait_ready()
         res["startup_s"] = round(time.monotonic() - t0, 1)
-        time.sleep(8)  # v1 telemetry: the p95 baseline of every device
+        time.sleep(baseline_s)  # v1 telemetry: the p95 baseline of every device
         abort = ["error_rate>0.05@5", "failure_rate>0.2@3"]
+        pids = {"broker": [broker.proc.pid], "cloud": [w.pid for w in workers], "devices": [p.pid for p in runners.procs]}
         if "rollout" not in skip:
+            cpu0 = {k: _sum_stats(v)["cpu_s"] for k, v in pids.items()}
             t, load0 = time.monotonic(), os.getloadavg()
             out = create_release(reg, state / "artifacts", v2, GROUP, str(trust), plan=parse_stages("1%,10%", 1.0),
                                  abort=abort)
             final = wait_rollout(reg, out["rollout_id"], 1800, ("complete", "aborted", "failed"))
             elapsed = time.monotonic() - t
+            cpu = {k: round(_sum_stats(v)["cpu_s"] - cpu0[k], 1) for k, v in pids.items()}
             stages = [e for e in final["stage_log"] if e["kind"] == "stage_done"]
+            mb_moved = n * v2.stat().st_size / MB
             res["staged_1mb"] = {
                 "package_bytes": v2.stat().st_size, "state": final["state"], "reason": final["reason"],
                 "seconds": round(elapsed, 1), "stages": final["stages"],
                 "stage_done_at_s": [round(e["ts"] - final["created"], 1) for e in stages],
                 "installed": final["counts"].get("installed", 0), "goal_s": 45,
+                "cpu_s": cpu, "cpu_ms_per_device_mb": {k: round(1000 * v / mb_moved, 1) for k, v in cpu.items()},
                 "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(),
                 "bytes_rx_mean": round(sum((d["progress"] or {}).get("bytes_rx", 0) for d in final["devices"])
                                        / max(1, len(final["devices"]))),
@@ -550,7 +562,7 @@ def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: 
             time.sleep(8)  # v2 telemetry: the new baseline
         if "abort" not in skip:
             base = max(1, round(0.02 * n))
-            t = time.monotonic()
+            t, load0 = time.monotonic(), os.getloadavg()
             out = create_release(reg, state / "artifacts", v3, GROUP, str(trust),
                                  plan=parse_rate(f"{base},2", 60.0),
                                  abort=[f"p95_ratio>1.5@{min(5, base)}", *abort])
@@ -565,6 +577,7 @@ def scenario_full(work: Path, key: Path, trust: Path, n: int, procs: int, skip: 
                 "share_of_fleet": round(reached / n, 4), "goal_share": 0.05,
                 "seconds_to_abort": round(t_abort, 1), "seconds_to_rolled_back": round(time.monotonic() - t, 1),
                 "rolled_back": final["counts"].get("rolled_back", 0),
+                "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(),
                 "abort": aborting.get("abort"),
             }
             print(f"  telemetry abort: {final['state']} at {reached}/{n} devices in {t_abort:.1f} s", flush=True)
@@ -597,9 +610,9 @@ def render(res: dict[str, Any]) -> str:
                   "cloud_cpu_us_per_message", "device_side_kb_per_connection", "bytes_per_device_per_hour",
                   "registry_bytes", "rollup_rows"):
             row(s, k, r.get(k))
-    if "full" in res:
-        r = res["full"]
-        s = f"(b) {r['devices']} full devices"
+    for key in [k for k in res if k.startswith("full") and isinstance(res[k], dict) and "devices" in res[k]]:
+        r = res[key]
+        s = f"(b) {key}: {r['devices']} full devices"
         row(s, "startup_s", r.get("startup_s"))
         row(s, "device_side_mb_per_device", r.get("device_side_mb_per_device"))
         if "staged_1mb" in r:
@@ -607,6 +620,10 @@ def render(res: dict[str, Any]) -> str:
             row(s, "staged 1 MB: state", x["state"])
             row(s, "staged 1 MB: seconds (goal <= 45)", x["seconds"])
             row(s, "staged 1 MB: stages / done at s", f"{x['stages']} / {x['stage_done_at_s']}")
+            if "cpu_ms_per_device_mb" in x:
+                row(s, "staged 1 MB: CPU ms per device MB", x["cpu_ms_per_device_mb"])
+                row(s, "staged 1 MB: wire bytes per device", x["bytes_rx_mean"])
+                row(s, "staged 1 MB: load average start/end", f"{x['loadavg_at_start'][0]:.1f} / {x['loadavg_at_end'][0]:.1f}")
         if "telemetry_abort" in r:
             x = r["telemetry_abort"]
             row(s, "3x slower: state", x["state"])
@@ -626,6 +643,13 @@ def main() -> int:
     ap.add_argument("--full-procs", type=int, default=8)
     ap.add_argument("--full-traffic-hz", type=float, default=1.0,
                     help="requests/s each full device serves (0: rollout-only devices, no serving, no telemetry)")
+    ap.add_argument("--full-telemetry-s", type=float, default=2.0, help="telemetry interval of each full device")
+    ap.add_argument("--full-service-ms", type=float, default=5.0,
+                    help="service time per request of the good releases (the slow one takes 3x)")
+    ap.add_argument("--full-baseline-s", type=float, default=8.0,
+                    help="seconds of telemetry before the first release (every device's p95 baseline)")
+    ap.add_argument("--full-key", default="full",
+                    help="the key of the result file that (b) is written under (with --update, others are kept)")
     ap.add_argument("--skip", action="append", default=[], choices=["light", "rollout", "abort"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fleet_scale.json"))
     ap.add_argument("--update", action="store_true",
@@ -661,15 +685,16 @@ def main() -> int:
                                           args.light_workers)
         if not {"rollout", "abort"} <= set(args.skip) and args.full:
             print(f"(b) {args.full} full devices in {args.full_procs} processes", flush=True)
-            res["full"] = scenario_full(work / "full", key, trust, args.full, args.full_procs, args.skip,
-                                       args.full_traffic_hz)
+            res[args.full_key] = scenario_full(work / "full", key, trust, args.full, args.full_procs, args.skip,
+                                       args.full_traffic_hz, args.full_telemetry_s, args.full_service_ms,
+                                       args.full_baseline_s)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     res["total_seconds"] = round(time.monotonic() - started, 1)
     if args.update and Path(args.out).exists():
         old = json.loads(Path(args.out).read_text())
-        res = {**old, **{k: v for k, v in res.items() if k in ("light", "full") or k not in old},
+        res = {**old, **{k: v for k, v in res.items() if k in ("light", args.full_key) or k not in old},
                "runs": [*old.get("runs", [{k: old.get(k) for k in ("args", "machine", "total_seconds")}]),
                         {k: res.get(k) for k in ("args", "machine", "total_seconds")}]}
     res["machine"]["loadavg_at_end"] = os.getloadavg()

@@ -50,14 +50,23 @@ class Chunking:
         return cls(int(d["min"]), int(d["avg"]), int(d["max"]), str(d.get("algo", ALGO)))  # type: ignore[arg-type]
 
 
-def choose_chunking(size: int, target_chunks: int = 64) -> Chunking:
-    """Average chunk ~ size/target_chunks rounded to a power of two, within [2 KiB, 256 KiB].
+LARGE_PACKAGE = 512 * 1024  # from this size on, chunks are at least LARGE_CHUNK_AVG on average
+LARGE_CHUNK_AVG = 64 * 1024
 
-    Small chunks keep a small change small (a new classifier head moves a few KiB); the cap keeps the
-    per-message overhead of large packages low. min = avg/4, max = 4*avg (<= 1 MiB, the frame limit).
+
+def choose_chunking(size: int, target_chunks: int = 64) -> Chunking:
+    """Average chunk ~ size/target_chunks rounded to a power of two, within [2 KiB, 256 KiB], and at least
+    64 KiB for packages of 512 KiB and more.
+
+    Small chunks keep a small change small (a new classifier head moves a few KiB); larger ones cut the
+    per-message cost on every side (cloud publish, broker, device receive and acknowledgement), which is
+    what a large fleet pays for: a 1 MB package moves in ~16 chunks instead of 64 (docs/scale.md). The cap
+    keeps a delta of a large package small. min = avg/4, max = 4*avg (<= 1 MiB, the frame limit).
     """
     raw = max(1, size // max(1, target_chunks))
     avg = 1 << round(math.log2(raw))
+    if size >= LARGE_PACKAGE:
+        avg = max(avg, LARGE_CHUNK_AVG)
     avg = min(max(avg, 2048), 256 * 1024)
     return Chunking(min=avg // 4, avg=avg, max=min(avg * 4, MAX_CHUNK_BYTES))
 

@@ -15,6 +15,9 @@ cloud.toml:
     auto_register = false              # accept devices that announce a group without being provisioned
     again_min_s = 2.0                  # chunk requests: an `again` repeat of a chunk at most once per 2 s
     device_rate_bps = 4194304          # ... and at most this many chunk bytes per second per device
+    multicast_min = 2                  # a chunk asked for by this many devices of a group at once is sent once
+                                       # on the group's multicast topic (0 = unicast only)
+    batch_wait_s = 1.0                 # the chunk service gathers requests this long to find shared chunks
     [mqtt]                             # cloud_sync.config.MqttConfig
     [rollout]                          # cloud_sync.rollout.RolloutConfig
     [broker]                           # files `cloud provision` maintains, and the broker to reload
@@ -49,6 +52,7 @@ from cloud_sync.protocol import (
     dev_filter,
     dev_topic,
     encode_frame,
+    multicast_topic,
     parse_dev_topic,
     valid_id,
 )
@@ -74,6 +78,8 @@ class CloudSettings:
     recent_s: float = 30.0  # a plain repeat of a request for a chunk sent this recently is a redelivery
     again_min_s: float = 2.0  # a chunk asked for `again` is sent to a device at most once per this many seconds
     device_rate_bps: int = 4 << 20  # chunk bytes per second per device (token bucket holding 4 s); 0 = no limit
+    multicast_min: int = 2  # devices of one group asking for a chunk in one batch that make it one multicast
+    batch_wait_s: float = 1.0  # requests gathered per batch of the chunk service (with multicast on)
     lease_s: float = 5.0
 
     def check(self, where: str) -> None:
@@ -81,6 +87,8 @@ class CloudSettings:
             raise ConfigError(f"{where}: worker_id {self.worker_id!r} must be a plain id ([A-Za-z0-9_.-])")
         if self.shared_group and not valid_id(self.shared_group):
             raise ConfigError(f"{where}: shared_group {self.shared_group!r} must be a plain id")
+        if self.multicast_min < 0 or not 0 <= self.batch_wait_s <= 5:
+            raise ConfigError(f"{where}: multicast_min must be >= 0 and batch_wait_s in [0, 5]")
 
 
 @dataclass
@@ -208,7 +216,7 @@ class Cloud:
         self.rollups = Rollups(self.registry, config.telemetry)
         self.console: Any = None
         self._artifacts = _Artifacts(self.registry)
-        self._allowed: set[tuple[str, str]] = set()
+        self._allowed: dict[tuple[str, str], str] = {}  # (device, release) -> the group of its rollout
         self._requests: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._queued: set[tuple[str, str, int]] = set()  # chunks waiting to be sent: repeats are dropped
         self._recent: dict[tuple[str, str, int], float] = {}  # chunks sent lately (request redeliveries)
@@ -449,50 +457,149 @@ class Cloud:
     # ------------------------------------------------------------------------------------ chunk service
 
     def _serve_chunks(self) -> None:
+        """Serve chunk requests in batches: what several devices of a group ask for in one batch goes out once."""
+        wait = self.config.cloud.batch_wait_s if self.config.cloud.multicast_min else 0.0
         while not self._stop.is_set():
             item = self._requests.get()
             if item is None:
                 return
-            device, req = item
-            sent: list[int] = []
-            try:
-                self._answer(device, req, sent)
-            except Exception:  # noqa: BLE001 - a bad request must not stop the service
-                self.counters.add("request_errors")
-                log.exception("chunk request from %s failed", device)
-            finally:
+            batch: list[tuple[str, dict[str, Any]]] = []
+            last = False
+            opened = time.monotonic()
+            while True:
+                if item[1].get("index") and not item[1]["idx"]:
+                    self._serve_batch([item])  # a chunk index waits for no batch
+                else:
+                    batch.append(item)
                 now = time.monotonic()
-                with self._queued_lock:
+                # a batch closes `wait` after it opened, or after 0.2 s without a request, or at 4,096 requests
+                left = min(opened + wait - now, 0.2) if batch else opened + wait - now
+                if left <= 0 or len(batch) >= 4096:
+                    break
+                try:
+                    nxt = self._requests.get(timeout=left)
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    last = True
+                    break
+                item = nxt
+            if batch:
+                self._serve_batch(batch)
+            if last:
+                return
+
+    def _serve_batch(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        sent: list[list[int]] = [[] for _ in batch]
+        try:
+            plan = self._plan(batch)
+            for first in (True, False):  # chunk indexes first (a device needs one before any chunk), then chunks
+                if not first:
+                    self._multicast(batch, plan, sent)
+                for k, (device, req) in enumerate(batch):
+                    if plan[k] is None or plan[k]["index"] != first:  # type: ignore[index]
+                        continue
+                    try:
+                        self._unicast(device, req, plan[k], sent[k])  # type: ignore[arg-type]
+                    except Exception:  # noqa: BLE001 - a bad request must not stop the service
+                        self.counters.add("request_errors")
+                        log.exception("chunk request from %s failed", device)
+        except Exception:  # noqa: BLE001
+            self.counters.add("request_errors")
+            log.exception("a batch of %d chunk requests failed", len(batch))
+        finally:
+            now = time.monotonic()
+            with self._queued_lock:
+                for (device, req), done in zip(batch, sent, strict=True):
                     for i in req["idx"]:
                         self._queued.discard((device, req["release_id"], i))
-                    for i in sent:
+                    for i in done:
                         self._recent[(device, req["release_id"], i)] = now
 
-    def _answer(self, device: str, req: dict[str, Any], sent: list[int]) -> None:
+    def _plan(self, batch: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any] | None]:
+        """Per request: None (refused) or {entry, group, idx (chunks to send), index (send the index)}.
+        Chunks a request may take by multicast (`mc` and not `again`) are listed under `shared` instead."""
+        plan: list[dict[str, Any] | None] = []
+        mc_on = self.config.cloud.multicast_min > 0
+        for device, req in batch:
+            try:
+                rid = req["release_id"]
+                group = self._allowed.get((device, rid))
+                if group is None:
+                    group = self.registry.device_release_group(device, rid)
+                    if group is None:
+                        self.counters.add("requests_refused")
+                        log.warning("device %s asked for release %s, which is not assigned to it", device, rid)
+                        plan.append(None)
+                        continue
+                    self._allowed[(device, rid)] = group
+                entry = self._artifacts.get(rid)
+                if entry is None:
+                    self.counters.add("requests_refused")
+                    plan.append(None)
+                    continue
+                sizes = entry[4]
+                idx, limited = [], 0
+                for i in req["idx"][:MAX_REQUEST_IDX]:
+                    if i >= len(sizes):
+                        self.counters.add("requests_refused")
+                    elif self._take(device, sizes[i]):
+                        idx.append(i)
+                    else:
+                        limited += 1
+                if limited:
+                    self.counters.add("chunks_rate_limited", limited)
+                    log.warning("device %s is over its chunk rate (%d B/s): %d chunk(s) not sent", device,
+                                self.config.cloud.device_rate_bps, limited)
+                shared = mc_on and bool(req.get("mc")) and not req.get("again")
+                plan.append({"entry": entry, "group": group, "index": bool(req.get("index")),
+                             "idx": [] if shared else idx, "shared": idx if shared else []})
+            except Exception:  # noqa: BLE001
+                self.counters.add("request_errors")
+                log.exception("chunk request from %s failed", device)
+                plan.append(None)
+        return plan
+
+    def _multicast(self, batch: list[tuple[str, dict[str, Any]]], plan: list[dict[str, Any] | None],
+                   sent: list[list[int]]) -> None:
+        """A chunk of one release that `multicast_min` devices of one group ask for in this batch is published
+        once on the group's multicast topic; the others go back to their devices' unicast lists."""
+        wanted: dict[tuple[str, str, int], list[int]] = {}
+        for k, p in enumerate(plan):
+            if p is not None:
+                for i in p["shared"]:
+                    wanted.setdefault((p["group"], batch[k][1]["release_id"], i), []).append(k)
+        cfg = self.config.cloud
+        for (group, rid, i), ks in sorted(wanted.items()):
+            if len({batch[k][0] for k in ks}) < cfg.multicast_min:
+                for k in ks:
+                    plan[k]["idx"].append(i)  # type: ignore[index]
+                continue
+            _, fd, _, offsets, sizes = plan[ks[0]]["entry"]  # type: ignore[index]
+            data = os.pread(fd, sizes[i], offsets[i])
+            if self.chunk_filter is not None:
+                data = self.chunk_filter(rid, i, data)
+            self.client.wait_capacity(cfg.chunk_inflight, timeout=30)
+            self.client.publish(multicast_topic(group, rid), encode_frame(FRAME_CHUNK, rid, i, offsets[i], data),
+                                qos=1, expiry_s=cfg.chunk_ttl_s)
+            for k in ks:
+                sent[k].append(i)
+            self.counters.add("chunks_sent")
+            self.counters.add("chunk_bytes_sent", len(data))
+            self.counters.add("chunks_multicast")
+            self.counters.add("chunk_bytes_multicast", len(data))
+            self.counters.add("multicast_deliveries", len(ks))
+
+    def _unicast(self, device: str, req: dict[str, Any], p: dict[str, Any], sent: list[int]) -> None:
         rid = req["release_id"]
-        if (device, rid) not in self._allowed:
-            if not self.registry.device_release_allowed(device, rid):
-                self.counters.add("requests_refused")
-                log.warning("device %s asked for release %s, which is not assigned to it", device, rid)
-                return
-            self._allowed.add((device, rid))
-        entry = self._artifacts.get(rid)
-        if entry is None:
-            self.counters.add("requests_refused")
-            return
-        rel, fd, index_raw, offsets, sizes = entry
+        _, fd, index_raw, offsets, sizes = p["entry"]
         topic = dev_topic(device, "chunk")
         ttl = self.config.cloud.chunk_ttl_s
-        if req.get("index"):
+        if p["index"]:
             self.client.publish(topic, encode_frame(FRAME_INDEX, rid, 0, 0, index_raw), qos=1, expiry_s=ttl)
-        limited = 0
-        for i in req["idx"][:MAX_REQUEST_IDX]:
-            if i >= len(offsets):
-                self.counters.add("requests_refused")
-                continue
-            if not self._take(device, sizes[i]):
-                limited += 1
-                continue
+            p["index"] = False
+            return  # its chunks (if it asked for any) go with the others, after the multicast
+        for i in sorted(p["idx"]):
             data = os.pread(fd, sizes[i], offsets[i])
             if self.chunk_filter is not None:
                 data = self.chunk_filter(rid, i, data)
@@ -501,10 +608,6 @@ class Cloud:
             sent.append(i)
             self.counters.add("chunks_sent")
             self.counters.add("chunk_bytes_sent", len(data))
-        if limited:
-            self.counters.add("chunks_rate_limited", limited)
-            log.warning("device %s is over its chunk rate (%d B/s): %d chunk(s) not sent", device,
-                        self.config.cloud.device_rate_bps, limited)
 
     # ---------------------------------------------------------------------------------------- controller
 

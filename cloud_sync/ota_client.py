@@ -47,6 +47,7 @@ from cloud_sync.protocol import (
     decode_frame,
     dev_topic,
     encode,
+    is_multicast_topic,
 )
 from pocketfleet.fs import atomic_write_bytes, atomic_write_json
 
@@ -63,6 +64,7 @@ class OtaSettings:
     bandwidth_bps: int = 0  # average cap on requested chunk bytes per second (0 = none)
     max_package_bytes: int = 1 << 30
     progress_every_s: float = 5.0
+    multicast: bool = True  # take a release's chunks from its group multicast topic when the command names one
 
     def check(self, where: str) -> None:
         from cloud_sync.errors import ConfigError
@@ -105,6 +107,9 @@ class OtaClient:
         self._seq = int(time.time() * 1000)
         self.last_report: dict[str, Any] | None = None
         self.reports: list[dict[str, Any]] = []  # in-memory history (tests, demo)
+        # the download on disk is picked up before the client connects: chunks the broker kept for the
+        # persistent session arrive first thing and must find their job, or they are dropped and refetched
+        self._resume_job()
         client.subscribe(dev_topic(device_id, "cmd"), self._on_cmd, qos=1)
         client.subscribe(dev_topic(device_id, "chunk"), self._on_chunk, qos=1)
 
@@ -136,7 +141,8 @@ class OtaClient:
     # -------------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> OtaClient:
-        self._resume_job()
+        if self._job is None:  # started again after stop()
+            self._resume_job()
         self._thread = threading.Thread(target=self._run, name=f"{self.device}-ota", daemon=True)
         self._thread.start()
         return self
@@ -275,8 +281,8 @@ class OtaClient:
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._wake:
-                if not self._cmds and not self._kick:
-                    self._wake.wait(0.5)
+                if not self._cmds and not self._kick:  # idle: commands, reconnects and stop() notify
+                    self._wake.wait(0.5 if self._job is not None else 5.0)
                 self._kick = False
                 cmd = self._cmds.popleft() if self._cmds else None
             if self._stop.is_set():
@@ -323,6 +329,24 @@ class OtaClient:
             self._kick = True
         self._report("accepted", cmd)
 
+    def _join_multicast(self, job: OtaJob) -> None:
+        """Subscribe to the release's group multicast topic (named in the command) for this download.
+
+        Joined with the first chunk request (SUBSCRIBE goes out before it on the same connection, so the
+        broker has it when the cloud answers) and left when every chunk is here: a device takes the
+        multicast only while it lacks chunks. What arrives there is handled like a unicast chunk:
+        verified against the chunk index whose SHA-256 the device's own command carries."""
+        topic = job.cmd.get("multicast")
+        if not self.settings.multicast or job.mc_topic or not is_multicast_topic(topic, job.release_id):
+            return
+        job.mc_topic, job.mc = topic, True
+        self.client.subscribe(topic, self._on_chunk, qos=1)
+
+    def _leave_multicast(self, job: OtaJob) -> None:
+        if job.mc_topic:
+            self.client.unsubscribe(job.mc_topic)
+            job.mc_topic, job.mc = None, False
+
     def _admit(self, cmd: dict[str, Any]) -> bool | None:
         """Checks before downloading: returns allow_downgrade, None when already active; Refused otherwise."""
         return admit(cmd, self.store, self.settings.max_package_bytes, self._state["revoked"],
@@ -360,6 +384,7 @@ class OtaClient:
         with self._lock:
             job, self._job = self._job, None
         if job is not None:
+            self._leave_multicast(job)
             job.close()
         self._clear_job_files()
 
@@ -388,6 +413,7 @@ class OtaClient:
             if job.outstanding and now - job.last_progress > max(s.chunk_timeout_s, 4 * job.rtt):
                 retry += list(job.outstanding)  # lost or expired: ask again
                 self.counters.add("timeouts")
+                job.mc = False  # a multicast that did not arrive (e.g. refused by the broker): unicast from now on
                 job.outstanding.clear()
                 job.last_progress = now
             budget = s.window - len(job.outstanding)
@@ -413,9 +439,11 @@ class OtaClient:
         # re-requests say so: the cloud drops repeats of recently sent chunks (MQTT-level redeliveries of a
         # request after a reconnect) unless the device asks again on purpose
         parts = [(want[:retried], True), (want[retried:], again)]
+        if want[retried:] and not again and not job.mc_topic and not job.refetched:
+            self._join_multicast(job)
         for idx, flag in parts:
             for k in range(0, len(idx), MAX_REQUEST_IDX):
-                self._request(job, idx[k : k + MAX_REQUEST_IDX], again=flag)
+                self._request(job, idx[k : k + MAX_REQUEST_IDX], again=flag, mc=job.mc and not flag)
         if now - getattr(job, "_saved", 0.0) > 0.5:
             job.save()
             job._saved = now  # type: ignore[attr-defined]
@@ -450,8 +478,10 @@ class OtaClient:
             planned += job.index.sizes[i]
         return out
 
-    def _request(self, job: OtaJob, idx: list[int], index: bool = False, again: bool = False) -> None:
-        payload = encode("pf.chunk.request/1", release_id=job.release_id, idx=idx, index=index, again=again)
+    def _request(self, job: OtaJob, idx: list[int], index: bool = False, again: bool = False,
+                 mc: bool = False) -> None:
+        extra = {"mc": True} if mc else {}
+        payload = encode("pf.chunk.request/1", release_id=job.release_id, idx=idx, index=index, again=again, **extra)
         self.client.publish(dev_topic(self.device, "req"), payload, qos=1)
         self.counters.add("requests")
 
@@ -514,6 +544,7 @@ class OtaClient:
 
     def _finish(self, job: OtaJob) -> None:
         assert job.index is not None and job.fd is not None
+        self._leave_multicast(job)  # every chunk is here: stop taking the stage's multicast
         os.fsync(job.fd)
         job.save()
         if file_sha256(job.part) != job.release["sha256"]:

@@ -38,6 +38,8 @@ class OtaJob:
         self.index_requested = 0.0
         self.rtt = 0.0  # EWMA of request -> chunk time (s): timeouts adapt to a loaded cloud
         self.again = False  # the session was lost: ask even for chunks the cloud sent recently
+        self.mc_topic: str | None = None  # the release's multicast topic this device subscribed to, if any
+        self.mc = False  # requests say the device takes multicast chunks (cleared after a timeout: unicast)
         self.last_progress = time.monotonic()
         self.started = time.monotonic()
         self.dirty = False

@@ -78,6 +78,28 @@ def group_topic(group: str, leaf: str) -> str:
     return f"{ROOT}/grp/{check_id(group, 'group')}/{leaf}"
 
 
+def multicast_topic(group: str, release_id: str) -> str:
+    """pf/v1/grp/<group>/ota/<release_id>: the chunks of a release the cloud sends once to every device of a
+    group that is downloading it (devices may only read their group's topics; each chunk is still verified
+    against the chunk index named in the device's own update command)."""
+    return group_topic(group, f"ota/{check_hex16(release_id, 'release id')}")
+
+
+def check_hex16(value: Any, what: str) -> str:
+    if not _hex16(value):
+        raise ProtocolError(f"{what} {value!r} must be 16 lowercase hex digits")
+    return value
+
+
+def is_multicast_topic(topic: Any, release_id: str) -> bool:
+    """True for pf/v1/grp/<valid group>/ota/<release_id> (what a device accepts to subscribe to)."""
+    if not isinstance(topic, str):
+        return False
+    parts = topic.split("/")
+    return (len(parts) == 6 and f"{parts[0]}/{parts[1]}" == ROOT and parts[2] == "grp" and valid_id(parts[3])
+            and parts[4] == "ota" and parts[5] == release_id)
+
+
 def dev_filter(leaf: str, share: str | None = None) -> str:
     """The cloud's filter for a device leaf: pf/v1/dev/+/<leaf>, as an MQTT 5 shared subscription if asked."""
     base = f"{ROOT}/dev/+/{leaf}"
@@ -202,6 +224,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "expires": _f("num"),
         "release": _f("dict", sub=_RELEASE),
         "probe": _f("dict", "null", required=False),
+        "multicast": _f("str", "null", required=False, check=lambda v: len(v) <= 256, what="<= 256 chars"),
     },
     "pf.cmd.rollback/1": {
         **_COMMON,
@@ -218,6 +241,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "release_id": _f("str", check=_hex16, what="16 lowercase hex digits"),
         "index": _f("bool", required=False),
         "again": _f("bool", required=False),
+        "mc": _f("bool", required=False),
         "idx": _f("list", check=lambda v: len(v) <= MAX_REQUEST_IDX
                   and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 for i in v),
                   what=f"a list of at most {MAX_REQUEST_IDX} chunk indexes"),

@@ -394,10 +394,14 @@ class Registry:
             return True
 
     def device_release_allowed(self, device: str, release_id: str) -> bool:
+        return self.device_release_group(device, release_id) is not None
+
+    def device_release_group(self, device: str, release_id: str) -> str | None:
+        """The group of a rollout that assigns `release_id` to `device` (None: not assigned to it)."""
         rows = self.query(
-            "SELECT 1 FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id "
-            "WHERE rd.device=? AND r.release_id=? LIMIT 1", (device, release_id))
-        return bool(rows)
+            "SELECT r.grp AS grp FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id "
+            "WHERE rd.device=? AND r.release_id=? ORDER BY r.created DESC LIMIT 1", (device, release_id))
+        return rows[0]["grp"] if rows else None
 
     # -------------------------------------------------------------------------------------------- events
 

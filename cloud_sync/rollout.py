@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cloud_sync.protocol import encode
+from cloud_sync.protocol import encode, multicast_topic
 from cloud_sync.registry import DEVICE_TERMINAL, Registry, Release
 from cloud_sync.releases import Gate, new_id, parse_gate
 
@@ -39,6 +39,7 @@ class RolloutConfig:
     rollback_timeout_s: float = 300.0
     cmd_ttl_s: int = 7 * 86400
     probe_runs: int = 20
+    multicast: bool = True  # update commands name the group's multicast topic for the release's chunks
 
 
 def evaluate_gates(gates: list[Gate], rows: list[Any]) -> tuple[bool, str, dict[str, Any]]:
@@ -117,6 +118,7 @@ class RolloutController:
             "pf.cmd.update/1", cmd_id=cmd_id, rollout_id=rollout["id"], phase=row["phase"], issued=now,
             expires=now + self.config.cmd_ttl_s, release=rel.descriptor(),
             probe={"runs": self.config.probe_runs} if row["phase"] == "canary" else None,
+            multicast=multicast_topic(rollout["grp"], rel.id) if self.config.multicast else None,
         )
         self.send(row["device"], payload, self.config.cmd_ttl_s)
         self.registry.mark_sent(rollout["id"], row["device"], cmd_id, "sent")

@@ -17,6 +17,8 @@ _STATIC_ARGS = re.compile(r"inferred a static shape of (\d+) for dimension (\w+)
 _NO_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>")
 _LOWERING = re.compile(r"Lowering not found: (?:torch\.ops\.)?(aten\.\w+)")
 _BAD_SHAPE = re.compile(r"shape '\[[^\]]*\]' is invalid for input of size \d+")
+# torch.export: the example's size is outside the range the model code allows
+_RANGE = re.compile(r"\b(\d+) not in VR\[(\d+), (\d+)\]")
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -101,7 +103,7 @@ def explain(exc: BaseException, module: Any, example: Sequence[Any], converter: 
             return (f"{converter} cannot convert op {op}{at} of {label}: there is no conversion for it; replace "
                     f"that call in the module (or keep that module out of the exported model)")  # fmt: skip
     for text in texts:
-        m = _BAD_SHAPE.search(text)
+        m = _BAD_SHAPE.search(text) or _RANGE.search(text)
         if m:
             shapes = {n: list(getattr(x, "shape", [])) for n, x in zip(input_names, example, strict=False)}
             return (f"{label} only traces at one input size: it fails at the export size {shapes} ({m.group(0)}); "

@@ -49,6 +49,7 @@ class ExportResult:
     export_seconds: float
     key_id: str | None
     extra: dict[str, Any] = field(default_factory=dict)
+    fixed_batch: int | None = None  # the batch an ONNX export had to be fixed at (export.onnx), else None
 
     def to_dict(self) -> dict[str, Any]:
         m = self.manifest
@@ -66,6 +67,7 @@ class ExportResult:
             "reference_metric": self.reference_metric,
             "parity": self.parity.to_dict(),
             "key_id": self.key_id,
+            "fixed_batch": self.fixed_batch,
             "inputs": [s.to_dict() for s in m.inputs] if m else None,
             "outputs": [s.to_dict() for s in m.outputs] if m else None,
         }
@@ -78,9 +80,10 @@ def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> str:
 
 
 def convert(model: Any, format: str, dtype: str, path: str | Path, example_inputs: Any = None,
-            **source: Any) -> Path:
+            allow_fixed_batch: bool = False, **source: Any) -> Path:
     """Write `model` (an ExportableModel, or an nn.Module with `example_inputs`) as an ONNX or TFLite file
-    traced on its real inputs."""
+    traced on its real inputs. `allow_fixed_batch`: an ONNX export that cannot keep its batch dynamic may,
+    as the last resort, be made at a fixed batch (export.onnx; recorded in the file)."""
     import torch
 
     src = as_source(model, example_inputs, **source)
@@ -92,7 +95,8 @@ def convert(model: Any, format: str, dtype: str, path: str | Path, example_input
     if format == "onnx":
         from export.onnx import export_onnx
 
-        return export_onnx(src.module, src.input_specs, src.output_specs, tuple(example.values()), path, dtype=dtype)
+        return export_onnx(src.module, src.input_specs, src.output_specs, tuple(example.values()), path, dtype=dtype,
+                           allow_fixed_batch=allow_fixed_batch)  # fmt: skip
     if format == "pte":
         from export.pte import calibration_rows, export_pte
 
@@ -230,6 +234,9 @@ def export_model(
     `trainable_head` (ONNX classifiers ending in nn.Linear): the file also outputs `features` (the final
     layer's input) and the package carries that layer as a trainable head (export.head).
 
+    An ONNX model that exports with a dynamic batch by no exporter is exported at a fixed batch as the last
+    resort (export.onnx): a UserWarning, `ExportResult.fixed_batch` and the package's `report.fixed_batch`.
+
     `model_out` also keeps the bare model file. With `out=None` only parity and the metric are computed.
     `progress` shows the stages as a tqdm bar on stderr. `reference` replaces the PyTorch predict (pass
     one `export.Recorded(lm.predict)` to several exports of the same model to run PyTorch only once).
@@ -248,7 +255,8 @@ def export_model(
     try:
         bar.set_description(f"convert to {format}/{dtype}")
         started = time.perf_counter()
-        path = convert(lm, format, dtype, work / f"model{SUFFIX[format]}")
+        path = convert(lm, format, dtype, work / f"model{SUFFIX[format]}", allow_fixed_batch=True)
+        how = _how_exported(path, format)
         head: dict[str, Any] = {}
         if trainable_head:
             head = _split_head(path, lm.output_specs[0].name, work)
@@ -260,10 +268,12 @@ def export_model(
         else:
             result = package_artifact(
                 path, lm, format, dtype, out, name=name, version=version, key=key, bounds=bounds,
-                extra_report={"export_seconds": round(seconds, 2)}, device=device, extra=extra,
+                extra_report={"export_seconds": round(seconds, 2), **how}, device=device, extra=extra,
                 valid_days=valid_days, reference=reference, **head,
             )  # fmt: skip
         result.export_seconds = seconds
+        result.fixed_batch = how.get("fixed_batch")
+        result.extra.update(how)
         if model_out is not None:
             Path(model_out).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, model_out)
@@ -275,6 +285,21 @@ def export_model(
     finally:
         bar.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _how_exported(path: Path, format: str) -> dict[str, Any]:
+    """{"onnx_exporter": ..., "fixed_batch": n} when the ONNX export had to fall back (export.onnx), else {}."""
+    if format != "onnx":
+        return {}
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    how: dict[str, Any] = {}
+    if meta.get("pocketfleet.exporter", "dynamo") != "dynamo":
+        how["onnx_exporter"] = meta["pocketfleet.exporter"]
+    if meta.get("pocketfleet.fixed_batch"):
+        how["fixed_batch"] = int(meta["pocketfleet.fixed_batch"])
+    return how
 
 
 def _split_head(path: Path, output: str, work: Path) -> dict[str, Any]:

@@ -13,7 +13,8 @@ never handle raw int8 (a caller may still pass the storage dtype; it goes throug
 
 LiteRT models have a fixed batch (usually 1). A larger batch is first tried by resizing the interpreter's
 inputs; when the model cannot be resized (XNNPACK, constant reshapes) the batch is run in chunks of the
-model's batch and the outputs concatenated. The leading dimension of every tensor is the batch.
+model's batch and the outputs concatenated. The leading dimension of every tensor is the batch. An ONNX file
+that export.onnx had to make at a fixed batch (metadata `pocketfleet.fixed_batch`) runs in chunks the same way.
 
 Thread-safety: `Runtime.run` may be called from several threads. onnxruntime's `InferenceSession.run` is
 thread-safe on its own; a LiteRT interpreter is not, so `LiteRTRuntime.run` holds `Runtime.lock` (one
@@ -23,7 +24,7 @@ call at a time per runtime; load one runtime per worker thread for parallel Lite
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +175,18 @@ class OnnxRuntime(Runtime):
             raise RuntimeLoadError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
         self.inputs = [_ort_spec(a) for a in self.session.get_inputs()]
         self.outputs = [_ort_spec(a) for a in self.session.get_outputs()]
+        # a model export had to fix the batch of (export.onnx): other batches run in chunks of it
+        fixed = self.session.get_modelmeta().custom_metadata_map.get("pocketfleet.fixed_batch")
+        self.fixed_batch = int(fixed) if fixed else None
+        self._batch_free = self.fixed_batch is not None
 
     def _invoke(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = next((a.shape[0] for a in inputs.values() if a.ndim), None)
+        if self.fixed_batch is not None and batch is not None and batch != self.fixed_batch:
+            return _run_chunked(self._invoke_once, inputs, batch, self.fixed_batch)
+        return self._invoke_once(inputs)
+
+    def _invoke_once(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [s.name for s in self.outputs]
         values = self.session.run(names, inputs)
         return dict(zip(names, values, strict=True))
@@ -250,7 +261,7 @@ class LiteRTRuntime(Runtime):
                 return self._invoke_once(arrays)
             if self._resizable and self._resize(batch):
                 return self._invoke_once(arrays)
-            return self._invoke_chunked(arrays, batch)
+            return _run_chunked(self._invoke_once, arrays, batch, next(iter(self._model_batch.values())))
 
     def _invoke_once(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         it = self.interpreter
@@ -276,15 +287,17 @@ class LiteRTRuntime(Runtime):
             self._model_batch = {n: int(d["shape"][0]) for n, d in self._in.items()}
             return False
 
-    def _invoke_chunked(self, arrays: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-        step = next(iter(self._model_batch.values()))
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in self._out}
-        for start in range(0, batch, step):
-            chunk = {n: _pad_batch(a[start : start + step], step) for n, a in arrays.items()}
-            take = min(step, batch - start)
-            for name, value in self._invoke_once(chunk).items():
-                parts[name].append(value[:take].copy())
-        return {n: np.concatenate(p, axis=0) for n, p in parts.items()}
+
+def _run_chunked(invoke_once: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                 arrays: dict[str, np.ndarray], batch: int, step: int) -> dict[str, np.ndarray]:  # fmt: skip
+    """Run a fixed-batch model on `batch` rows in chunks of its batch `step` (the last chunk zero-padded)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, batch, step):
+        chunk = {n: _pad_batch(a[start : start + step], step) for n, a in arrays.items()}
+        take = min(step, batch - start)
+        for name, value in invoke_once(chunk).items():
+            parts.setdefault(name, []).append(value[:take].copy())
+    return {n: np.concatenate(p, axis=0) for n, p in parts.items()}
 
 
 def _ordered(names: dict[str, int], details: dict) -> dict[str, int]:

@@ -4,6 +4,13 @@ The model is traced with named keyword inputs and returns a dict, so the LiteRT 
 workload's input and output names. Shapes are those of the example (batch fixed, usually 1): LiteRT
 models here are static, and `export.runtimes` runs larger batches in chunks. 64-bit integer inputs
 become int32 (LiteRT's default); the runtime converts int64 ids losslessly.
+
+litert-torch's passes turn `nn.Linear` on a 4-D channels-last tensor (ConvNeXt's pointwise layers, [N, H, W, C])
+into a `tfl.batch_matmul` its own verifier rejects ("invalid output rank, expected 3 but got 4") when H = W = 1
+and an activation and a scale follow (ConvNeXt's last stage at 32x32 input); a reshape to 2-D or 3-D around
+the linear is fused back into the same op. The converter is therefore given a copy of the module (weights
+shared) whose linear layers run inputs of more than 3 dimensions as a 1x1 convolution, the same arithmetic;
+parity is still checked against the user's own module.
 """
 
 from __future__ import annotations
@@ -43,6 +50,35 @@ def _named(
     return Named().eval()
 
 
+def flat_linears(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` (parameters and buffers shared, not copied) whose nn.Linear layers run an input of
+    more than 3 dimensions [..., H, W, C] as the same arithmetic in a 1x1 convolution (NHWC in TFLite, so the
+    permutes cancel); `module` itself is left as it is."""
+    import copy
+
+    import torch
+
+    if not any(isinstance(m, torch.nn.Linear) for m in module.modules()):
+        return module
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    twin = copy.deepcopy(module, memo=shared)
+    for m in twin.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.forward = _channels_last_linear.__get__(m)  # type: ignore[method-assign]
+    return twin
+
+
+def _channels_last_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    if x.dim() <= 3:
+        return F.linear(x, self.weight, self.bias)
+    lead = x.shape[:-1]
+    x4 = x if x.dim() == 4 else x.reshape(-1, x.shape[-3], x.shape[-2], x.shape[-1])
+    y = F.conv2d(x4.permute(0, 3, 1, 2), self.weight[:, :, None, None], self.bias).permute(0, 2, 3, 1)
+    return y if x.dim() == 4 else y.reshape(*lead, y.shape[-1])
+
+
 def export_tflite(
     module: torch.nn.Module,
     output_names: Sequence[str],
@@ -55,7 +91,7 @@ def export_tflite(
     if dtype not in ("fp32", "fp16"):
         raise ExportError(f"TFLite export supports dtype fp32 or fp16, got {dtype!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = _named(module, list(example), output_names)
+    wrapped = _named(flat_linears(module), list(example), output_names)
     with quiet() as log:
         import litert_torch  # its import prints torchao/pytree chatter
 

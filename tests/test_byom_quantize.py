@@ -191,3 +191,22 @@ def test_full_integer_tflite_calibrates_int64_token_ids_against_its_int32_input(
     (art,) = result.artifacts
     assert (art.format, art.dtype) == ("tflite", "int8")
     assert art.metric["metric"] == "agreement" and art.metric["value"] >= 0.8
+
+
+def test_tflite_int8_with_weights_stored_after_the_flatbuffer_still_loads(tmp_path: Path):
+    """ai-edge-quantizer stores weights past the flatbuffer (by offset) once they total 256 KiB; the
+    compacted file must carry them, or LiteRT refuses it ("buffer specified an out of range offset")."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.interpreter import Interpreter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 640), nn.ReLU(), nn.Linear(640, 8)).eval()  # 330 KB of int8 weights
+    x = torch.randn(32, 512)
+    result = compress.quantize(model, QuantConfig(formats=["tflite"], mode="dynamic"), x, out_dir=tmp_path,
+                               latency_runs=0)  # fmt: skip
+    (art,) = result.artifacts
+    data = Path(art.path).read_bytes()
+    buffers = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0)).buffers
+    assert all(b.offset + b.size <= len(data) for b in buffers)
+    Interpreter(model_content=data).allocate_tensors()
+    assert art.metric["value"] > 0.99

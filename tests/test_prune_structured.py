@@ -347,22 +347,37 @@ class Gated(nn.Module):
         return self.head(self.body(self.gate(self.stem(x))).mean((2, 3)))
 
 
-def test_untraceable_layer_is_named_and_can_be_ignored():
+class GatedRoot(Gated):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return self.head(self.body(y if y.mean() > 0 else -y).mean((2, 3)))
+
+
+def test_untraceable_block_is_kept_whole_with_its_reason_or_ignored():
     model = Gated().eval()
     x = torch.rand(2, 1, 8, 8)
-    with pytest.raises(
-        PruneTraceError, match=r"cannot trace module 'gate' \(Gate\).*Add 'gate' to PruneConfig.ignore"
-    ):
-        prune(model, PruneConfig(ratio=0.5), x)
-    pruned = prune(model, PruneConfig(ratio=0.5, ignore=["gate"]), x)
+    plan = plan_pruning(model, PruneConfig(ratio=0.5), x)
+    assert list(plan.graph.leaves) == ["gate"]
+    assert "depends on tensor values (data-dependent control flow)" in plan.graph.leaves["gate"]
+    assert "is layer 'gate' (Gate), kept whole: tracing into it failed" in plan.frozen()["stem.0"]
+    assert "gate" in plan.why_frozen() and plan.summary()["kept_whole"] == plan.graph.leaves
+    pruned = plan.apply()
     assert (
         pruned.stem[0].out_channels == 8 and pruned.gate.conv.in_channels == 8
     )  # kept whole around the gate
     assert pruned.body[0].out_channels == 8 and pruned.head.in_features == 8
+    for sign in (1.0, -1.0):  # both branches of the gate still run: the graph did not specialize on values
+        assert pruned(sign * x).shape == (2, 10)
+    ignored = prune(model, PruneConfig(ratio=0.5, ignore=["gate"]), x)
+    assert ignored.body[0].out_channels == 8 and ignored.gate.conv.in_channels == 8
     gate_macs = 8 * 8 * 64
-    assert count_macs(model, x, ignore=["gate"]) == pytest.approx(
-        1 * 8 * 9 * 64 + gate_macs + 8 * 16 * 64 + 16 * 10
-    )
+    expected = 1 * 8 * 9 * 64 + gate_macs + 8 * 16 * 64 + 16 * 10
+    assert count_macs(model, x, ignore=["gate"]) == pytest.approx(expected)
+    assert count_macs(model, x) == pytest.approx(expected)  # the automatic leaf is counted the same way
+    with pytest.raises(
+        PruneTraceError, match=r"cannot trace GatedRoot.forward .*data-dependent control flow"
+    ):
+        prune(GatedRoot().eval(), PruneConfig(ratio=0.5), x)
 
 
 def test_mbnet_target_macs_halves_macs_and_keeps_the_caller_model():

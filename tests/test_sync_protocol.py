@@ -148,7 +148,7 @@ def test_local_chunks_reject_a_file_changed_after_indexing(tmp_path: Path) -> No
 
 def test_choose_chunking_scales_with_size_within_bounds() -> None:
     small, big = choose_chunking(100_000), choose_chunking(2 << 30)
-    assert small.avg == 2048 and big.avg == 256 * 1024
+    assert small.avg == 2048 and big.avg == 256 * 1024 and choose_chunking(1_000_000).avg == 64 * 1024
     assert big.max <= p.MAX_CHUNK_BYTES and small.min == small.avg // 4
 
 

@@ -17,6 +17,7 @@ from .graph import DependencyGraph, Group
 from .importance import group_scores, taylor_grads
 from .planner import plan_keep
 from .surgery import apply_keep
+from .trace import evaluating
 
 ExampleInputs = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
@@ -52,11 +53,8 @@ class PrunePlan:
         `data` and config.recalibrate_bn its BatchNorm statistics are re-estimated on the batches."""
         model = apply_keep(self.graph, self.keep, copy.deepcopy(self.graph.model))  # the plan stays reusable
         try:
-            with torch.no_grad():
-                was = model.training
-                model.eval()
+            with torch.no_grad(), evaluating(model):
                 model(*self.example_inputs)
-                model.train(was)
         except Exception as exc:  # a coupling the graph missed: say so rather than hand back a broken model
             raise PruneError(
                 f"the pruned model fails on the example inputs ({type(exc).__name__}: {exc}); add the layer "
@@ -65,6 +63,26 @@ class PrunePlan:
         if data is not None and self.config.recalibrate_bn:
             recalibrate_bn(model, data)
         return model
+
+    def frozen(self) -> dict[str, str]:
+        """Why each frozen group is never pruned: {group name: reason naming the node or module}."""
+        return {g.name: g.frozen for g in self.graph.groups() if g.frozen is not None}
+
+    def why_frozen(self, limit: int = 4) -> str:
+        """One line: the distinct reasons groups are frozen (most frequent first), and the modules kept
+        whole by the tracer."""
+        counts: dict[str, int] = {}
+        for reason in self.frozen().values():
+            counts[reason] = counts.get(reason, 0) + 1
+        top = sorted(counts, key=lambda r: -counts[r])[:limit]
+        text = "; ".join(f"{r} ({counts[r]} group{'s' if counts[r] > 1 else ''})" for r in top) or "no groups"
+        if len(counts) > limit:
+            text += f"; and {len(counts) - limit} more reasons"
+        if self.graph.leaves:
+            text += "; kept whole: " + ", ".join(
+                f"{n} ({r})" for n, r in list(self.graph.leaves.items())[:limit]
+            )
+        return text
 
     def summary(self) -> dict[str, Any]:
         groups: list[Group] = self.graph.groups()
@@ -77,6 +95,7 @@ class PrunePlan:
             "macs_after": self.macs_after,
             "macs_ratio": self.macs_after / self.macs_before if self.macs_before else 1.0,
             "groups": rows,
+            "kept_whole": dict(self.graph.leaves),
             "config": self.config.to_dict(),
         }
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .trace import is_attention, matches, shape_of, trace
+from .trace import evaluating, is_attention, matches, shape_of, trace
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -42,6 +42,7 @@ _POINTWISE = {
     "hardtanh", "sqrt", "rsqrt", "exp", "abs", "neg", "clamp", "clamp_", "clip", "dropout", "contiguous",
     "clone", "float", "to", "type_as", "detach", "pow", "leaky_relu", "elu", "softplus", "mish", "erf",
 }  # fmt: skip
+_PARAM_VIEWS = {"expand", "expand_as", "to", "type_as", "contiguous", "clone", "float"}
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "std", "var"}
 _SHAPE_OPS = {"flatten", "reshape", "view", "unsqueeze", "squeeze"}
 _POOL_FUNCS = {
@@ -51,6 +52,8 @@ _POOL_FUNCS = {
     "adaptive_max_pool2d",
     "avg_pool1d",
     "max_pool1d",
+    "interpolate",
+    "upsample",
 }
 
 
@@ -82,7 +85,7 @@ class Use:
     """How one module touches channel spaces."""
 
     name: str
-    kind: str  # conv | dwconv | linear | norm | embedding | attention
+    kind: str  # conv | dwconv | linear | norm | embedding | attention | rnn | param
     inp: Layout | None = None  # layout of the input channels it reads (None: not prunable)
     out: int | None = None  # space it creates
     heads: int | None = None  # attention: the head space
@@ -123,18 +126,20 @@ class DependencyGraph:
     parent: list[int] = field(default_factory=list)
     uses: dict[str, Use] = field(default_factory=dict)
     terms: list[MacTerm] = field(default_factory=list)
-    layouts: dict[fx.Node, Layout | None] = field(default_factory=dict)
+    layouts: dict[fx.Node, Any] = field(default_factory=dict)  # Layout, None, or a tuple of them
     batch: int = 1
+    leaves: dict[str, str] = field(default_factory=dict)  # modules kept whole by the tracer: reason
 
     @classmethod
     def build(
         cls, model: nn.Module, example_inputs: Sequence[torch.Tensor], ignore: Sequence[str] = ()
     ) -> DependencyGraph:
-        gm = trace(model, example_inputs, ignore)
-        graph = cls(model=model, gm=gm, ignore=list(ignore))
+        traced = trace(model, example_inputs, ignore)
+        graph = cls(model=model, gm=traced.gm, ignore=list(ignore), leaves=traced.leaves)
         graph._analyze()
-        if ignore:
-            graph._add_macs(_hooked_macs(model, example_inputs, ignore))
+        whole = [*ignore, *traced.leaves]
+        if whole:
+            graph._add_macs(_hooked_macs(model, example_inputs, whole))
         return graph
 
     # --- union-find over spaces -------------------------------------------------------------------
@@ -165,9 +170,11 @@ class DependencyGraph:
         self.parent[rb] = ra
         sa.frozen = sa.frozen or sb.frozen
 
-    def _freeze(self, layouts: Iterable[Layout | None], reason: str) -> None:
+    def _freeze(self, layouts: Iterable[Any], reason: str) -> None:
         for lay in layouts:
-            if lay is not None:
+            if isinstance(lay, tuple):  # the layouts of a tuple output (an RNN's (output, h_n))
+                self._freeze(lay, reason)
+            elif lay is not None:
                 for s in lay.spaces:
                     root = self.spaces[self.find(s)]
                     root.frozen = root.frozen or reason
@@ -243,6 +250,14 @@ class DependencyGraph:
         if matches(name, self.ignore):
             self._opaque(node, f"is ignored layer {name!r}")
             return None
+        if name in self.leaves:
+            self._opaque(node, f"is layer {name!r} ({type(m).__name__}), kept whole: {self.leaves[name]}")
+            return None
+        if isinstance(lay, tuple):
+            self._opaque(node, f"(layer {name!r}) takes a tuple of channel tensors")
+            return None
+        if isinstance(m, (nn.GRU, nn.LSTM)):
+            return self._rnn(node, m, lay, shape_in)
         if isinstance(m, _CONVS):
             if lay is not None and lay.cdim != 1:
                 self._freeze([lay], f"node {node.name!r} convolves a non-channel dimension")
@@ -317,9 +332,46 @@ class DependencyGraph:
             self._add_macs(tokens * inner * m.out.out_features, heads, out)  # output projection
         return Layout(len(shape_out) - 1 if shape_out else 2, (out,))
 
+    def _rnn(self, node: fx.Node, m: nn.GRU | nn.LSTM, lay: Layout | None, shape_in: Any) -> Any:
+        """GRU / LSTM: the hidden units of every layer and direction are one space (nn.GRU has one
+        hidden_size, and h_n stacks all layers along its last dimension); the input features are the
+        columns of weight_ih_l0. Output: (output [.., directions * hidden], h_n [or (h_n, c_n)])."""
+        name = str(node.target)
+        kind = type(m).__name__
+        if shape_in is None:
+            self._opaque(node, f"({kind} {name!r}) reads a packed or non-tensor sequence")
+            return None
+        lay = self._channel_last(node, lay, shape_in)
+        hidden = self._new_space(m.hidden_size, name)
+        frozen = None
+        if m.proj_size:
+            frozen = f"{kind} {name!r} has proj_size={m.proj_size}, which pruning does not resize"
+        elif any(shape_of(a) is not None for a in _flat(node.args[1:], node.kwargs)):
+            frozen = f"{kind} {name!r} is given an initial state of fixed width"
+        if frozen:
+            self._freeze([lay, Layout(0, (hidden,))], frozen)
+        self._register(Use(name, "rnn", inp=lay, out=hidden), node)
+        dirs, gates, size = 1 + int(m.bidirectional), 4 if isinstance(m, nn.LSTM) else 3, m.hidden_size
+        tokens = math.prod(shape_in[:-1])
+        self._add_macs(dirs * tokens * gates * size * m.input_size, lay, hidden)  # layer 0 input
+        for layer in range(m.num_layers):
+            if layer:
+                self._add_macs(dirs * tokens * gates * size * dirs * size, hidden, hidden)
+            self._add_macs(dirs * tokens * gates * size * size, hidden, hidden)  # recurrent
+        cdim = len(shape_in) - 1
+        out, state = Layout(cdim, (hidden,) * dirs), Layout(cdim, (hidden,))
+        return (out, (state, state)) if isinstance(m, nn.LSTM) else (out, state)
+
     def _function(self, node: fx.Node) -> Layout | None:
         target = node.target
         fname = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        nested = [a for a in _flat(node.args, node.kwargs) if isinstance(self._lay(a), tuple)]
+        if nested:
+            index = node.args[1] if len(node.args) > 1 else None
+            if target is operator.getitem and node.args[0] is nested[0] and isinstance(index, int):
+                return self._lay(nested[0])[index]
+            self._opaque(node, f"({fname}) takes a tuple of channel tensors")
+            return None
         tensors = [a for a in _flat(node.args, node.kwargs) if shape_of(a) is not None]
         laid = [a for a in tensors if self._lay(a) is not None]
         shape_out = shape_of(node)
@@ -345,6 +397,15 @@ class DependencyGraph:
             return self._permute(node, fname, lay, len(shape_in))
         if fname in ("cat", "concat", "concatenate"):
             return self._cat(node)
+        if target is operator.getitem and lay is not None and shape_in is not None:
+            return self._index(node, lay, shape_in)
+        if fname == "pad" and lay is not None and shape_in is not None:
+            pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+            at = 2 * (len(shape_in) - 1 - lay.cdim)  # pad lists (before, after) pairs from the last dimension
+            if isinstance(pad, (tuple, list)) and (len(pad) <= at or all(p == 0 for p in pad[at : at + 2])):
+                return lay  # the channel dimension is not padded
+            self._opaque(node, "(pad) pads the channel dimension")
+            return None
         if fname in ("matmul", "bmm", "mm") and shape_in is not None:  # counted, channels pinned
             self._add_macs(math.prod(shape_out) * shape_in[-1])
             self._opaque(node, f"({fname}) multiplies by another activation")
@@ -379,7 +440,8 @@ class DependencyGraph:
             shape = shape_of(a)
             assert shape is not None
             pos = cdim - (nd - len(shape))
-            if self._lay(a) is None and 0 <= pos < len(shape) and shape[pos] > 1 and shape_out[cdim] > 1:
+            full = self._lay(a) is None and 0 <= pos < len(shape) and shape[pos] > 1 and shape_out[cdim] > 1
+            if full and not self._param_operand(node, a, pos, laid[0]):
                 self._freeze(laid, f"node {node.name!r} combines the channels with a fixed tensor {a.name!r}")
         first = laid[0]
         for lay in laid[1:]:
@@ -389,6 +451,59 @@ class DependencyGraph:
             for s, t in zip(first.spaces, lay.spaces, strict=True):
                 self._union(s, t, node)
         return first.at(cdim)
+
+    def _param_operand(self, node: fx.Node, a: fx.Node, pos: int, lay: Layout) -> bool:
+        """A parameter of the model (a class token, position embeddings), possibly expanded, added to or
+        concatenated with the channels: it is sliced along with them. False when `a` is anything else."""
+        src = a
+        while src.op == "call_method" and src.target in _PARAM_VIEWS and isinstance(src.args[0], fx.Node):
+            src = src.args[0]
+        shape, own = shape_of(a), shape_of(src)
+        if src.op != "get_attr" or shape is None or own is None or lay.expand != 1:
+            return False
+        value = self.model
+        for part in str(src.target).split("."):
+            value = getattr(value, part, None)
+        dim = pos - (len(shape) - len(own))
+        if not isinstance(value, nn.Parameter) or dim < 0 or own[dim] != self.channels(lay):
+            return False
+        self._register(Use(str(src.target), "param", inp=Layout(dim, lay.spaces)), node)
+        return True
+
+    def _index(self, node: fx.Node, lay: Layout, shape_in: tuple[int, ...]) -> Layout | None:
+        """x[...] with ints, slices, None and Ellipsis: the channels pass when their axis is kept whole."""
+        raw = node.args[1]
+        items = list(raw) if isinstance(raw, tuple) else [raw]
+        if any(shape_of(i) is not None or isinstance(i, (list, torch.Tensor)) for i in items):
+            self._opaque(node, "indexes with a tensor")
+            return None
+        consumed = sum(i is not None and i is not Ellipsis for i in items)
+        dim = out = 0
+        for item in items:
+            if item is Ellipsis:
+                if dim <= lay.cdim < dim + len(shape_in) - consumed:
+                    return lay.at(out + lay.cdim - dim)
+                dim, out = dim + len(shape_in) - consumed, out + len(shape_in) - consumed
+            elif item is None:
+                out += 1
+            elif isinstance(item, slice):
+                if dim == lay.cdim:
+                    whole = (
+                        item.start in (None, 0)
+                        and item.step in (None, 1)
+                        and (item.stop is None or (isinstance(item.stop, int) and item.stop >= shape_in[dim]))
+                    )
+                    if not whole:
+                        self._opaque(node, "slices the channel axis")
+                        return None
+                    return lay.at(out)
+                dim, out = dim + 1, out + 1
+            else:  # an int (or an int computed from shapes) removes its dimension
+                if dim == lay.cdim:
+                    self._opaque(node, "picks one channel")
+                    return None
+                dim += 1
+        return lay.at(out + lay.cdim - dim)
 
     def _reduce(self, node: fx.Node, lay: Layout, shape_in: tuple[int, ...]) -> Layout | None:
         dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
@@ -454,6 +569,8 @@ class DependencyGraph:
             return None
         dim = int(dim) % len(shape_out)
         lays = [self._lay(p) for p in parts]
+        if all(lay is None or lay.cdim != dim for lay in lays):  # along another axis: like an add
+            return self._pointwise(node, [p for p in parts if shape_of(p) is not None], shape_out)
         if any(lay is None for lay in lays):
             self._opaque(node, "concatenates channels with a fixed tensor")
             return None
@@ -497,7 +614,7 @@ class DependencyGraph:
                 owners.setdefault(self.find(use.heads), []).append(use.name)
                 owners.setdefault(self.find(use.out), []).append(use.name + ".out")
             if use.inp is not None:
-                bucket = owners if use.kind in ("norm", "dwconv") else consumers
+                bucket = owners if use.kind in ("norm", "dwconv", "param") else consumers
                 for s in use.inp.spaces:
                     bucket.setdefault(self.find(s), []).append(use.name)
         out = []
@@ -540,13 +657,10 @@ def _hooked_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor], ignor
         for name, m in model.named_modules()
         if isinstance(m, (*_CONVS, nn.Linear)) and matches(name, ignore)
     ]
-    was = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(*example_inputs)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     return total[0]

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from .errors import PruneError
-from .graph import DependencyGraph, Layout
+from .graph import DependencyGraph, Layout, Use
+from .surgery import rnn_params
+from .trace import evaluating
 
 
 @dataclass
@@ -67,6 +69,9 @@ def weight_slices(graph: DependencyGraph) -> list[Slice]:
         elif use.kind == "embedding":
             assert use.out is not None
             slices += _out_slices(graph, n, "weight", 1, use.out)
+        elif use.kind == "rnn":
+            assert use.out is not None
+            slices += _rnn_slices(graph, use)
         elif use.kind == "attention":
             assert use.heads is not None and use.out is not None
             for proj in ("query", "key", "value"):
@@ -75,6 +80,27 @@ def weight_slices(graph: DependencyGraph) -> list[Slice]:
             slices += _out_slices(graph, f"{n}.out", "weight", 1, use.heads)
             slices += _out_slices(graph, f"{n}.out", "weight", 0, use.out)
     return slices
+
+
+def _rnn_slices(graph: DependencyGraph, use: Use) -> list[Slice]:
+    """Hidden unit i of a GRU / LSTM owns row i of every gate, column i of weight_hh and, above layer 0,
+    input column i of every direction; the input features own the columns of weight_ih_l0."""
+    m = graph.model.get_submodule(use.name)
+    assert isinstance(m, nn.GRU | nn.LSTM) and use.out is not None
+    size, gates = m.hidden_size, 4 if isinstance(m, nn.LSTM) else 3
+    u = torch.arange(size)
+    rows = torch.stack([g * size + u for g in range(gates)], 1)
+    below = torch.stack([d * size + u for d in range(1 + int(m.bidirectional))], 1)
+    out: list[Slice] = []
+    for layer, sfx in rnn_params(m):
+        ih, hh = f"weight_ih_l{layer}{sfx}", f"weight_hh_l{layer}{sfx}"
+        out += [Slice(use.name, ih, 0, use.out, rows), Slice(use.name, hh, 0, use.out, rows),
+                Slice(use.name, hh, 1, use.out, u[:, None])]  # fmt: skip
+        if layer:
+            out.append(Slice(use.name, ih, 1, use.out, below))
+        else:
+            out += _in_slices(graph, use.name, ih, 1, use.inp)
+    return out
 
 
 def group_scores(
@@ -132,23 +158,21 @@ def taylor_grads(
 ) -> dict[str, torch.Tensor]:
     """Gradients of the loss summed over `batches` batches of `data` ((inputs, targets) pairs; inputs a
     tensor or tuple of tensors). Default loss: cross-entropy for integer targets, else MSE."""
-    was_training = model.training
-    model.eval()  # BatchNorm uses running stats: the importance of the deployed function
     model.zero_grad(set_to_none=True)
     count = 0
-    for count, (inputs, targets) in enumerate(data, start=1):
-        args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-        out = model(*args)
-        if loss_fn is not None:
-            loss = loss_fn(out, targets)
-        elif not torch.is_floating_point(targets):
-            loss = nn.functional.cross_entropy(out, targets)
-        else:
-            loss = nn.functional.mse_loss(out, targets)
-        loss.backward()
-        if count >= batches:
-            break
-    model.train(was_training)
+    with evaluating(model):  # BatchNorm uses running stats: the importance of the deployed function
+        for count, (inputs, targets) in enumerate(data, start=1):
+            args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+            out = model(*args)
+            if loss_fn is not None:
+                loss = loss_fn(out, targets)
+            elif not torch.is_floating_point(targets):
+                loss = nn.functional.cross_entropy(out, targets)
+            else:
+                loss = nn.functional.mse_loss(out, targets)
+            loss.backward()
+            if count >= batches:
+                break
     if count == 0:
         raise PruneError("taylor importance needs data: pass data=[(inputs, targets), ...] to prune()")
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

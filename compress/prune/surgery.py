@@ -44,8 +44,13 @@ def apply_keep(graph: DependencyGraph, keep: dict[int, Any], model: nn.Module | 
         return None if space is None else graph.unit_index(space, keep.get(graph.find(space)))
 
     for use in graph.uses.values():
-        m = model.get_submodule(use.name)
         inp = None if use.inp is None else graph.index(use.inp, keep)
+        if use.kind == "param":  # a parameter combined with the channels (a class token): slice it
+            assert inp is not None and use.inp is not None
+            owner, _, name = use.name.rpartition(".")
+            _slice(model.get_submodule(owner), name, use.inp.cdim, inp)
+            continue
+        m = model.get_submodule(use.name)
         if use.kind == "conv":
             assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
             rows = out_idx(use.out)
@@ -77,6 +82,11 @@ def apply_keep(graph: DependencyGraph, keep: dict[int, Any], model: nn.Module | 
             assert idx is not None
             _slice(m, "weight", 1, idx)
             m.embedding_dim = m.weight.shape[1]
+        elif use.kind == "rnn":
+            assert isinstance(m, nn.GRU | nn.LSTM)
+            units = out_idx(use.out)
+            assert units is not None
+            _rnn(m, units, inp)
         elif use.kind == "attention":
             heads = out_idx(use.heads)
             for proj in ("query", "key", "value"):
@@ -84,6 +94,37 @@ def apply_keep(graph: DependencyGraph, keep: dict[int, Any], model: nn.Module | 
             _linear(m.out, out_idx(use.out), heads)
             m.num_heads = m.query.out_features // m.head_dim
     return model
+
+
+def rnn_params(m: nn.GRU | nn.LSTM) -> list[tuple[int, str]]:
+    """(layer, suffix) of every layer and direction: weight_ih_l{layer}{suffix} and friends."""
+    return [
+        (layer, sfx) for layer in range(m.num_layers) for sfx in ("", "_reverse")[: 1 + int(m.bidirectional)]
+    ]
+
+
+def _rnn(m: nn.GRU | nn.LSTM, units: torch.Tensor, inp: torch.Tensor | None) -> None:
+    """Keep hidden `units` in every layer and direction: each gate's rows of weight_ih / weight_hh and the
+    biases, the columns of weight_hh, the next layer's input columns; `inp`: columns of weight_ih_l0."""
+    if m.proj_size:  # frozen by the graph: nothing to remove
+        return
+    size, gates = m.hidden_size, 4 if isinstance(m, nn.LSTM) else 3
+    rows = torch.cat([g * size + units for g in range(gates)])
+    below = torch.cat([d * size + units for d in range(1 + int(m.bidirectional))])
+    for layer, sfx in rnn_params(m):
+        for name in (f"weight_ih_l{layer}{sfx}", f"weight_hh_l{layer}{sfx}", f"bias_ih_l{layer}{sfx}",
+                     f"bias_hh_l{layer}{sfx}"):  # fmt: skip
+            _slice(m, name, 0, rows)
+        _slice(m, f"weight_hh_l{layer}{sfx}", 1, units)
+        cols = below if layer else inp
+        if cols is not None:
+            _slice(m, f"weight_ih_l{layer}{sfx}", 1, cols)
+    _fit_rnn(m)
+
+
+def _fit_rnn(m: nn.RNNBase) -> None:
+    m.hidden_size, m.input_size = m.weight_hh_l0.shape[1], m.weight_ih_l0.shape[1]
+    m._init_flat_weights()  # the fused kernels read the weights through this list
 
 
 def fit_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -114,6 +155,8 @@ def fit_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mo
             m.normalized_shape = tuple(m.weight.shape)
         elif isinstance(m, nn.Embedding):
             m.embedding_dim = m.weight.shape[1]
+        elif isinstance(m, nn.GRU | nn.LSTM) and not m.proj_size:
+            _fit_rnn(m)
     for m in model.modules():
         if is_attention(m):
             m.num_heads = m.query.weight.shape[0] // m.head_dim  # type: ignore[operator]

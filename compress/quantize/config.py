@@ -34,7 +34,7 @@ class QuantConfig:
     per_channel: per-output-channel weight scales (else one scale per tensor).
     per_token: dynamic ONNX: activations of linear layers get one int8 scale per token (row) instead of one
       per tensor; far closer to fp32 on transformers (outlier tokens no longer set everyone's scale).
-    reduce_range: static ONNX: 7-bit weights so that onnxruntime's u8s8 kernels cannot overflow int16 on
+    reduce_range: ONNX (static, and dynamic's uint8 activations): 7-bit weights so that onnxruntime's u8s8 kernels cannot overflow int16 on
       x86 CPUs without VNNI (measured: digits-mbnet drops 2.5 pt top-1 there with 8-bit weights); "auto"
       decides from this host's CPU flags.
     float_layers: layer names (module paths such as "layers.5.ffn_out", or fnmatch patterns) kept in float.

@@ -148,6 +148,7 @@ class _Target:
 
             out, self.unsupported = quantize_onnx_dynamic(
                 self.fp32, path, float_layers, only_layers, self.cfg.per_channel, self.smooth,
+                reduce_range=None if self.cfg.reduce_range == "auto" else bool(self.cfg.reduce_range),
                 per_token=self.cfg.per_token,
             )
             return out

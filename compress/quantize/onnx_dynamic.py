@@ -94,10 +94,7 @@ class _Rewriter:
         if smooth is not None:
             w = w * smooth[:, None]
         base = node.input[1]
-        # per-token activations use the whole uint8 range, so x86 u8s8 kernels without VNNI could saturate
-        # their int16 pair sums (255 * 127 * 2 > 32767): 7-bit weights keep them exact (255 * 63 * 2 < 32767)
-        bits = 7 if token is not None else self.bits
-        scale = symmetric_weight_scales(w, axis=1 if per_channel else None, bits=bits)
+        scale = symmetric_weight_scales(w, axis=1 if per_channel else None, bits=self.bits)
         q = _q_int8(w, scale if per_channel else scale.reshape(()))  # within +-(2^(bits-1) - 1)
         zp = np.zeros(scale.shape, np.int8)
         w_q = self.add_init(q, f"{base}__int8")
@@ -111,7 +108,11 @@ class _Rewriter:
             self.removed.add(id(add))
         self.dropped.add(node.input[1])
         if token is not None:
-            self.replaced[id(node)] = _token_matmul(node.name, token, (w_q, w_s, w_zp), bias, outputs)
+            sums = None
+            if token[4] is not None:  # the weight as the kernel sees it, summed over its input axis
+                sums = (q.astype(np.float32) * scale).sum(axis=0).astype(np.float32)
+                sums = self.add_init(sums, f"{base}__colsum")
+            self.replaced[id(node)] = _token_matmul(node.name, token, (w_q, w_s, w_zp), bias, outputs, sums)
             return
         if shared is None:
             inputs, op = [x, w_q, w_s, w_zp] + ([bias] if bias else []), "DynamicQuantizeMatMul"
@@ -197,17 +198,36 @@ class _Rewriter:
         return _toposort(self.model)
 
 
-Token = tuple[str, str, str, str]  # per-token quantized activation: (x_q, x_scale, x_zero_point, one)
+# per-token activation: (x_q, x_scale, x_zero_point, one, x_min or None)
+Token = tuple[str, str, str, str, str | None]
 
 
-def _token_quantize(rw: _Rewriter, x: str) -> tuple[Token, list[onnx.NodeProto]]:
-    """Symmetric 8-bit per token (per row of the last axis): x_q = round(x / s) + 128 as uint8 (the fast
-    u8s8 kernels), s = max|x| / 127."""
+def _token_quantize(rw: _Rewriter, x: str, asymmetric: bool = False) -> tuple[Token, list[onnx.NodeProto]]:
+    """8-bit activations per token (per row of the last axis), as uint8 (the fast u8s8 kernels).
+
+    asymmetric: x_q = round((x - min) / s), s = (max - min) / 255: the row's whole range gets all 256 levels
+    (after GELU or ReLU most of a symmetric range would be empty), and min is added back after the MatMul as
+    min * (column sums of the dequantized weight). Else symmetric: x_q = round(x / s) + 128, s = max|x| / 127."""
     n = f"{x}__tok"
     axes = rw.add_init(np.array([-1], np.int64), f"{n}_axes")
     eps = rw.add_init(np.array(1e-8, np.float32), f"{n}_eps")
-    q_max = rw.add_init(np.array(127.0, np.float32), f"{n}_qmax")
     one = rw.add_init(np.array(1.0, np.float32), f"{n}_one")
+    if asymmetric:
+        levels = rw.add_init(np.array(255.0, np.float32), f"{n}_levels")
+        zp = rw.add_init(np.array(0, np.uint8), f"{n}_q_zp")
+        nodes = [
+            helper.make_node("ReduceMin", [x, axes], [f"{n}_min"], keepdims=1, name=f"{n}_min"),
+            helper.make_node("ReduceMax", [x, axes], [f"{n}_max"], keepdims=1, name=f"{n}_max"),
+            helper.make_node("Sub", [f"{n}_max", f"{n}_min"], [f"{n}_range"], name=f"{n}_range"),
+            helper.make_node("Max", [f"{n}_range", eps], [f"{n}_rangee"], name=f"{n}_rangee"),
+            helper.make_node("Div", [f"{n}_rangee", levels], [f"{n}_scale"], name=f"{n}_scale"),
+            helper.make_node("Sub", [x, f"{n}_min"], [f"{n}_shift"], name=f"{n}_shift"),
+            helper.make_node("Div", [f"{n}_shift", f"{n}_scale"], [f"{n}_div"], name=f"{n}_div"),
+            # round half to even, saturate, as uint8, in one op
+            helper.make_node("QuantizeLinear", [f"{n}_div", one, zp], [f"{n}_q"], name=f"{n}_q"),
+        ]
+        return (f"{n}_q", f"{n}_scale", zp, one, f"{n}_min"), nodes
+    q_max = rw.add_init(np.array(127.0, np.float32), f"{n}_qmax")
     zp = rw.add_init(np.array(128, np.uint8), f"{n}_q_zp")
     nodes = [
         helper.make_node("Abs", [x], [f"{n}_abs"], name=f"{n}_abs"),
@@ -218,21 +238,30 @@ def _token_quantize(rw: _Rewriter, x: str) -> tuple[Token, list[onnx.NodeProto]]
         # round half to even, + 128, saturate, as uint8, in one op
         helper.make_node("QuantizeLinear", [f"{n}_div", one, zp], [f"{n}_q"], name=f"{n}_q"),
     ]
-    return (f"{n}_q", f"{n}_scale", zp, one), nodes
+    return (f"{n}_q", f"{n}_scale", zp, one, None), nodes
 
 
 def _token_matmul(name: str, token: Token, weight: tuple[str, str, str], bias: str | None,
-                  outputs: list[str]) -> list[onnx.NodeProto]:
-    """u8s8 MatMulIntegerToFloat scaled per column (w_scale), then per token (x_scale), then + bias."""
-    (xq, xs, xzp, one), (wq, ws, wzp), n = token, weight, f"{name}__tok"
-    last = outputs[0] if bias is None else f"{n}_nobias"
+                  outputs: list[str], col_sums: str | None = None) -> list[onnx.NodeProto]:
+    """u8s8 MatMulIntegerToFloat scaled per column (w_scale), then per token (x_scale), then + x_min *
+    col_sums (asymmetric tokens), then + bias."""
+    (xq, xs, xzp, one, xmin), (wq, ws, wzp), n = token, weight, f"{name}__tok"
+    steps = [f"{n}_scaled"] + ([f"{n}_shifted"] if xmin is not None else [])
+    if bias is None:
+        steps[-1] = outputs[0]
     nodes = [
         helper.make_node("MatMulIntegerToFloat", [xq, wq, one, ws, xzp, wzp], [f"{n}_cols"],
                          name=f"{n}_mm", domain=MS_DOMAIN),
-        helper.make_node("Mul", [f"{n}_cols", xs], [last], name=f"{n}_xs"),
+        helper.make_node("Mul", [f"{n}_cols", xs], [steps[0]], name=f"{n}_xs"),
     ]
+    if xmin is not None:
+        assert col_sums is not None
+        nodes += [
+            helper.make_node("Mul", [xmin, col_sums], [f"{n}_offset"], name=f"{n}_offset"),
+            helper.make_node("Add", [steps[0], f"{n}_offset"], [steps[1]], name=f"{n}_shift"),
+        ]
     if bias is not None:
-        nodes.append(helper.make_node("Add", [last, bias], outputs, name=f"{n}_bias"))
+        nodes.append(helper.make_node("Add", [steps[-1], bias], outputs, name=f"{n}_bias"))
     return nodes
 
 
@@ -265,16 +294,24 @@ def quantize_onnx_dynamic(
     per_channel: bool = True,
     smooth: Mapping[str, np.ndarray] | None = None,
     fuse_gelu_ops: bool = True,
-    reduce_range: bool = False,
+    reduce_range: bool | None = None,
     per_token: bool = False,
+    token_asymmetric: bool = False,
 ) -> tuple[Path, list[str]]:
     """Write the dynamic int8 model; returns (path, layers that stayed float because no int8 rewrite
     applies to them). `smooth`: activation name -> per-channel SmoothQuant scale s (x/s, s*W).
-    `reduce_range`: 7-bit weights (see config.QuantConfig.reduce_range). `fuse_gelu_ops`: replace the exporter's erf-GELU subgraph by onnxruntime's fused Gelu kernel."""
+    `reduce_range`: 7-bit weights (see config.QuantConfig.reduce_range); None: 7-bit where this host's u8s8
+    kernels could saturate (x86 without VNNI: uint8 activations use their whole range, 255 * 127 * 2 > 32767
+    in int16 pair sums, 255 * 63 * 2 is not), else 8-bit. `token_asymmetric`: per-token activations over
+    each row's [min, max] (else symmetric around 0). `fuse_gelu_ops`: replace the exporter's erf-GELU subgraph by onnxruntime's fused Gelu kernel."""
     model = onnx.load(str(fp32_path))
     layers = compute_layers(model)
     skip = set(float_layers)
     chosen = set(layers) - skip if only_layers is None else set(only_layers) - skip
+    if reduce_range is None:
+        from .onnx_static import int16_overflow_risk
+
+        reduce_range = int16_overflow_risk()
     rw = _Rewriter(model, weight_bits=7 if reduce_range else 8)
     smooth = dict(smooth or {})
     extra_nodes: list[onnx.NodeProto] = []
@@ -300,7 +337,7 @@ def quantize_onnx_dynamic(
             extra_nodes.append(helper.make_node("Mul", [x, inv], [src], name=f"{x}__smooth"))
         shared, token = None, None
         if per_token:
-            token, token_nodes = _token_quantize(rw, src)
+            token, token_nodes = _token_quantize(rw, src, token_asymmetric)
             extra_nodes += token_nodes
         elif len(nodes) > 1:  # quantize the shared input once
             shared = (f"{src}__q", f"{src}__qscale", f"{src}__qzp")

@@ -236,6 +236,7 @@ def compact_tflite(path: str | Path) -> Path:
     path = Path(path)
     buf = path.read_bytes()
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(buf, 0))
+    _inline_buffers(model, buf)
     for graph in model.subgraphs:
         keep = set(graph.inputs) | set(graph.outputs)
         for i, tensor in enumerate(graph.tensors):
@@ -245,3 +246,16 @@ def compact_tflite(path: str | Path) -> Path:
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     path.write_bytes(bytes(builder.Output()))
     return path
+
+
+def _inline_buffers(model: Any, buf: bytes) -> None:
+    """Buffers stored by offset after the flatbuffer (ai-edge-quantizer writes its quantized weights so)
+    moved into the flatbuffer: repacking keeps only the flatbuffer, so their offsets would point past
+    its end ("Constant buffer N specified an out of range offset" when LiteRT loads it)."""
+    for buffer in model.buffers:
+        if buffer.offset > 1:  # 0 and 1 mean "no data here" in the schema
+            end = buffer.offset + buffer.size
+            if end > len(buf):
+                raise QuantizeError(f"TFLite buffer at offset {buffer.offset} runs past the file's end")
+            buffer.data = np.frombuffer(buf, np.uint8, buffer.size, buffer.offset).copy()
+            buffer.offset, buffer.size = 0, 0

@@ -20,6 +20,7 @@ _EXPORTS = {
     "demo_rounds": "pocketfleet.sim.fl_rounds",
     "TrafficSettings": "pocketfleet.sim.traffic",
     "DeviceTraffic": "pocketfleet.sim.traffic",
+    "TrafficPool": "pocketfleet.sim.traffic",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -137,11 +137,13 @@ class Fleet:
         device_dirs: dict[str, str | Path] | None = None,
         traffic: Any = None,
         console: Any = None,
+        cloud: dict[str, Any] | None = None,
     ) -> None:
         """`device_dirs` binds devices to existing agent state directories (device id -> dir); by default
         `devices` ids named `<device_prefix>-NNN` get fresh directories under `workdir/devices/`.
         `traffic` (pocketfleet.sim.traffic.TrafficSettings): every device also serves requests with its
-        active version and sends the agent's telemetry through a durable outbox."""
+        active version and sends the agent's telemetry through a durable outbox. `cloud`: CloudSettings
+        fields for every worker (e.g. {"multicast_min": 0})."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.group = group
@@ -159,6 +161,7 @@ class Fleet:
         self.devices: dict[str, DeviceLink] = {}
         self.traffic_settings = traffic
         self.console_settings = console  # cloud_sync.console.ConsoleSettings for the first worker
+        self.cloud_overrides = dict(cloud or {})
         self.traffic: dict[str, Any] = {}
         self._inputs: Any = None
         self.cloud_config: CloudConfig | None = None
@@ -195,7 +198,7 @@ class Fleet:
         v311 = mqtt.protocol == "3.1.1" or self.broker is not None
         self.cloud_config = CloudConfig(
             cloud=CloudSettings(state_dir=str(self.workdir / "cloud"), worker_id="cloud-1", trust=str(self.trust),
-                                shared_group="" if v311 else self.shared_group),
+                                shared_group="" if v311 else self.shared_group, **self.cloud_overrides),
             mqtt=mqtt, rollout=self.rollout_config,
         )
         registry = self.cloud_config.open_registry()
