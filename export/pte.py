@@ -105,7 +105,12 @@ def _quantized(
     calib: Mapping[str, np.ndarray],
     batch: int = 1,
 ) -> torch.nn.Module:
-    """PT2E static int8 with the XNNPACK quantizer, calibrated on `calib` in batches of the traced batch."""
+    """PT2E int8 with the XNNPACK quantizer, calibrated on `calib` in batches of the traced batch.
+
+    Static (int8 activations with calibrated ranges) for models with float inputs only. A model with an
+    integer input (token ids: a transformer) gets dynamic int8 activations on its linear layers, as
+    ExecuTorch recommends for transformers: the attention mask's large negative fill and softmax outputs
+    share one static range badly (MiniLM static: cosine to fp32 0.36; dynamic: see docs/targets.md)."""
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -116,7 +121,9 @@ def _quantized(
     missing = [n for n in input_names if n not in calib]
     if missing:
         raise ExportError(f"calibration data has no input {missing[0]!r} (it has {sorted(calib)})")
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    dynamic = any(np.issubdtype(np.asarray(calib[n]).dtype, np.integer) for n in input_names)
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    quantizer = XNNPACKQuantizer().set_global(config)
     prepared = prepare_pt2e(program.module(), quantizer)
     rows = min(MAX_CALIB_ROWS, min(len(calib[n]) for n in input_names))
     if rows < batch:
