@@ -119,3 +119,31 @@ def test_pte_mbnet_fp32_and_int8_parity(exported) -> None:
     assert fp32.parity.outputs[0].max_abs < 1e-4
     assert int8.parity.outputs[0].agreement >= 0.97
     assert int8.size_bytes < 0.5 * fp32.size_bytes
+
+
+def test_pte_int8_quantizes_token_models_dynamically_and_image_models_statically() -> None:
+    """A model with integer inputs (token ids) gets dynamic int8 activations (ranges per call: a choose-qparams
+    op), one with float inputs static ranges from calibration (none): static ranges broke MiniLM."""
+    import torch
+
+    from export.pte import _quantized
+
+    class Tokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.emb(ids)).mean(1)
+
+    rng = np.random.default_rng(0)
+    cases = {
+        "ids": (Tokens().eval(), rng.integers(0, 50, (8, 6)).astype(np.int64)),
+        "x": (torch.nn.Sequential(torch.nn.Linear(16, 4)).eval(), rng.standard_normal((8, 16)).astype(np.float32)),
+    }
+    dynamic = {}
+    for name, (module, rows) in cases.items():
+        program = torch.export.export(module, (torch.from_numpy(rows[:1]),))
+        graph = _quantized(program, [name], {name: rows}).graph
+        dynamic[name] = any("choose_qparams" in str(n.target) for n in graph.nodes)
+    assert dynamic == {"ids": True, "x": False}
