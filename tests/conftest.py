@@ -96,3 +96,13 @@ else:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with a fresh signing key pair (pocketfleet.key / pocketfleet.pub), one per test module."""
+    from export.signing import generate_keys
+
+    d = tmp_path_factory.mktemp("keys")
+    generate_keys(d)
+    return d

@@ -24,18 +24,9 @@ HIDDEN = 1024  # ~300 KB packages: big enough to interrupt, small enough to stay
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.signing import generate_keys
-
-    d = tmp_path_factory.mktemp("keys")
-    generate_keys(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def pkgs(keys: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def pkgs(keys_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("pkgs")
-    key = keys / "pocketfleet.key"
+    key = keys_dir / "pocketfleet.key"
     return {"v1": make_digits_package(d / "v1.pfpkg", 1, key, hidden=HIDDEN, seed=1),
             "v2": make_digits_package(d / "v2.pfpkg", 2, key, hidden=HIDDEN, seed=2)}  # nothing in common
 
@@ -77,12 +68,12 @@ def _assert_outboxes_delivered(fleet: Fleet, outboxes: dict, records: int) -> No
     wait_for(lambda: all(ob.stats()["records"] == 0 for ob in outboxes.values()), 15)
 
 
-def test_link_drop_mid_download_resumes_without_refetching(tmp_path: Path, keys: Path, pkgs: dict) -> None:
+def test_link_drop_mid_download_resumes_without_refetching(tmp_path: Path, keys_dir: Path, pkgs: dict) -> None:
     size = pkgs["v2"].stat().st_size
     with Mosquitto(tmp_path, accounts=_accounts(1), persistence=False) as broker:
         # chunk_timeout_s 30: on a loaded CI box a 10 s timeout re-requested chunks that were only slow,
         # which this test would count as refetched (it is about the link drop, not timeouts)
-        fleet = Fleet(tmp_path / "fleet", devices=1, mqtt_for=broker.mqtt_config, keys_dir=keys,
+        fleet = Fleet(tmp_path / "fleet", devices=1, mqtt_for=broker.mqtt_config, keys_dir=keys_dir,
                       ota=OtaSettings(bandwidth_bps=size, chunk_timeout_s=30)).start()
         try:
             fleet.install_everywhere(pkgs["v1"])
@@ -104,10 +95,10 @@ def test_link_drop_mid_download_resumes_without_refetching(tmp_path: Path, keys:
             fleet.stop()
 
 
-def test_device_restart_mid_download_resumes_from_disk(tmp_path: Path, keys: Path, pkgs: dict) -> None:
+def test_device_restart_mid_download_resumes_from_disk(tmp_path: Path, keys_dir: Path, pkgs: dict) -> None:
     size = pkgs["v2"].stat().st_size
     with Mosquitto(tmp_path, accounts=_accounts(1), persistence=False) as broker:
-        fleet = Fleet(tmp_path / "fleet", devices=1, mqtt_for=broker.mqtt_config, keys_dir=keys,
+        fleet = Fleet(tmp_path / "fleet", devices=1, mqtt_for=broker.mqtt_config, keys_dir=keys_dir,
                       ota=OtaSettings(bandwidth_bps=size, chunk_timeout_s=10)).start()
         try:
             fleet.install_everywhere(pkgs["v1"])
@@ -127,10 +118,10 @@ def test_device_restart_mid_download_resumes_from_disk(tmp_path: Path, keys: Pat
             fleet.stop()
 
 
-def test_broker_restart_mid_rollout(tmp_path: Path, keys: Path, pkgs: dict) -> None:
+def test_broker_restart_mid_rollout(tmp_path: Path, keys_dir: Path, pkgs: dict) -> None:
     size = pkgs["v2"].stat().st_size
     with Mosquitto(tmp_path, accounts=_accounts(3), persistence=True) as broker:
-        fleet = Fleet(tmp_path / "fleet", devices=3, mqtt_for=broker.mqtt_config, keys_dir=keys, workers=2,
+        fleet = Fleet(tmp_path / "fleet", devices=3, mqtt_for=broker.mqtt_config, keys_dir=keys_dir, workers=2,
                       ota=OtaSettings(bandwidth_bps=size // 2, chunk_timeout_s=5)).start()
         try:
             fleet.install_everywhere(pkgs["v1"])
@@ -148,10 +139,10 @@ def test_broker_restart_mid_rollout(tmp_path: Path, keys: Path, pkgs: dict) -> N
             fleet.stop()
 
 
-def test_cloud_killed_mid_rollout_resumes_from_sqlite(tmp_path: Path, keys: Path, pkgs: dict) -> None:
+def test_cloud_killed_mid_rollout_resumes_from_sqlite(tmp_path: Path, keys_dir: Path, pkgs: dict) -> None:
     size = pkgs["v2"].stat().st_size
     with Mosquitto(tmp_path, accounts=_accounts(3), persistence=False) as broker:
-        fleet = Fleet(tmp_path / "fleet", devices=3, mqtt_for=broker.mqtt_config, keys_dir=keys, workers=0,
+        fleet = Fleet(tmp_path / "fleet", devices=3, mqtt_for=broker.mqtt_config, keys_dir=keys_dir, workers=0,
                       ota=OtaSettings(bandwidth_bps=size // 2, chunk_timeout_s=3)).start(start_devices=False)
         config = tmp_path / "cloud.toml"
         config.write_text(

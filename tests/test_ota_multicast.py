@@ -19,18 +19,9 @@ pytestmark = pytest.mark.mosquitto
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.signing import generate_keys
-
-    d = tmp_path_factory.mktemp("keys")
-    generate_keys(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def pkgs(keys: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def pkgs(keys_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("pkgs")
-    key = keys / "pocketfleet.key"
+    key = keys_dir / "pocketfleet.key"
     # v2 has other hidden weights: nothing of it is found locally, every device fetches all of it
     return {
         "v1": make_digits_package(d / "v1.pfpkg", 1, key, hidden=64),
@@ -39,7 +30,7 @@ def pkgs(keys: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 
 @pytest.fixture
-def make_fleet(tmp_path: Path, keys: Path) -> Iterator[Callable[..., Fleet]]:
+def make_fleet(tmp_path: Path, keys_dir: Path) -> Iterator[Callable[..., Fleet]]:
     made: list[tuple[Fleet, Mosquitto]] = []
 
     def make(devices: int, broker_group: str = "lab", ota: OtaSettings | None = None) -> Fleet:
@@ -50,7 +41,7 @@ def make_fleet(tmp_path: Path, keys: Path) -> Iterator[Callable[..., Fleet]]:
             tmp_path / "fleet",
             devices=devices,
             mqtt_for=broker.mqtt_config,
-            keys_dir=keys,
+            keys_dir=keys_dir,
             ota=ota,
             cloud={"batch_wait_s": 0.3},
         )

@@ -22,18 +22,9 @@ pytestmark = pytest.mark.mosquitto
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.signing import generate_keys
-
-    d = tmp_path_factory.mktemp("keys")
-    generate_keys(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def pkgs(keys: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def pkgs(keys_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("pkgs")
-    key = keys / "pocketfleet.key"
+    key = keys_dir / "pocketfleet.key"
     return {
         "v1": make_digits_package(d / "v1.pfpkg", 1, key),
         "v2": make_digits_package(d / "v2.pfpkg", 2, key, head_seed=1),  # only the classifier head changes
@@ -44,7 +35,7 @@ def pkgs(keys: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 
 @pytest.fixture
-def make_fleet(tmp_path: Path, keys: Path) -> Iterator[Callable[..., Fleet]]:
+def make_fleet(tmp_path: Path, keys_dir: Path) -> Iterator[Callable[..., Fleet]]:
     made: list[tuple[Fleet, Mosquitto]] = []
 
     def make(devices: int = 4, ota: OtaSettings | None = None, start_devices: bool = True) -> Fleet:
@@ -52,7 +43,7 @@ def make_fleet(tmp_path: Path, keys: Path) -> Iterator[Callable[..., Fleet]]:
         accounts = {d: ("device", "lab") for d in ids} | {"cloud-1": ("cloud", None), "cloud-2": ("cloud", None),
                                                           "operator": ("cloud", None)}
         broker = Mosquitto(tmp_path, accounts=accounts, persistence=False).start()
-        fleet = Fleet(tmp_path / "fleet", devices=devices, mqtt_for=broker.mqtt_config, keys_dir=keys, ota=ota)
+        fleet = Fleet(tmp_path / "fleet", devices=devices, mqtt_for=broker.mqtt_config, keys_dir=keys_dir, ota=ota)
         fleet.broker_process = broker  # type: ignore[attr-defined]
         made.append((fleet, broker))
         return fleet.start(start_devices=start_devices)
@@ -256,8 +247,8 @@ def test_signed_rollback_release_goes_back_and_a_forged_one_does_not(make_fleet,
     op.stop()
 
 
-def test_bandwidth_cap_bounds_the_download_rate(make_fleet, keys, tmp_path) -> None:
-    big = make_digits_package(tmp_path / "big.pfpkg", 1, keys / "pocketfleet.key", hidden=1024)
+def test_bandwidth_cap_bounds_the_download_rate(make_fleet, keys_dir, tmp_path) -> None:
+    big = make_digits_package(tmp_path / "big.pfpkg", 1, keys_dir / "pocketfleet.key", hidden=1024)
     rate = 200_000
     fleet = make_fleet(1, ota=OtaSettings(bandwidth_bps=rate))
     start = time.monotonic()
