@@ -110,6 +110,18 @@ def named_arrays(value: Any, names: Sequence[str] | None, what: str) -> dict[str
     return {n: _numpy(v, f"{what} {n!r}") for n, v in zip(names, items, strict=True)}
 
 
+def first_tensor(out: Any) -> Any | None:
+    """The first output of a forward call (a tensor, a tuple / list, a dict or a transformers ModelOutput),
+    or None when it is not a tensor."""
+    if hasattr(out, "to_tuple") and not hasattr(out, "detach"):  # transformers ModelOutput
+        out = out.to_tuple()
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        out = out[0] if out else None
+    return out if hasattr(out, "detach") else None
+
+
 def _flatten_outputs(out: Any, module: str) -> list[tuple[str | None, Any]]:
     """(key or None, tensor) for each output of a forward call; a non-tensor output is an ExportError."""
     if isinstance(out, Mapping):

@@ -163,3 +163,16 @@ def test_distill_data_errors():
                          eval_data=(_x(), None), progress=False)  # fmt: skip
     with pytest.raises(DistillError, match=r"returns a str, not a tensor"):
         compress.distill(OnlyText(), teacher, compress.DistillConfig(epochs=1), (_x(), None), progress=False)
+
+
+def test_first_tensor_of_every_output_shape_and_none_for_a_non_tensor() -> None:
+    import torch
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from export.source import first_tensor
+
+    t = torch.ones(2, 3)
+    for out in (t, (t, t * 2), [t], {"logits": t, "other": t * 2}, SequenceClassifierOutput(logits=t)):
+        assert first_tensor(out) is t
+    for bad in ("text", ("text", t), (), {"k": 1}, None):
+        assert first_tensor(bad) is None

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from compress.zoo.digits_train import random_shift, torch_threads
+from export.source import first_tensor
 
 from .config import DistillConfig, DistillError
 
@@ -116,15 +117,10 @@ def _signed(metric: Any, outputs: np.ndarray, targets: np.ndarray) -> float:
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise DistillError(f"the model returns a {type(out).__name__}, not a tensor (or a tuple / dict of tensors)")
+    tensor = first_tensor(out)
+    if tensor is None:
+        raise DistillError(f"the model returns a {type(out).__name__}, not a tensor (or a tuple / dict of tensors)")
+    return tensor
 
 
 class _Capture:

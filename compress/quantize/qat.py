@@ -21,8 +21,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from export.source import first_tensor
+
 from .calibrate import collect, compute_range
 from .config import QuantConfig
+from .errors import QuantizeError
 
 
 class FakeQuant(nn.Module):
@@ -178,11 +181,7 @@ def qat_finetune(
 
 
 def _first(out: Any) -> torch.Tensor:
-    """The first tensor output of a forward call (a tuple, a dict or a transformers ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    return out[0]
+    tensor = first_tensor(out)
+    if tensor is None:
+        raise QuantizeError(f"the model returns a {type(out).__name__}, not a tensor (or a tuple / dict of tensors)")
+    return tensor
