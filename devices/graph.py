@@ -65,10 +65,13 @@ class Graph:
         return self.tensors.get(name) if name else None
 
 
+GRAPH_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}  # what devices reads; .pte / Core ML are timed, not read
+
+
 def read_graph(path: str | Path, format: str | None = None, seq_len: int = 128) -> Graph:
     """Read `path` (.onnx or .tflite, or `format`) with dynamic dims fixed to batch 1 / `seq_len`."""
     path = Path(path)
-    fmt = format or {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix.lower())
+    fmt = format or GRAPH_FORMATS.get(path.suffix.lower())
     if fmt not in ("onnx", "tflite"):
         raise ModelReadError(f"cannot tell the model format of {path.name}: use a .onnx or .tflite file")
     if not path.is_file():

@@ -11,9 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from devices.graph import ModelReadError
-
-_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
+from devices.graph import GRAPH_FORMATS, ModelReadError
 
 
 @dataclass
@@ -34,7 +32,7 @@ def open_model(path: str | Path) -> Iterator[ModelSource]:
     path = Path(path)
     if not path.exists():
         raise ModelReadError(f"model or package not found: {path}")
-    fmt = _SUFFIX.get(path.suffix.lower())
+    fmt = GRAPH_FORMATS.get(path.suffix.lower())
     if fmt is not None:
         yield ModelSource(path, fmt, path.stat().st_size)
         return

@@ -36,13 +36,13 @@ def _doc(model_dir: Path, **plan: Any) -> dict[str, Any]:
     }
 
 
-def _remeasure(pick: Path, fp32: Path, inputs: dict[str, Any], repeats: int = 5) -> list[float]:
+def _remeasure(pick: Path, fp32: Path, inputs: dict[str, Any], repeats: int = 5, threads: int = 1) -> list[float]:
     """Ratios pick/fp32 of p50 from `repeats` fresh interleaved runs (independent of the plan's timing)."""
     from export.latency import measure_latency
 
     ratios = []
     for _ in range(repeats):
-        s = measure_latency({"pick": pick, "fp32": fp32}, inputs, threads=1, runs=100, min_seconds=0.5)
+        s = measure_latency({"pick": pick, "fp32": fp32}, inputs, threads=threads, runs=100, min_seconds=0.5)
         ratios.append(s["pick"]["p50"] / s["fp32"]["p50"])
     return ratios
 
@@ -78,6 +78,44 @@ def test_plan_meets_the_latency_ratio_or_says_why(digits_mbnet_dir: Path, tmp_pa
         failure = report["failed"][0]["error"]
         assert "no candidate meets" in failure and "x fp32" in failure, failure
         assert plan["why_none"] and all(c["rejected"] for c in plan["candidates"])
+
+
+def test_plan_searches_executorch_at_every_thread_count(digits_mbnet_dir: Path, tmp_path: Path) -> None:
+    """pte candidates (fp32 and PT2E int8) are timed beside ONNX at 1 and 2 threads in one process (the
+    XNNPACK pool is resized between thread counts), their ratios are against the unpruned fp32 .pte, and a
+    pte pick is packaged as ExecuTorch and meets the budget when re-measured against that fp32 .pte."""
+    from compress.recipe.measure import probe_inputs
+    from compress.zoo import get_workload
+    from export.package import open_package
+
+    doc = _doc(digits_mbnet_dir, formats=["onnx", "pte"], threads=[1, 2], macs_levels=[1.0], recover_epochs=0,
+               quant_formats=["qdq"])  # fmt: skip
+    report = run_recipe(parse_recipe(doc, tmp_path / "plan.toml"), tmp_path / "out")
+    plan = json.loads((tmp_path / "out" / "plan-0" / "plan.json").read_text())
+    rows = {(c["name"], c["threads"]): c for c in plan["candidates"]}
+    for t in (1, 2):
+        assert rows[("m100.pte.fp32", t)]["ratio"] == 1.0
+        int8 = rows[("m100.pte.int8-pt2e", t)]
+        assert int8["p50_ms"] > 0 and int8["ratio"] is not None and int8["metric"] >= plan["baseline_metric"] - 0.02
+        assert f"fp32.pte@{t}t" in plan["references"]
+    if report["artifacts"] and report["artifacts"][0]["format"] == "pte":
+        art = report["artifacts"][0]
+        with open_package(Path(art["package"])) as pkg:
+            assert pkg.manifest.format == "pte" and pkg.manifest.model.endswith(".pte")
+        from compress.zoo import load_model_dir
+        from export.pipeline import convert
+
+        threads = art["details"]["threads"]  # the plan's work files are gone: a fresh fp32 .pte to compare with
+        fp32 = convert(load_model_dir(digits_mbnet_dir), "pte", "fp32", tmp_path / "fp32.pte")
+        ratios = _remeasure(Path(art["path"]), fp32, probe_inputs(get_workload("digits-mbnet")), threads=threads)
+        assert statistics.median(ratios) <= RATIO * SLACK, (ratios, plan["picked"])
+    else:  # ONNX won, or nothing met the budget: the pte rows were still judged
+        assert all(r["rejected"] for r in plan["candidates"] if r["format"] == "pte") or report["artifacts"]
+
+
+def test_a_pte_plan_is_host_only(digits_mbnet_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"timed on the host only"):
+        parse_recipe(_doc(digits_mbnet_dir, device="raspberry-pi-4", formats=["pte"]), tmp_path / "plan.toml")
 
 
 def _cand(name: str, dtype: str, metric: float, p50: float, size: int, level: float = 1.0) -> Candidate:

@@ -12,9 +12,10 @@ from typing import Any
 
 from pocketfleet import PocketfleetError
 
-from .config import PlanConfig
+from .config import MEASURED_ONLY, PlanConfig
 
-SUFFIX = {"onnx": ".onnx", "tflite": ".tflite"}
+SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "pte": ".pte"}
+QUANTIZER_FORMATS = ("onnx", "tflite")  # int8 through compress.quantize; pte's int8 is made at export (PT2E)
 
 
 @dataclass
@@ -150,13 +151,11 @@ def build_candidates(
         notes["levels"].append({"level": level, **details})
         tag = f"m{int(round(level * 100)):03d}"
         fp32_metric = metric_value(lm.evaluate(), hib)
-        fp32_files = {}
-        for fmt in formats:
-            path = convert(lm, fmt, "fp32", work / f"{tag}.fp32{SUFFIX[fmt]}")
-            fp32_files[fmt] = path
-            a = analyze_model(path)
+        fp32_files = {fmt: convert(lm, fmt, "fp32", work / f"{tag}.fp32{SUFFIX[fmt]}") for fmt in formats}
+        macs = _level_macs(fp32_files, lm, work / f"{tag}.macs.onnx")
+        for fmt, path in fp32_files.items():
             if not add(Candidate(f"{tag}.{fmt}.fp32", level, fmt, "fp32", "fp32", path, fp32_metric,
-                                 path.stat().st_size, int(a.macs), module=lm)):  # fmt: skip
+                                 path.stat().st_size, macs, module=lm)):  # fmt: skip
                 return cands, notes
         variants: list[tuple[str, dict[str, Any]]] = []
         for q in quant_formats:
@@ -165,7 +164,7 @@ def build_candidates(
             if cfg.float_layers:
                 variants.append((f"{q}+float", {**extra, "max_drop": cfg.max_drop}))
         for variant, extra in variants:
-            fmts = list(formats) if variant.startswith("qdq") else [f for f in formats if f == "onnx"]
+            fmts = [f for f in formats if f in QUANTIZER_FORMATS and (variant.startswith("qdq") or f == "onnx")]
             if not fmts:
                 continue
             qc = QuantConfig(mode="static", formats=fmts, **extra)
@@ -184,4 +183,36 @@ def build_candidates(
                               float_layers=list(qa.float_layers), package=qa.package, module=lm)  # fmt: skip
                 if not add(c):
                     return cands, notes
+        if "pte" in formats:  # XNNPACK quantizer + PT2E at export; its metric measured in ExecuTorch
+            path = work / f"{tag}.int8.pte"
+            try:
+                convert(lm, "pte", "int8", path)
+                metric = metric_value(file_metric(lm, path), hib)
+            except PocketfleetError as exc:
+                notes["errors"].append({"level": level, "variant": "pte-int8", "error": str(exc)})
+                continue
+            if not add(Candidate(f"{tag}.pte.int8-pt2e", level, "pte", "int8", "pt2e", path, metric,
+                                 path.stat().st_size, macs, module=lm)):  # fmt: skip
+                return cands, notes
     return cands, notes
+
+
+def file_metric(model: Any, path: Path) -> dict[str, Any]:
+    """The workload metric of a model file run in its own runtime (export.runtimes), on the test split."""
+    from export.runtimes import load_runtime
+
+    runtime = load_runtime(path, threads=1)
+    try:
+        return model.evaluate(runtime.run)
+    finally:
+        del runtime  # an ExecuTorch program holds the process's XNNPACK pool at its thread count
+
+
+def _level_macs(files: dict[str, Path], model: Any, spare: Path) -> int:
+    """MACs of one pruning level, read from a file devices.analyze_model reads (an ONNX export when the
+    search has only formats it cannot read)."""
+    from devices import analyze_model
+    from export.pipeline import convert
+
+    readable = [p for f, p in files.items() if f not in MEASURED_ONLY]
+    return int(analyze_model(readable[0] if readable else convert(model, "onnx", "fp32", spare)).macs)

@@ -7,7 +7,8 @@ from typing import Any
 
 from pocketfleet import PocketfleetError
 
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "pte")
+MEASURED_ONLY = ("pte",)  # formats devices.estimate cannot read: timed on the host only
 QUANT_FORMATS = ("qdq", "qoperator")
 PRUNE_PLANS = ("uniform", "sensitivity")
 
@@ -24,7 +25,8 @@ class PlanConfig:
       unpruned fp32 model in the same runtime and thread count (at least one is needed).
     margin: noise margin: a candidate must beat each latency budget by this fraction (0.05: 5% under).
     max_drop: the most the workload metric may fall below the fp32 model (metric units).
-    formats: runtimes searched ([] = the claimed target's format); quant_formats: ONNX int8 graph forms
+    formats: runtimes searched ([] = the claimed target's format): "onnx", "tflite", "pte" (ExecuTorch with
+      XNNPACK: fp32 and PT2E int8, host only); quant_formats: ONNX int8 graph forms
       ("qoperator" only where the quantizer offers it); threads: thread counts searched ([] = the run's).
     macs_levels: fractions of the MACs kept by structured pruning (1.0 = unpruned); prune_plan "uniform"
       (one ratio for every group) or "sensitivity" (per-layer ratios from compress.prune's sensitivity).
@@ -66,6 +68,10 @@ class PlanConfig:
         if not 0 <= self.max_drop <= 1:
             raise PlanError(f"PlanConfig.max_drop must be in [0, 1], got {self.max_drop}")
         _subset(self.formats, FORMATS, "formats")
+        unread = [f for f in self.formats if f in MEASURED_ONLY]
+        if unread and self.device != "host":
+            raise PlanError(f"PlanConfig.formats: {unread[0]!r} candidates are timed on the host only (devices.estimate "
+                            f"cannot read {unread[0]} programs); use device = \"host\" or drop it")  # fmt: skip
         _subset(self.quant_formats, QUANT_FORMATS, "quant_formats")
         if not self.quant_formats:
             raise PlanError("PlanConfig.quant_formats: give at least one of ['qdq', 'qoperator']")

@@ -7,6 +7,7 @@ calibrates)."""
 from __future__ import annotations
 
 import copy
+import gc
 import random
 import statistics
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ def time_candidates(
         rng = random.Random(t)
         for _ in range(cfg.repeats):  # a new order every repeat: the position in a round biases its timing
             rng.shuffle(order)
+            gc.collect()  # the last runtimes gone: an ExecuTorch program pins the process's pool size
             runs.append(measure_latency({k: files[k] for k in order}, inputs, threads=t, runs=cfg.latency_runs,
                                         min_seconds=cfg.latency_seconds * len(files)))  # fmt: skip
         for c in group:

@@ -39,21 +39,27 @@ def host_latencies(
 
 
 def file_costs(path: Path) -> dict[str, Any]:
-    """Size (raw and zstd-compressed: what zeros from sparsity save on disk), MACs and parameters."""
+    """Size (raw and zstd-compressed: what zeros from sparsity save on disk), MACs and parameters (None
+    for formats devices.analyze_model cannot read: ExecuTorch and Core ML programs)."""
     from compress.prune import storage_sizes
     from devices import analyze_model
+    from devices.graph import GRAPH_FORMATS
 
     size = path.stat().st_size
     level = 19 if size <= ZSTD_MAX_LEVEL_BYTES else 3
-    analysis = analyze_model(path)
-    return {
+    costs: dict[str, Any] = {
         "size_bytes": size,
         "size_zstd_bytes": storage_sizes(path, level=level)["zstd_bytes"],
         "zstd_level": level,
-        "macs": int(analysis.macs),
-        "params": int(analysis.params_count),
-        "peak_activation_bytes": int(analysis.peak_activation_bytes),
+        "macs": None,
+        "params": None,
+        "peak_activation_bytes": None,
     }
+    if path.suffix.lower() in GRAPH_FORMATS:
+        analysis = analyze_model(path)
+        costs.update(macs=int(analysis.macs), params=int(analysis.params_count),
+                     peak_activation_bytes=int(analysis.peak_activation_bytes))  # fmt: skip
+    return costs
 
 
 def clean_metric(metric: dict[str, Any]) -> dict[str, Any]:

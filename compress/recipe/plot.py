@@ -7,7 +7,8 @@ from typing import Any
 
 from .report import rows
 
-_MARKERS = {"onnx": ("s", "tab:orange"), "tflite": ("^", "tab:green")}
+_MARKERS = {"onnx": ("s", "tab:orange"), "tflite": ("^", "tab:green"), "pte": ("D", "tab:purple"),
+            "coreml": ("v", "tab:gray")}
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path:
@@ -15,8 +16,8 @@ def write_plot(report: dict[str, Any], path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    table = rows(report)
-    n_model = 1 + sum(1 for s in report["steps"] if s["kind"] == "model")
+    table = [r for r in rows(report) if r["metric"] is not None]  # a Core ML model off macOS has no metric
+    n_model = 1 + sum(1 for s in report["steps"] if s["kind"] == "model")  # the first rows: never dropped
     fig = Figure(figsize=(8.5, 5.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

@@ -35,17 +35,17 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _row(stage: str, kind: str, m: dict[str, Any], device: dict[str, Any] | None = None) -> dict[str, Any]:
-    lat = m.get("latency_ms") or {}
+    lat = m.get("latency_ms") if isinstance(m.get("latency_ms"), dict) else {}
     return {
         "stage": stage,
         "model": kind,
-        "metric": m["metric"]["value"],
+        "metric": (m["metric"] or {}).get("value"),  # None: not run (a Core ML model off macOS)
         "size_kb": round(m["size_bytes"] / 1024, 1),
         "zstd_kb": round(m["size_zstd_bytes"] / 1024, 1),
-        "mmacs": round(m["macs"] / 1e6, 3),
+        "mmacs": round(m["macs"] / 1e6, 3) if m["macs"] is not None else None,
         "p50_ms": lat.get("p50"),
         "p90_ms": lat.get("p90"),
-        "device_ms": f"{device['estimated_ms']:.3g} ({device['device']})" if device else "",
+        "device_ms": f"{device['estimated_ms']:.3g} ({device['device']})" if device and device.get("estimated_ms") else "",
     }
 
 

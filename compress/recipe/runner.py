@@ -334,8 +334,14 @@ def _step_row(step: Step, seconds: float, details: dict[str, Any]) -> dict[str, 
 
 
 def _time_all(rows: list[dict[str, Any]], probe: dict[str, Any], recipe: Recipe) -> None:
-    """Host latency of every row's file, measured together (round-robin) at the end of the run."""
-    files = {str(i): Path(r["path"]) for i, r in enumerate(rows)}
+    """Host latency of every row's file, measured together (round-robin) at the end of the run (a Core ML
+    file off macOS: "not run on this host")."""
+    from export.mlpackage import NOT_RUN, can_predict
+
+    files = {str(i): Path(r["path"]) for i, r in enumerate(rows) if r["format"] != "coreml" or can_predict()}
+    for i, r in enumerate(rows):
+        if str(i) not in files:
+            r["latency_ms"] = NOT_RUN
     for key, stats in host_latencies(files, probe, recipe.run).items():
         rows[int(key)]["latency_ms"] = stats
 
@@ -426,6 +432,11 @@ def _size(path: Path) -> int:
 def _estimate(a: Artifact, target: Target) -> dict[str, Any]:
     """The device profile's static estimate for the package (latency, RAM, storage, fits)."""
     from devices import estimate
+    from devices.graph import GRAPH_FORMATS
+
+    if a.format not in GRAPH_FORMATS.values():
+        return {"device": target.device, "estimated_ms": None,
+                "warnings": [f"no static estimate: devices cannot read {a.format} programs (host latency is measured)"]}  # fmt: skip
 
     e = estimate(a.package or a.path, target.device or "", measure=False)
     keys = (

@@ -11,13 +11,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from export.pipeline import FORMAT_DTYPES, FORMATS
 from pocketfleet.config import ConfigError, check_keys, check_type, load_toml, parse_config, require_table
 
 from .errors import RecipeError
 from .steps.base import Step, StepContext, get_step
 
-FORMATS = ("onnx", "tflite")
-DTYPES = ("fp32", "fp16", "int8")
+QUANTIZE_FORMATS = ("onnx", "tflite")  # int8 / fp16 of these come from a quantize step; pte and coreml make
+# their own at export (PT2E int8; Core ML fp16, int8 weights and 4-bit palettization)
+DTYPES = {f: (*dtypes, "int8") if f in QUANTIZE_FORMATS else dtypes for f, dtypes in FORMAT_DTYPES.items()}
 SPLITS = ("train", "val", "test")
 TOP_LEVEL = ("name", "description", "model", "data", "run", "steps", "targets")
 
@@ -139,8 +141,9 @@ class Target:
     def validate(self) -> Target:
         if self.format not in FORMATS:
             raise RecipeError(f"Target.format must be one of {list(FORMATS)}, got {self.format!r}")
-        if self.dtype not in DTYPES:
-            raise RecipeError(f"Target.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES[self.format]:
+            raise RecipeError(f"Target.dtype of a {self.format} target must be one of {list(DTYPES[self.format])}, "
+                              f"got {self.dtype!r}")  # fmt: skip
         if self.version < 1:
             raise RecipeError(f"Target.version must be an integer >= 1, got {self.version}")
         return self
@@ -243,7 +246,7 @@ def _parse(data: dict[str, Any], file: Path) -> Recipe:
 def _missing(key: str) -> RecipeError:
     hint = {
         "model": 'a [model] table with zoo = "<workload>" or path = "<model dir>"',
-        "targets": 'at least one [[targets]] table with format = "onnx" | "tflite"',
+        "targets": 'at least one [[targets]] table with format = "onnx" | "tflite" | "pte" | "coreml"',
     }[key]
     return RecipeError(f"missing; the recipe needs {hint}", key)
 
@@ -387,7 +390,7 @@ def _parse_targets(value: Any, base: Path, default_name: str) -> list[Target]:
     for i, table in enumerate(value):
         path = f"targets[{i}]"
         if "format" not in table:
-            raise RecipeError('missing; every target needs format = "onnx" | "tflite"', f"{path}.format")
+            raise RecipeError(f"missing; every target needs format = {' | '.join(map(repr, FORMATS))}", f"{path}.format")
         target, _ = parse_config(Target, table, path)
         target.name = target.name or default_name
         if target.key is not None:
@@ -464,7 +467,7 @@ def _check_targets(recipe: Recipe) -> None:
                 f"{target.label} is produced by both {producers[0].ctx.path} and {producers[1].ctx.path}; "
                 "keep one", f"targets[{i}]",
             )  # fmt: skip
-        if not producers and target.dtype == "int8":
+        if not producers and target.dtype == "int8" and target.format in QUANTIZE_FORMATS:
             modes = [f"{s.ctx.path} makes {getattr(s.config, 'mode', '?')}" for s in recipe.export_steps]
             raise RecipeError(
                 'int8 needs a [[steps]] entry with type = "quantize" and mode = "static", "dynamic" or '

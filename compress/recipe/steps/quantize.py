@@ -36,7 +36,9 @@ class QuantizeStep(Step):
         return "fp16" if self.config.mode == "fp16" else "int8"
 
     def claims(self, target: Target) -> bool:
-        return target.dtype == self.dtype
+        from ..schema import QUANTIZE_FORMATS
+
+        return target.dtype == self.dtype and target.format in QUANTIZE_FORMATS
 
     def check_recipe(self, recipe: Recipe) -> None:
         if not any(self.claims(t) for t in recipe.targets):
