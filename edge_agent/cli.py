@@ -49,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_flag(predict)
     predict.set_defaults(func=_predict)
 
+    slim = sub.add_parser("slim", help="remove what a serving agent never loads from this device's runtime wheels")
+    slim.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    slim.add_argument("--force", action="store_true", help="slim even an environment with torch (breaks compress)")
+    add_json_flag(slim)
+    slim.set_defaults(func=_slim)
+
 
 def _store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", metavar="DIR", help="the agent's state directory")
@@ -186,6 +192,24 @@ def _rollback(args: argparse.Namespace) -> int:
     out["agent"] = _notify(config, {out["model"]: out["version"]})
     emit(out, args.json, lambda r: f"rolled back {r['model']}: v{r['previous']} -> v{r['version']}")
     _check_served(out["agent"], {out["model"]: out["version"]})
+    return 0
+
+
+def _slim(args: argparse.Namespace) -> int:
+    from edge_agent.slim import slim
+    from pocketfleet import emit
+
+    result = slim(dry_run=args.dry_run, force=args.force)
+
+    def render(r: Any) -> str:
+        verb = "would remove" if r.dry_run else "removed"
+        lines = [f"{verb} {len(files)} files of {dist}" for dist, files in r.removed.items()]
+        lines.append(f"{verb} {r.bytes_removed / 1e6:.1f} MB in all")
+        if r.checked:
+            lines.append(f"still import: {', '.join(r.checked)}")
+        return "\n".join(lines)
+
+    emit(result.to_dict() if args.json else result, args.json, render)
     return 0
 
 

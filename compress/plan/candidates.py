@@ -37,7 +37,7 @@ class Candidate:
     p95_ms: float | None = None
     p50_repeats: list[float] = field(default_factory=list)
     latency_source: str = "measured"  # "measured" (host runtime) | "estimated" (devices.estimate)
-    ratio: float | None = None  # p50 / p50 of the unpruned fp32 model, same format and threads
+    ratio: float | None = None  # p50 / p50 of the unpruned fp32 model, same format, its fastest threads
     vs_fp32_same_level: float | None = None  # int8: p50 / p50 of the fp32 file of the same pruning level
     package: Path | None = None  # the package quantize() made (int8), when there is one
     module: Any = field(default=None, repr=False)  # the pruned LoadedModel this file came from

@@ -22,7 +22,7 @@ class PlanConfig:
     """device: the target the latencies are for ("host": measured in its runtime; a profile name:
       estimated by devices.estimate, the cost model calibrated by the host probe).
     max_latency_ms / max_latency_ratio: the latency budget: p50 in ms, and p50 as a fraction of the
-      unpruned fp32 model in the same runtime and thread count (at least one is needed).
+      unpruned fp32 model in the same runtime at its fastest thread count (at least one is needed).
     margin: noise margin: a candidate must beat each latency budget by this fraction (0.05: 5% under).
     max_drop: the most the workload metric may fall below the fp32 model (metric units).
     formats: runtimes searched ([] = the claimed target's format): "onnx", "tflite", "pte" (ExecuTorch with

@@ -11,16 +11,21 @@ from .config import PlanConfig
 
 
 def add_ratios(cands: Sequence[Candidate], refs: dict[str, dict[str, Any]]) -> None:
-    """ratio: p50 / the unpruned fp32 model's p50 (same format, threads: the unpruned fp32 candidate, or
-    the reference file when the search has no unpruned level); vs_fp32_same_level: int8 p50 / the fp32
-    file of the same pruning level (same format, threads)."""
+    """ratio: p50 / the unpruned fp32 model's p50 in the same format at its fastest searched thread count
+    (the unpruned fp32 candidate, or the reference file when the search has no unpruned level): a 2-thread
+    candidate is not judged against a 2-thread fp32 that is slower than the 1-thread one; vs_fp32_same_level:
+    int8 p50 / the fp32 file of the same pruning level (same format, threads)."""
     fp32 = {(c.level, c.format, c.threads): c for c in cands if c.dtype == "fp32"}
+    base: dict[str, float] = {}
     for c in cands:
-        ref = refs.get(f"fp32.{c.format}@{c.threads}t")
         unpruned = fp32.get((1.0, c.format, c.threads))
-        base = unpruned.p50_ms if unpruned is not None and unpruned.p50_ms else (ref or {}).get("p50")
-        if base and c.p50_ms is not None:
-            c.ratio = c.p50_ms / base
+        ref = refs.get(f"fp32.{c.format}@{c.threads}t") or {}
+        p50 = unpruned.p50_ms if unpruned is not None and unpruned.p50_ms else ref.get("p50")
+        if p50:
+            base[c.format] = min(base.get(c.format, p50), p50)
+    for c in cands:
+        if base.get(c.format) and c.p50_ms is not None:
+            c.ratio = c.p50_ms / base[c.format]
         same = fp32.get((c.level, c.format, c.threads))
         if c.dtype != "fp32" and same is not None and same.p50_ms:
             c.vs_fp32_same_level = (c.p50_ms or 0.0) / same.p50_ms
