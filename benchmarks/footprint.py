@@ -2,7 +2,7 @@
 ~0.5 MB model (digits-mbnet fp32) in that venv.
 
     python benchmarks/footprint.py --work /tmp/fp [--extras agent-onnx agent-tflite agent agent-pte]
-        [--reuse] [--json benchmarks/results/footprint.json]
+        [--reuse] [--slim] [--json benchmarks/results/footprint.json]
 
 For each extra: a new venv (`python -m venv`), `pip install ".[extra]"` from a copy of this checkout; the
 installed size is site-packages minus what a bare venv already has (pip, setuptools). Then a package of
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse venvs already under --work")
     ap.add_argument("--idle-s", type=float, default=3.0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--slim", action="store_true", help="also measure each venv after `pocketfleet agent slim` "
+                    "(it changes the venv: rerun without --reuse for plain figures)")
     args = ap.parse_args(argv)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -137,10 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         rss = idle_rss(venv, pkg, pub, work / f"state-{extra}", args.idle_s)
         rows.append({"extra": extra, "format": FORMAT[extra], "installed_mb": round(installed, 1), **rss,
                      "largest_mb": largest(venv), "meets_goal": installed <= GOAL_MB and rss["rss_mb"] <= GOAL_RSS_MB})  # fmt: skip
-    print(f"{'extra':14s} {'format':7s} {'installed MB':>12s} {'idle RSS MB':>12s}  largest packages (MB)")
+        if args.slim and extra != "agent-pte":  # `pocketfleet agent slim` in that venv, then measured again
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            subprocess.run([str(venv / "bin" / "pocketfleet"), "agent", "slim"], check=True, capture_output=True,
+                           env=env, cwd="/")  # fmt: skip
+            installed = (_du(_site(venv)) - bare) / 1e6
+            rss = idle_rss(venv, pkg, pub, work / f"state-{extra}", args.idle_s)
+            rows.append({"extra": f"{extra}+slim", "format": FORMAT[extra], "installed_mb": round(installed, 1), **rss,
+                         "largest_mb": largest(venv), "meets_goal": installed <= GOAL_MB and rss["rss_mb"] <= GOAL_RSS_MB})  # fmt: skip
+    print(f"{'extra':18s} {'format':7s} {'installed MB':>12s} {'idle RSS MB':>12s}  largest packages (MB)")
     for r in rows:
         big = ", ".join(f"{k} {v}" for k, v in r["largest_mb"][:4])
-        print(f"{r['extra']:14s} {r['format']:7s} {r['installed_mb']:12.1f} {r['rss_mb']:12.1f}  {big}")
+        print(f"{r['extra']:18s} {r['format']:7s} {r['installed_mb']:12.1f} {r['rss_mb']:12.1f}  {big}")
     print(f"goal: <= {GOAL_MB} MB installed and <= {GOAL_RSS_MB} MB idle RSS with one runtime")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

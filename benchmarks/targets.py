@@ -15,8 +15,9 @@ checks: latency, RSS and parity are "not run on this host"). A file that fails t
 its one-line error, not the end of the run.
 
 Latency: for each thread count a fresh worker process loads every file of the model with that many threads
-(ExecuTorch has one thread pool per process) and runs batch-1 real test inputs round-robin `--runs` times
-after a warm-up, so that load from other processes hits every file alike; p50/p95 of the per-call times.
+(ExecuTorch has one thread pool per process) and runs batch-1 real test inputs round-robin, in blocks of
+consecutive calls per file (export.latency: each file warm, as a device runs its one model), `--runs` calls
+each after a warm-up, so that load from other processes hits every file alike; p50/p95 of the per-call times.
 Cold start: a fresh process imports the runtime, loads the file and answers one input; wall time from
 process start, and its VmRSS after that answer. Parity: the workload's evaluation split against the PyTorch
 module (max abs error, top-1 agreement / cosine). On a loaded machine quote medians only, with that caveat.
@@ -141,23 +142,13 @@ def _attempt(fn: Any) -> Any:
 
 
 def worker(paths: list[str], threads: int, runs: int, probe: str) -> dict[str, Any]:
-    """Interleaved latency of `paths` at `threads` (run in its own process)."""
-    from export.runtimes import load_runtime
+    """Interleaved latency of `paths` at `threads` (run in its own process): export.latency's measurement,
+    blocks of WARM_BLOCK consecutive calls per file and turn, `runs` calls each."""
+    from export.latency import measure_latency
 
-    x = np.load(probe)
-    rts = [load_runtime(p, threads=threads) for p in paths]
-    feeds = [{s.name: x[s.name] for s in rt.inputs} for rt in rts]
-    for rt, feed in zip(rts, feeds, strict=True):
-        for _ in range(20):
-            rt.run(feed)
-    times: list[list[float]] = [[] for _ in rts]
-    for _ in range(runs):
-        for i, (rt, feed) in enumerate(zip(rts, feeds, strict=True)):
-            start = time.perf_counter()
-            rt.run(feed)
-            times[i].append((time.perf_counter() - start) * 1e3)
-    return {p: {"p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95)), "runs": runs}
-            for p, t in zip(paths, times, strict=True)}  # fmt: skip
+    x = dict(np.load(probe))
+    stats = measure_latency({p: p for p in paths}, x, threads=threads, runs=runs, warmup=20)
+    return {p: {"p50": s["p50"], "p95": s["p95"], "runs": s["runs"]} for p, s in stats.items()}
 
 
 def _subprocess_json(args: list[str]) -> Any:
@@ -277,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, args.threads))
     import os
 
-    doc = {"rows": rows, "runs": args.runs, "threads": args.threads, "models": args.models, "formats": args.formats, "host": {"cpus": os.cpu_count(),
-           "loadavg_1m": os.getloadavg()[0]}, "note": "latency measured round-robin; quote medians"}  # fmt: skip
+    from devices.probe import cpu_summary
+
+    doc = {"rows": rows, "runs": args.runs, "threads": args.threads, "models": args.models, "formats": args.formats,
+           "host": {**cpu_summary(), "loadavg_1m": os.getloadavg()[0]}, "note": "latency measured round-robin; quote medians"}  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2))
     print(f"wrote {args.json}")

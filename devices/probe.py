@@ -122,6 +122,16 @@ def _cpuinfo() -> dict[str, str]:
     return out
 
 
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")  # what int8 kernels use
+
+
+def cpu_summary() -> dict[str, object]:
+    """This host's CPU model and the int8-relevant instruction-set flags it reports (for benchmark JSON:
+    int8-vs-fp32 ratios depend on them)."""
+    flags = set((_cpuinfo().get("flags") or _cpuinfo().get("Features") or "").split())
+    return {"model": _cpu_model(), "cpus": os.cpu_count(), "int8_flags": [f for f in INT8_FLAGS if f in flags]}
+
+
 def _cpu_model() -> str:
     info = _cpuinfo()
     for key in ("model name", "Model", "Hardware", "Processor", "cpu model"):

@@ -2,7 +2,8 @@
 
 The one latency measurement of the project: every latency reported (demo, compression reports, device
 estimates, benchmarks) comes from `time_calls` (one callable) or `time_interleaved` (several, round-robin:
-every round runs each once, in turn, so that load from other processes hits all of them alike). On a
+every round runs each in turn, once or a block of calls, so that load from other processes hits all of
+them alike). On a
 shared machine compare ratios taken in the same interleaved run.
 """
 
@@ -62,10 +63,15 @@ def time_interleaved(
     max_runs: int = 20_000,
     warmup_seconds: float = 0.2,
     warmup_runs: int = 5,
+    block: int = 1,
 ) -> dict[str, LatencyStats]:
     """Time several callables round-robin: warm each up (at least `warmup_runs` calls and
-    `warmup_seconds` in all), then rounds of one call each until every one has `min_runs` calls and
-    `min_seconds` have passed (at most `max_runs` rounds)."""
+    `warmup_seconds` in all), then rounds in which each one, in turn, is called `block` times in a row,
+    until every one has `min_runs` calls and `min_seconds` have passed (at most `max_runs` calls each).
+    block > 1 times each callable warm (a device runs one model: its caches hold that model) while load
+    from other processes still hits all of them alike; block = 1 leaves every call's caches to the others."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     if not fns:
         return {}
     warm_until = time.perf_counter() + warmup_seconds
@@ -77,12 +83,13 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
     end = time.perf_counter() + min_seconds
-    rounds = 0
-    while rounds < min_runs or (time.perf_counter() < end and rounds < max_runs):
+    calls = 0
+    while calls < min_runs or (time.perf_counter() < end and calls < max_runs):
         for name, fn in fns.items():
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            fn()
-            cpu[name].append(time.thread_time() - start_cpu)
-            times[name].append(time.perf_counter() - start)
-        rounds += 1
+            for _ in range(block):
+                start, start_cpu = time.perf_counter(), time.thread_time()
+                fn()
+                cpu[name].append(time.thread_time() - start_cpu)
+                times[name].append(time.perf_counter() - start)
+        calls += block
     return {name: summarize(times[name], cpu[name]) for name in fns}
