@@ -58,9 +58,9 @@ def test_plan_meets_the_latency_ratio_or_says_why(digits_mbnet_dir: Path, tmp_pa
     assert (plan_dir / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (plan_dir / "plan.md").read_text()
     assert "| candidate |" in table and "interleaved" in table
-    # the search covered both levels, fp32 and int8 (QDQ at least)
+    # the search covered both levels, fp32 and int8 (QDQ and QOperator)
     names = {c["name"] for c in plan["candidates"]}
-    assert {"m100.onnx.fp32", "m060.onnx.fp32", "m100.onnx.int8-qdq"} <= names, names
+    assert {"m100.onnx.fp32", "m060.onnx.fp32", "m100.onnx.int8-qdq", "m100.onnx.int8-qoperator"} <= names, names
     # ratios are against the unpruned fp32 candidate; a second copy of it, timed as the reference in the
     # same shuffled rounds, gives the noise line
     same = next(c for c in plan["candidates"] if c["name"] == "m100.onnx.fp32")

@@ -211,6 +211,19 @@ def test_static_int8_onnx_and_full_integer_tflite(cnn, tmp_path):
     assert set(tfl.details["ops"]) >= {"CONV_2D", "FULLY_CONNECTED"} and tfl.details["float_ops"] == []
 
 
+def test_static_onnx_in_qoperator_form_writes_qlinear_ops_and_holds_parity(cnn, tmp_path):
+    import onnx
+
+    qdq, qop = (quantize(cnn, QuantConfig(mode="static", formats=["onnx"], calib_samples=64, quant_format=f),
+                         out_dir=tmp_path / f, latency_runs=0).artifacts[0] for f in ("qdq", "qoperator"))  # fmt: skip
+    ops = {f: {n.op_type for n in onnx.load(str(a.path)).graph.node} for f, a in (("qdq", qdq), ("qop", qop))}
+    assert "QLinearConv" in ops["qop"] and "Conv" not in ops["qop"]  # the int8 ops are in the file
+    assert "QLinearConv" not in ops["qdq"] and {"Conv", "DequantizeLinear"} <= ops["qdq"]
+    assert qop.parity["passed"] and qop.metric["value"] >= qdq.metric["value"] - 0.01
+    with pytest.raises(QuantizeError, match=r"quant_format must be one of \['qdq', 'qoperator'\]"):
+        QuantConfig(quant_format="qlinear").validate()
+
+
 def test_dynamic_int8_onnx_and_dynamic_range_tflite(cnn, tmp_path):
     result = quantize(cnn, QuantConfig(mode="dynamic"), out_dir=tmp_path, latency_runs=3)
     for art in result.artifacts:

@@ -63,13 +63,6 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(float(x), 4)
 
 
-def quantizer_offers(option: str) -> bool:
-    """Whether compress.quantize.QuantConfig has a field `option` (e.g. quant_format = "qoperator")."""
-    from compress.quantize import QuantConfig
-
-    return option in {f.name for f in dataclasses.fields(QuantConfig)}
-
-
 def metric_value(metric: dict[str, Any], higher_is_better: bool) -> float:
     value = float(metric["value"])
     return value if higher_is_better else -value
@@ -135,10 +128,8 @@ def build_candidates(
     from export.pipeline import convert
 
     hib = model.workload.metric.higher_is_better
-    quant_formats = [q for q in cfg.quant_formats if q == "qdq" or quantizer_offers("quant_format")]
+    quant_formats = list(cfg.quant_formats)
     notes: dict[str, Any] = {"quant_formats": quant_formats, "levels": [], "errors": []}
-    if len(quant_formats) < len(cfg.quant_formats):
-        notes["quant_formats_not_offered"] = [q for q in cfg.quant_formats if q not in quant_formats]
     cands: list[Candidate] = []
 
     def add(c: Candidate) -> bool:
@@ -159,7 +150,7 @@ def build_candidates(
                 return cands, notes
         variants: list[tuple[str, dict[str, Any]]] = []
         for q in quant_formats:
-            extra = {"quant_format": q} if quantizer_offers("quant_format") else {}
+            extra = {"quant_format": q}
             variants.append((q, extra))
             if cfg.float_layers:
                 variants.append((f"{q}+float", {**extra, "max_drop": cfg.max_drop}))

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from compress.quantize.config import QUANT_FORMATS  # the ONNX int8 graph forms the quantizer writes
 from pocketfleet import PocketfleetError
 
 FORMATS = ("onnx", "tflite", "pte")
 MEASURED_ONLY = ("pte",)  # formats devices.estimate cannot read: timed on the host only
-QUANT_FORMATS = ("qdq", "qoperator")
 PRUNE_PLANS = ("uniform", "sensitivity")
 
 

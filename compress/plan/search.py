@@ -88,9 +88,6 @@ def run_plan(
                        f"{refs[f'fp32.{c.format}@{c.threads}t']['p50'] / c.p50_ms:.3f}x the unpruned candidate "
                        "(ratios use the candidate); budgets closer than that are within noise"
                        for c in same if c.p50_ms]  # fmt: skip
-    if notes.get("quant_formats_not_offered"):
-        report["noise"].append(f"not searched: int8 forms {notes['quant_formats_not_offered']} (the quantizer "
-                               "does not offer them: compress.quantize.QuantConfig has no quant_format)")  # fmt: skip
     if pick is None and not any(c.dtype == "int8" and not c.rejected for c in cands) and report["int8_dropped"]:
         report["why_none"].append("int8 was dropped because it is slower than fp32 on this target (see int8_dropped)")
     files_out = write_plan_report(report, cands, front, pick, out)

@@ -17,6 +17,7 @@ MODES = ("static", "dynamic", "fp16", "qat")
 METHODS = ("minmax", "percentile", "entropy", "mse")
 FORMATS = ("onnx", "tflite")
 FALLBACKS = ("float", "error")
+QUANT_FORMATS = ("qdq", "qoperator")
 
 
 @dataclass
@@ -32,6 +33,8 @@ class QuantConfig:
     percentile: the percentile (of |x| mass kept) for calibration="percentile".
     calib_samples: rows drawn from the train split when no calibration data is passed.
     per_channel: per-output-channel weight scales (else one scale per tensor).
+    quant_format: static ONNX graph form: "qdq" (QuantizeLinear/DequantizeLinear pairs around float ops,
+      which onnxruntime fuses at load) or "qoperator" (QLinearConv, QLinearMatMul... written out).
     per_token: dynamic ONNX: activations of linear layers get one int8 scale per token (row) instead of one
       per tensor; far closer to fp32 on transformers (outlier tokens no longer set everyone's scale).
     reduce_range: ONNX (static, and dynamic's uint8 activations): 7-bit weights so that onnxruntime's u8s8 kernels cannot overflow int16 on
@@ -61,6 +64,7 @@ class QuantConfig:
     percentile: float = 99.99
     calib_samples: int = 256
     per_channel: bool = True
+    quant_format: str = "qdq"
     per_token: bool = True
     reduce_range: bool | str = "auto"
     float_layers: list[str] = field(default_factory=list)
@@ -88,6 +92,7 @@ class QuantConfig:
         _choice(self.mode, MODES, "mode")
         _choice(self.calibration, METHODS, "calibration")
         _choice(self.fallback, FALLBACKS, "fallback")
+        _choice(self.quant_format, QUANT_FORMATS, "quant_format")
         if isinstance(self.formats, str):
             self.formats = [self.formats]
         if not isinstance(self.formats, (list, tuple)) or not self.formats:

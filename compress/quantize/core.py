@@ -143,7 +143,7 @@ class _Target:
                 from .onnx_static import quantize_onnx_static
 
                 return quantize_onnx_static(self.fp32, path, self.ranges, float_layers, only_layers,
-                                            self.cfg.per_channel, self.reduce_range)  # fmt: skip
+                                            self.cfg.per_channel, self.reduce_range, self.cfg.quant_format)  # fmt: skip
             from .onnx_dynamic import quantize_onnx_dynamic
 
             out, self.unsupported = quantize_onnx_dynamic(
