@@ -187,6 +187,9 @@ class OtaClient:
             raw = idx_path.read_bytes()
             if hashlib.sha256(raw).hexdigest() == job.release["index_sha256"]:
                 job.open(ChunkIndex.from_bytes(raw), raw)
+                recovered = job.recover_written()
+                if recovered:
+                    log.info("%s: %d chunks were on disk past the last saved bitmap", self.device, recovered)
         self._job = job
         log.info("%s: resuming download of release %s", self.device, job.release_id)
 

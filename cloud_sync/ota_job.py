@@ -3,6 +3,7 @@ offsets and the bitmap of chunks present, saved crash-safely so that a restart r
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -61,6 +62,20 @@ class OtaJob:
         if os.fstat(self.fd).st_size != index.total:
             os.ftruncate(self.fd, index.total)
         self.missing = {i for i in range(n) if not self.has(i)}
+
+    def recover_written(self) -> int:
+        """After a restart: mark the missing chunks whose bytes the part file already holds (written after the
+        last bitmap save, which is at most every 0.5 s), each checked against its hash in the index. Returns
+        how many were recovered."""
+        assert self.index is not None and self.fd is not None
+        index = self.index
+        found = [
+            i for i in sorted(self.missing)
+            if hashlib.sha256(os.pread(self.fd, index.sizes[i], index.offsets[i])).hexdigest() == index.hashes[i]
+        ]  # fmt: skip
+        for i in found:
+            self.mark(i)
+        return len(found)
 
     def has(self, i: int) -> bool:
         return bool(self.have[i >> 3] & (1 << (i & 7)))

@@ -334,8 +334,8 @@ BAD = {
         _edit(("targets", 0, "device"), "cortex-m7"),
         "targets[0].format: device 'cortex-m7' runs only tflite",
     ),
-    "bad dtype": (_edit(("targets", 0, "dtype"), "int4"), "targets[0].dtype: must be one of"),
-    "bad format": (_edit(("targets", 0, "format"), "coreml"), "targets[0].format: must be one of"),
+    "bad dtype": (_edit(("targets", 0, "dtype"), "int4"), "targets[0].dtype: onnx targets take one of"),
+    "bad format": (_edit(("targets", 0, "format"), "mlir"), "targets[0].format: must be one of"),
     "int8 without quantize": (
         _edit(("steps", 1), delete=True),
         'targets[0].dtype: int8 needs a [[steps]] entry with type = "quantize"',

@@ -47,7 +47,7 @@ def test_pte_and_coreml_targets_are_made_signed_and_measured_where_they_run(
 @pytest.mark.parametrize(
     ("target", "message"),
     [
-        ({"format": "pte", "dtype": "fp16"}, r"targets\[0\]\.dtype.*a pte target takes one of \['fp32', 'int8'\]"),
+        ({"format": "pte", "dtype": "fp16"}, r"targets\[0\]\.dtype.*pte targets take one of \['fp32', 'int8'\]"),
         ({"format": "coreml", "dtype": "int4"}, r"targets\[0\]\.dtype.*'pal4'"),
         ({"format": "mlir"}, r"targets\[0\]\.format.*'pte', 'coreml'"),
     ],

@@ -142,7 +142,7 @@ class Target:
         if self.format not in FORMATS:
             raise RecipeError(f"Target.format must be one of {list(FORMATS)}, got {self.format!r}")
         if self.dtype not in DTYPES[self.format]:
-            raise RecipeError(f"Target.dtype: a {self.format} target takes one of {list(DTYPES[self.format])}, "
+            raise RecipeError(f"Target.dtype: {self.format} targets take one of {list(DTYPES[self.format])}, "
                               f"got {self.dtype!r}")  # fmt: skip
         if self.version < 1:
             raise RecipeError(f"Target.version must be an integer >= 1, got {self.version}")
