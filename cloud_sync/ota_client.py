@@ -586,13 +586,8 @@ class OtaClient:
         self._report("installed", cmd, progress=progress, probe=probe)
 
     def _recheck_chunks(self, job: OtaJob) -> list[int]:
-        index = job.index
-        assert index is not None and job.fd is not None
-        bad = []
-        for i in range(len(index)):
-            data = os.pread(job.fd, index.sizes[i], index.offsets[i])
-            if hashlib.sha256(data).hexdigest() != index.hashes[i]:
-                bad.append(i)
+        assert job.index is not None
+        bad = [i for i in range(len(job.index)) if not job.intact(i)]
         with self._lock:
             for i in bad:
                 job.mark(i, present=False)

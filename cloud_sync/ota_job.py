@@ -67,15 +67,16 @@ class OtaJob:
         """After a restart: mark the missing chunks whose bytes the part file already holds (written after the
         last bitmap save, which is at most every 0.5 s), each checked against its hash in the index. Returns
         how many were recovered."""
-        assert self.index is not None and self.fd is not None
-        index = self.index
-        found = [
-            i for i in sorted(self.missing)
-            if hashlib.sha256(os.pread(self.fd, index.sizes[i], index.offsets[i])).hexdigest() == index.hashes[i]
-        ]  # fmt: skip
+        found = [i for i in sorted(self.missing) if self.intact(i)]
         for i in found:
             self.mark(i)
         return len(found)
+
+    def intact(self, i: int) -> bool:
+        """Whether the part file holds chunk `i` as the index hashes it."""
+        assert self.index is not None and self.fd is not None
+        data = os.pread(self.fd, self.index.sizes[i], self.index.offsets[i])
+        return hashlib.sha256(data).hexdigest() == self.index.hashes[i]
 
     def has(self, i: int) -> bool:
         return bool(self.have[i >> 3] & (1 << (i & 7)))

@@ -72,7 +72,7 @@ def read_graph(path: str | Path, format: str | None = None, seq_len: int = 128) 
     """Read `path` (.onnx or .tflite, or `format`) with dynamic dims fixed to batch 1 / `seq_len`."""
     path = Path(path)
     fmt = format or GRAPH_FORMATS.get(path.suffix.lower())
-    if fmt not in ("onnx", "tflite"):
+    if fmt not in GRAPH_FORMATS.values():
         raise ModelReadError(f"cannot tell the model format of {path.name}: use a .onnx or .tflite file")
     if not path.is_file():
         raise ModelReadError(f"model file not found: {path}")

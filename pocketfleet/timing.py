@@ -3,8 +3,7 @@
 The one latency measurement of the project: every latency reported (demo, compression reports, device
 estimates, benchmarks) comes from `time_calls` (one callable) or `time_interleaved` (several, round-robin:
 every round runs each in turn, once or a block of calls, so that load from other processes hits all of
-them alike). On a
-shared machine compare ratios taken in the same interleaved run.
+them alike). On a shared machine compare ratios taken in the same interleaved run.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -415,3 +416,16 @@ def test_devices_import_and_analysis_need_no_torch(tmp_path, no_torch):
     proc = no_torch.python(code, allow=("onnx",))  # reading an ONNX graph needs onnx, not torch
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["4608", "True"]
+
+
+def test_cpu_summary_names_the_int8_flags_this_cpu_reports() -> None:
+    from devices.probe import INT8_FLAGS, cpu_summary
+
+    s = cpu_summary()
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert s["model"] and s["cpus"] == os.cpu_count()
+    assert s["int8_flags"] == [f for f in INT8_FLAGS if f in flags]

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from export.pipeline import SUFFIX
 from pocketfleet import PocketfleetError
 
 from .config import MEASURED_ONLY, PlanConfig
 
-SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "pte": ".pte"}
 QUANTIZER_FORMATS = ("onnx", "tflite")  # int8 through compress.quantize; pte's int8 is made at export (PT2E)
 
 

@@ -26,8 +26,8 @@ class PlanConfig:
     margin: noise margin: a candidate must beat each latency budget by this fraction (0.05: 5% under).
     max_drop: the most the workload metric may fall below the fp32 model (metric units).
     formats: runtimes searched ([] = the claimed target's format): "onnx", "tflite", "pte" (ExecuTorch with
-      XNNPACK: fp32 and PT2E int8, host only); quant_formats: ONNX int8 graph forms
-      ("qoperator" only where the quantizer offers it); threads: thread counts searched ([] = the run's).
+      XNNPACK: fp32 and PT2E int8, host only); quant_formats: ONNX int8 graph forms ("qdq", "qoperator":
+      compress.quantize's quant_format); threads: thread counts searched ([] = the run's).
     macs_levels: fractions of the MACs kept by structured pruning (1.0 = unpruned); prune_plan "uniform"
       (one ratio for every group) or "sensitivity" (per-layer ratios from compress.prune's sensitivity).
     float_layers: also try int8 with the fewest layers left float that hold `max_drop` (quantize max_drop).

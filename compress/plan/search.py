@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .candidates import SUFFIX, Candidate, build_candidates, metric_value
+from export.pipeline import SUFFIX
+
+from .candidates import Candidate, build_candidates, metric_value
 from .config import PlanConfig
 from .pareto import add_ratios, choose, int8_dropped, judge, pareto_front, why_none
 from .report import NOISE_NOTE, write_plan_report

@@ -1,7 +1,5 @@
 """`latency_plan` step: compress.plan on the final model for the [[targets]] of one device: searches
-pruning level x float layers x format (ONNX QDQ / QOperator, TFLite,
-ExecuTorch) x
-threads, judged by latency on the device (measured on `host`, estimated elsewhere), and ships the
+pruning level x float layers x format (ONNX QDQ / QOperator, TFLite, ExecuTorch) x threads, judged by latency on the device (measured on `host`, estimated elsewhere), and ships the
 smallest model meeting max_drop and the latency budget (never one slower than fp32)."""
 
 from __future__ import annotations
