@@ -200,8 +200,7 @@ def measure_model(
         cold = _subprocess_json(["-c", COLD, str(path), repr(time.time()), str(probe)])
         row["cold_start_ms"], row["rss_mb"] = round(cold["cold_start_ms"], 1), round(cold["rss_mb"], 1)
         rt = load_runtime(path, threads=1)
-        bounds = ParityBounds.for_dtype(dtype) if dtype != "int8" else ParityBounds(max_abs=None, min_agreement=0.97,
-                                                                                    min_cosine=0.95)  # fmt: skip
+        bounds = ParityBounds.for_dtype(dtype)
         report = check_parity(
             reference, rt.run, inputs, bounds, metric=model.metric_name, raise_on_failure=False
         )

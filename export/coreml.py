@@ -46,6 +46,9 @@ COMPRESSION_OPS = {
 # weight bytes / fp32 weight bytes a variant must reach (with headroom for per-channel scales, biases and
 # the small tensors the compression passes skip)
 EXPECTED_RATIO = {"fp32": 1.05, "fp16": 0.55, "int8": 0.35, "pal4": 0.25}
+# the weight file pads every blob to 64 bytes behind a 64-byte header: below this many fp32 weight bytes the
+# padding, not the dtype, sets the ratio (a 6-input classifier: fp16 608 vs fp32 896 bytes), so it is not checked
+RATIO_MIN_FP32_BYTES = 64 << 10
 FP32_WEIGHTS_KEY = "pocketfleet.fp32_weight_bytes"
 
 
@@ -170,7 +173,7 @@ def inspect_mlpackage(path: str | Path, dtype: str | None = None, fp32_weight_by
         checks = {}
         if dtype in COMPRESSION_OPS:
             checks["compression_ops"] = any(ops.get(op, 0) > 0 for op in COMPRESSION_OPS[dtype])
-        if fp32_weight_bytes:
+        if fp32_weight_bytes and fp32_weight_bytes >= RATIO_MIN_FP32_BYTES:
             checks["ratio"] = weights <= EXPECTED_RATIO[dtype] * fp32_weight_bytes
         info["checks"] = checks
     return info

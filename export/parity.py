@@ -20,6 +20,9 @@ Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 KINDS = ("classifier", "embedding", "tensor")
 
 
+INT8_MIN_AGREEMENT, INT8_MIN_COSINE = 0.97, 0.95  # int8 parity against fp32, whichever format makes it
+
+
 @dataclass(frozen=True)
 class ParityBounds:
     """Limits a candidate must meet; None disables a check.
@@ -34,14 +37,14 @@ class ParityBounds:
 
     @classmethod
     def for_dtype(cls, dtype: str) -> ParityBounds:
-        """Defaults: fp32 max_abs < 1e-4, agreement 1.0, cosine >= 0.9999; fp16 agreement >= 0.995, cosine >= 0.999."""
+        """Defaults: fp32 max_abs < 1e-4, agreement 1.0, cosine >= 0.9999; fp16 agreement >= 0.995, cosine >= 0.999;
+        int8 and the compressed Core ML forms agreement >= 0.97, lowest cosine >= 0.95 (compress.quantize's
+        defaults too: one int8 bound for every format)."""
         if dtype == "fp32":
             return cls()
         if dtype == "fp16":
             return cls(max_abs=None, min_agreement=0.995, min_cosine=0.999)
-        return cls(
-            max_abs=None, min_agreement=0.99, min_cosine=0.99
-        )  # int8 and others: callers should pass theirs
+        return cls(max_abs=None, min_agreement=INT8_MIN_AGREEMENT, min_cosine=INT8_MIN_COSINE)
 
     def with_overrides(self, **changes: float | None) -> ParityBounds:
         return replace(self, **changes)

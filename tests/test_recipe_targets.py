@@ -62,3 +62,37 @@ def test_onnx_int8_still_needs_a_quantize_step_but_pte_int8_does_not(digits_cnn_
         parse_recipe(_doc(digits_cnn_dir, [{"format": "onnx", "dtype": "int8"}]), tmp_path / "r.toml")
     recipe = parse_recipe(_doc(digits_cnn_dir, [{"format": "pte", "dtype": "int8"}]), tmp_path / "r.toml")
     assert recipe.producer(0) is None  # a plain export makes it
+
+
+def test_a_user_model_from_a_factory_gets_pte_and_coreml_targets_and_a_pte_plan(tmp_path: Path) -> None:
+    """Not only the zoo: the user's own module (tests.byom_factories:tiny, safetensors weights, .npy data)
+    as ExecuTorch int8 and Core ML fp16 targets, and a host latency plan that searches pte beside ONNX."""
+    import json
+
+    import numpy as np
+
+    from compress.recipe.user import save_weights
+    from tests.byom_factories import tiny
+    from tests.test_byom import recipe
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((400, 6)).astype(np.float32), rng.integers(0, 3, 400)
+    np.savez(tmp_path / "train.npz", x=x[:200], labels=y[:200])
+    np.save(tmp_path / "calib.npy", x[:64])
+    np.save(tmp_path / "eval.npy", x[200:])
+    np.save(tmp_path / "eval_labels.npy", y[200:])
+    save_weights(tiny(), tmp_path / "w.safetensors")
+    plan = {"type": "latency_plan", "device": "host", "max_latency_ratio": 5.0, "max_drop": 1.0, "formats": ["onnx", "pte"],
+            "threads": [1], "macs_levels": [1.0], "float_layers": False, "quant_formats": ["qdq"], "repeats": 1,
+            "latency_runs": 10, "latency_seconds": 0.05}  # fmt: skip
+    doc = recipe(tmp_path, steps=[plan], run={"latency_seconds": 0.05, "latency_runs": 10},
+                 targets=[{"format": "pte", "dtype": "int8"}, {"format": "coreml", "dtype": "fp16"},
+                          {"format": "onnx", "dtype": "int8", "device": "host"}])  # fmt: skip
+    report = run_recipe(parse_recipe(doc, tmp_path / "r.toml"), tmp_path / "out")
+    assert not report["failed"], report["failed"]
+    rows = {(a["format"], a["dtype"], a["mode"]) for a in report["artifacts"]}
+    assert {("pte", "int8", "export"), ("coreml", "fp16", "export")} <= rows, rows
+    plan_row = next(a for a in report["artifacts"] if a["mode"] == "latency_plan")
+    cands = {c["name"] for c in json.loads((tmp_path / "out" / "plan-2" / "plan.json").read_text())["candidates"]}
+    assert {"m100.pte.fp32", "m100.pte.int8-pt2e", "m100.onnx.fp32", "m100.onnx.int8-qdq"} <= cands, cands
+    assert plan_row["parity"]["passed"]

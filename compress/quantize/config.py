@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from export.parity import INT8_MIN_AGREEMENT, INT8_MIN_COSINE
 from pocketfleet.config import config_from_dict
 
 from .errors import QuantizeError
@@ -77,8 +78,8 @@ class QuantConfig:
     qat_lr: float = 1e-4
     qat_batch_size: int = 64
     eval_batch_size: int = 1
-    parity_min_agreement: float = 0.97
-    parity_min_cosine: float = 0.95
+    parity_min_agreement: float = INT8_MIN_AGREEMENT
+    parity_min_cosine: float = INT8_MIN_COSINE
     threads: int = 1
 
     @classmethod
